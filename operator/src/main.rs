@@ -1,0 +1,3 @@
+//! The `derp-operator` binary.
+
+fn main() {}
