@@ -1,0 +1,1 @@
+//! (stun: in progress)
