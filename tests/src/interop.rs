@@ -1,0 +1,1 @@
+//! Go interop programs (in progress).
