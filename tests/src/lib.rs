@@ -5,3 +5,7 @@
 //! - [`bins`]: locating the workspace's own binaries (`derper`, `derp-operator`, …).
 //! - [`interop`]: building and locating the Go interop programs (real Tailscale client code
 //!   and upstream `derper`).
+
+pub mod bins;
+pub mod interop;
+pub mod k8s;

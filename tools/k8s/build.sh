@@ -22,6 +22,15 @@ if [ -f "$out/.complete" ]; then
   exit 0
 fi
 
+# One build at a time (tests in parallel, or two checkouts, may all ask for the binaries).
+mkdir -p "$cache_root/k8s"
+exec 9>"$cache_root/k8s/.lock"
+flock 9
+if [ -f "$out/.complete" ]; then
+  echo "$bin"
+  exit 0
+fi
+
 command -v go >/dev/null || { log "error: 'go' not found; install Go >= 1.24 (the polyglot machine has it)"; exit 1; }
 command -v python3 >/dev/null || { log "error: 'python3' not found"; exit 1; }
 mkdir -p "$bin"
