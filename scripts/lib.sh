@@ -1,0 +1,42 @@
+# Shared set-up for scripts/test and scripts/demo: toolchain checks, caches outside the repo,
+# and the real peers (Kubernetes control plane, Go interop programs) built when missing.
+# shellcheck shell=bash
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export KUBEDERP_CACHE=${KUBEDERP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kubederp}
+# One target dir outside the clone: a fresh clone reuses compiled dependencies.
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$KUBEDERP_CACHE/cargo-target}
+export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+need() { # command hint
+  command -v "$1" >/dev/null 2>&1 || die "'$1' not found: $2"
+}
+
+check_toolchains() {
+  need cargo "install Rust with rustup (rust-toolchain.toml pins the version)"
+  need go "install Go >= 1.24 (used only to build kube-apiserver, etcd and the Tailscale peers)"
+  need python3 "install Python 3 (kubectl and helm come from a PyPI wheel)"
+  need flock "install util-linux"
+}
+
+# Sets K8S_TEST_BIN_DIR (etcd, kube-apiserver, kube-controller-manager, kubectl, helm).
+ensure_k8s_tools() {
+  step "Kubernetes control-plane binaries (cached in $KUBEDERP_CACHE/k8s)"
+  local dir
+  dir=$(bash "$repo/tools/k8s/build.sh" | tail -n 1) || die "building the Kubernetes binaries failed (see above)"
+  export K8S_TEST_BIN_DIR=$dir
+  export PATH="$dir:$PATH"
+}
+
+# Sets KUBEDERP_INTEROP_BIN_DIR (Go programs built against real Tailscale client code).
+ensure_interop_tools() {
+  if [ -f "$repo/tests/interop/build.sh" ]; then
+    step "Tailscale interop programs and upstream derper (cached in $KUBEDERP_CACHE)"
+    local dir
+    dir=$(bash "$repo/tests/interop/build.sh" | tail -n 1) || die "building the Go interop programs failed (see above)"
+    export KUBEDERP_INTEROP_BIN_DIR=$dir
+  fi
+}
