@@ -25,7 +25,11 @@ fn package_of(bin: &str) -> &'static str {
 pub fn workspace_bin(name: &str) -> PathBuf {
     if let Some(dir) = std::env::var_os(BIN_DIR_ENV) {
         let path = PathBuf::from(dir).join(name);
-        assert!(path.is_file(), "{BIN_DIR_ENV} is set but {} does not exist", path.display());
+        assert!(
+            path.is_file(),
+            "{BIN_DIR_ENV} is set but {} does not exist",
+            path.display()
+        );
         return path;
     }
     static BUILD: Mutex<()> = Mutex::new(());
@@ -37,12 +41,24 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(cargo)
         .current_dir(&root)
-        .args(["build", "--locked", "-q", "-p", package_of(name), "--bin", name])
+        .args([
+            "build",
+            "--locked",
+            "-q",
+            "-p",
+            package_of(name),
+            "--bin",
+            name,
+        ])
         .env("CARGO_TARGET_DIR", &target)
         .status()
         .unwrap_or_else(|e| panic!("running cargo build for {name}: {e}"));
     assert!(status.success(), "cargo build --bin {name} failed");
     let path = target.join("debug").join(name);
-    assert!(path.is_file(), "{} missing after cargo build", path.display());
+    assert!(
+        path.is_file(),
+        "{} missing after cargo build",
+        path.display()
+    );
     path
 }

@@ -191,14 +191,16 @@ fn scratch_root() -> PathBuf {
 
 /// Removes scratch directories left by test processes that no longer exist.
 fn clean_stale_scratch(root: &Path) {
-    let Ok(entries) = std::fs::read_dir(root) else { return };
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let pid = name.split('-').next().and_then(|p| p.parse::<u32>().ok());
-        if let Some(pid) = pid {
-            if !Path::new(&format!("/proc/{pid}")).exists() {
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
+        if let Some(pid) = pid
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = std::fs::remove_dir_all(entry.path());
         }
     }
 }
@@ -317,7 +319,9 @@ impl ControlPlane {
             .enable_all()
             .build()?;
         let kubeconfig = cp.kubeconfig.clone();
-        cp.wait_ready("kube-apiserver /readyz", || rt.block_on(readyz(&kubeconfig)))?;
+        cp.wait_ready("kube-apiserver /readyz", || {
+            rt.block_on(readyz(&kubeconfig))
+        })?;
 
         let kc = cp.kubeconfig.to_string_lossy().into_owned();
         cp.spawn(
@@ -335,7 +339,7 @@ impl ControlPlane {
         tracing::info!(
             server = %server,
             dir = %dir.display(),
-            elapsed_ms = started.elapsed().as_millis() as u64,
+            elapsed_s = started.elapsed().as_secs_f32(),
             "control plane ready"
         );
         Ok(cp)
@@ -352,10 +356,12 @@ impl ControlPlane {
             .stderr(file);
         let child = spawn_tied(cmd)
             .with_context(|| format!("starting {}", self.bin_dir.join(name).display()))?;
-        self.procs
-            .get_mut()
-            .expect("procs lock")
-            .push(Proc { name, args: args.iter().map(|a| (*a).to_owned()).collect(), child, log });
+        self.procs.get_mut().expect("procs lock").push(Proc {
+            name,
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            child,
+            log,
+        });
         Ok(())
     }
 
@@ -460,11 +466,16 @@ fn wait_apiserver_ready(kubeconfig: &Path) -> anyhow::Result<()> {
         }
         park(Duration::from_millis(100));
     }
-    bail!("kube-apiserver not ready after {}s", READY_TIMEOUT.as_secs())
+    bail!(
+        "kube-apiserver not ready after {}s",
+        READY_TIMEOUT.as_secs()
+    )
 }
 
 async fn readyz(kubeconfig: &Path) -> bool {
-    let Ok(client) = client_from(kubeconfig).await else { return false };
+    let Ok(client) = client_from(kubeconfig).await else {
+        return false;
+    };
     let req = http::Request::get("/readyz")
         .body(Vec::new())
         .expect("static request");
@@ -495,18 +506,21 @@ fn kubeconfig_yaml(server: &str, ca: &Path, token: &str) -> String {
 /// A client for the given kubeconfig file.
 pub async fn client_from(kubeconfig: &Path) -> anyhow::Result<kube::Client> {
     let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
-    let cfg =
-        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-            .await?;
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+        .await?;
     Ok(kube::Client::try_from(cfg)?)
 }
 
 /// A plain `GET` over HTTP/1.0 on loopback; true on a 200 answer.
 fn http_get_ok(port: u16, path: &str) -> bool {
     use std::io::{Read as _, Write as _};
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).is_err() {
+    if s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .is_err()
+    {
         return false;
     }
     let mut buf = String::new();

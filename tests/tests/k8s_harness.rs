@@ -47,7 +47,9 @@ fn widget_api(client: kube::Client, ns: &str) -> Api<DynamicObject> {
 async fn install_widget_crd(client: &kube::Client) {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("widget.yaml"), WIDGET_CRD).expect("write crd");
-    install_crds(client, dir.path()).await.expect("install widget CRD");
+    install_crds(client, dir.path())
+        .await
+        .expect("install widget CRD");
 }
 
 #[tokio::test]
@@ -66,7 +68,10 @@ async fn server_side_apply_of_a_crd_and_an_object_with_defaults() {
     let pp = PatchParams::apply("derp-tests-ssa");
     let applied = api.patch("w1", &pp, &Patch::Apply(&obj)).await.unwrap();
     assert_eq!(applied.data["spec"]["replicas"], 3);
-    assert_eq!(applied.data["spec"]["size"], 1, "schema default applied by the apiserver");
+    assert_eq!(
+        applied.data["spec"]["size"], 1,
+        "schema default applied by the apiserver"
+    );
     let managers: Vec<_> = applied
         .metadata
         .managed_fields
@@ -74,11 +79,17 @@ async fn server_side_apply_of_a_crd_and_an_object_with_defaults() {
         .into_iter()
         .filter_map(|m| m.manager)
         .collect();
-    assert!(managers.contains(&"derp-tests-ssa".to_owned()), "managers: {managers:?}");
+    assert!(
+        managers.contains(&"derp-tests-ssa".to_owned()),
+        "managers: {managers:?}"
+    );
 
     // Re-applying the same object is a no-op: the resourceVersion does not move.
     let again = api.patch("w1", &pp, &Patch::Apply(&obj)).await.unwrap();
-    assert_eq!(again.metadata.resource_version, applied.metadata.resource_version);
+    assert_eq!(
+        again.metadata.resource_version,
+        applied.metadata.resource_version
+    );
 }
 
 #[tokio::test]
@@ -94,11 +105,24 @@ async fn cel_rule_rejects_a_bad_object_naming_the_field() {
     }))
     .unwrap();
     let err = api.create(&PostParams::default(), &bad).await.unwrap_err();
-    let kube::Error::Api(status) = err else { panic!("expected an API error, got {err:?}") };
+    let kube::Error::Api(status) = err else {
+        panic!("expected an API error, got {err:?}")
+    };
     assert_eq!(status.code, 422, "{status:?}");
-    assert!(status.message.contains("spec.replicas"), "message: {}", status.message);
-    assert!(status.message.contains("must be at most 5"), "message: {}", status.message);
-    assert!(api.get_opt("too-many").await.unwrap().is_none(), "nothing stored");
+    assert!(
+        status.message.contains("spec.replicas"),
+        "message: {}",
+        status.message
+    );
+    assert!(
+        status.message.contains("must be at most 5"),
+        "message: {}",
+        status.message
+    );
+    assert!(
+        api.get_opt("too-many").await.unwrap().is_none(),
+        "nothing stored"
+    );
 }
 
 #[tokio::test]
@@ -122,10 +146,21 @@ async fn owned_object_is_garbage_collected_with_its_owner() {
     .unwrap();
     cms.create(&PostParams::default(), &child).await.unwrap();
     cms.delete("owner", &DeleteParams::default()).await.unwrap();
-    wait_for("the child ConfigMap to be garbage-collected", Duration::from_secs(60), || {
-        let cms = cms.clone();
-        async move { cms.get_opt("child").await.ok().flatten().is_none().then_some(()) }
-    })
+    wait_for(
+        "the child ConfigMap to be garbage-collected",
+        Duration::from_secs(60),
+        || {
+            let cms = cms.clone();
+            async move {
+                cms.get_opt("child")
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_none()
+                    .then_some(())
+            }
+        },
+    )
     .await;
 }
 
@@ -142,6 +177,9 @@ async fn private_control_plane_survives_an_apiserver_restart() {
     cp.restart_apiserver().expect("restart apiserver");
     let client = cp.client().await;
     let cms: Api<ConfigMap> = Api::namespaced(client, "default");
-    let got = cms.get("kept").await.expect("object survived the restart (etcd kept it)");
+    let got = cms
+        .get("kept")
+        .await
+        .expect("object survived the restart (etcd kept it)");
     assert_eq!(got.data.unwrap()["a"], "1");
 }

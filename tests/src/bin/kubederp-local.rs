@@ -26,7 +26,9 @@ async fn main() -> anyhow::Result<()> {
     let client = cp.client().await;
     let crds = workspace_root().join("crds");
     if crds.is_dir() && std::fs::read_dir(&crds)?.next().is_some() {
-        install_crds(&client, &crds).await.context("installing crds/")?;
+        install_crds(&client, &crds)
+            .await
+            .context("installing crds/")?;
         tracing::info!(dir = %crds.display(), "CRDs installed");
     }
     let version = client.apiserver_version().await?;
