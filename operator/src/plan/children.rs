@@ -1,0 +1,678 @@
+//! PURE builders for the objects a region owns: the per-node TLS Secret, the relay Pod, the
+//! mesh Secret and peers ConfigMap, and the derpMap ConfigMap — names, labels, owner
+//! references, probes, security context. The Pod-per-node choice (design.md §4) lives here
+//! only.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    ByteString,
+    api::core::v1::{
+        Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort,
+        EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector,
+        Pod, PodSecurityContext, PodSpec, Probe, SeccompProfile, Secret, SecretKeySelector,
+        SecretVolumeSource, SecurityContext, TCPSocketAction, Volume, VolumeMount,
+    },
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+use kube::{Resource, ResourceExt, api::ObjectMeta};
+use sha2::{Digest, Sha256};
+
+use super::nodes::SelectedNode;
+use crate::{
+    certs::cert_file_stem,
+    crd::{
+        ANNOTATION_NOT_AFTER, ANNOTATION_PIN, ANNOTATION_SPEC_HASH, APP_NAME, DEFAULT_RELAY_IMAGE,
+        DerpRegion, FIELD_MANAGER, LABEL_NODE, LABEL_REGION, VerificationMode,
+    },
+};
+
+/// Longest DNS label / label value (RFC 1123).
+pub const MAX_NAME: usize = 63;
+/// Mount point of the node's certificate (upstream `--certdir`).
+pub const CERT_DIR: &str = "/certs";
+/// Mount point of the mesh PSK Secret.
+pub const MESH_PSK_DIR: &str = "/etc/derp/mesh-psk";
+/// Key of the PSK in the mesh Secret.
+pub const MESH_PSK_KEY: &str = "psk";
+/// Mount point of the mesh peers ConfigMap.
+pub const MESH_PEERS_DIR: &str = "/etc/derp/mesh";
+/// Key of the peer list in the mesh peers ConfigMap.
+pub const MESH_PEERS_KEY: &str = "peers";
+/// Writable state directory (server key, `-c`); the root filesystem is read-only.
+pub const STATE_DIR: &str = "/var/lib/derper";
+/// tailscaled LocalAPI socket directory shared with the sidecar.
+pub const TAILSCALED_DIR: &str = "/var/run/tailscale";
+/// Default tailscaled image for client verification.
+pub const DEFAULT_TAILSCALED_IMAGE: &str = "ghcr.io/tailscale/tailscale:stable";
+/// Non-root UID/GID for the relay (distroless `nonroot`).
+pub const RELAY_UID: i64 = 65532;
+
+/// `name` if it fits in `max`, else a prefix plus `-` and 8 hex of its SHA-256.
+pub fn fit_name(name: &str, max: usize) -> String {
+    if name.len() <= max {
+        return name.to_owned();
+    }
+    let hash = hex::encode(Sha256::digest(name.as_bytes()));
+    let mut prefix: String = name.chars().take(max - 9).collect();
+    while prefix.ends_with(['-', '.']) {
+        prefix.pop();
+    }
+    format!("{prefix}-{}", &hash[..8])
+}
+
+/// Name of a node's TLS Secret: `<region>-<node>-tls`.
+pub fn tls_secret_name(region: &str, node: &str) -> String {
+    fit_name(&format!("{region}-{node}-tls"), MAX_NAME)
+}
+/// Name of a node's relay Pod: `<region>-<node>`.
+pub fn pod_name(region: &str, node: &str) -> String {
+    fit_name(&format!("{region}-{node}"), MAX_NAME)
+}
+/// Name of the mesh PSK Secret: `<region>-mesh`.
+pub fn mesh_secret_name(region: &str) -> String {
+    fit_name(&format!("{region}-mesh"), MAX_NAME)
+}
+/// Name of the mesh peers ConfigMap: `<region>-mesh-peers`.
+pub fn mesh_peers_name(region: &str) -> String {
+    fit_name(&format!("{region}-mesh-peers"), MAX_NAME)
+}
+/// Name of the derpMap ConfigMap: `spec.derpMap.configMapName` or `<region>-derpmap`.
+pub fn derpmap_name(region: &DerpRegion) -> String {
+    region
+        .spec
+        .derp_map
+        .config_map_name
+        .clone()
+        .unwrap_or_else(|| fit_name(&format!("{}-derpmap", region.name_any()), MAX_NAME))
+}
+
+/// Label selector for everything a region owns.
+pub fn region_selector(region: &str) -> String {
+    format!("{LABEL_REGION}={}", fit_name(region, MAX_NAME))
+}
+
+fn labels(region: &DerpRegion, component: &str, node: Option<&str>) -> BTreeMap<String, String> {
+    let rname = fit_name(&region.name_any(), MAX_NAME);
+    let mut l = BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), APP_NAME.to_owned()),
+        ("app.kubernetes.io/instance".to_owned(), rname.clone()),
+        (
+            "app.kubernetes.io/component".to_owned(),
+            component.to_owned(),
+        ),
+        (
+            "app.kubernetes.io/managed-by".to_owned(),
+            FIELD_MANAGER.to_owned(),
+        ),
+        (LABEL_REGION.to_owned(), rname),
+    ]);
+    if let Some(n) = node {
+        l.insert(LABEL_NODE.to_owned(), fit_name(n, MAX_NAME));
+    }
+    l
+}
+
+fn meta(
+    region: &DerpRegion,
+    name: String,
+    component: &str,
+    node: Option<&str>,
+    annotations: BTreeMap<String, String>,
+) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: region.namespace(),
+        labels: Some(labels(region, component, node)),
+        annotations: (!annotations.is_empty()).then_some(annotations),
+        owner_references: region.controller_owner_ref(&()).map(|o| vec![o]),
+        ..Default::default()
+    }
+}
+
+/// Per-node TLS Secret (`kubernetes.io/tls`) with the pin and notAfter annotations.
+pub fn tls_secret(
+    region: &DerpRegion,
+    node: &str,
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    pin: &str,
+    not_after: &str,
+) -> Secret {
+    Secret {
+        metadata: meta(
+            region,
+            tls_secret_name(&region.name_any(), node),
+            "tls",
+            Some(node),
+            BTreeMap::from([
+                (ANNOTATION_PIN.to_owned(), pin.to_owned()),
+                (ANNOTATION_NOT_AFTER.to_owned(), not_after.to_owned()),
+            ]),
+        ),
+        type_: Some("kubernetes.io/tls".into()),
+        data: Some(BTreeMap::from([
+            ("tls.crt".to_owned(), ByteString(cert_pem.to_vec())),
+            ("tls.key".to_owned(), ByteString(key_pem.to_vec())),
+        ])),
+        ..Default::default()
+    }
+}
+
+/// Mesh PSK Secret.
+pub fn mesh_secret(region: &DerpRegion, psk: &str) -> Secret {
+    Secret {
+        metadata: meta(
+            region,
+            mesh_secret_name(&region.name_any()),
+            "mesh",
+            None,
+            BTreeMap::new(),
+        ),
+        type_: Some("Opaque".into()),
+        data: Some(BTreeMap::from([(
+            MESH_PSK_KEY.to_owned(),
+            ByteString(psk.as_bytes().to_vec()),
+        )])),
+        ..Default::default()
+    }
+}
+
+/// `host:port` of a relay as a mesh peer (IPv6 in brackets).
+pub fn host_port(node: &SelectedNode, port: i32) -> String {
+    match (node.ipv4, node.ipv6) {
+        (Some(v4), _) => format!("{v4}:{port}"),
+        (None, Some(v6)) => format!("[{v6}]:{port}"),
+        (None, None) => String::new(),
+    }
+}
+
+/// Mesh peers ConfigMap: one `host:port sha256-raw:<hex>` line per node.
+pub fn mesh_peers_config_map(region: &DerpRegion, lines: &[String]) -> ConfigMap {
+    let mut body = lines.join("\n");
+    if !body.is_empty() {
+        body.push('\n');
+    }
+    ConfigMap {
+        metadata: meta(
+            region,
+            mesh_peers_name(&region.name_any()),
+            "mesh",
+            None,
+            BTreeMap::new(),
+        ),
+        data: Some(BTreeMap::from([(MESH_PEERS_KEY.to_owned(), body)])),
+        ..Default::default()
+    }
+}
+
+/// The derpMap ConfigMap with `derpmap.json`, `policy.hujson`, `headscale.yaml`.
+pub fn derpmap_config_map(region: &DerpRegion, json: &str, policy: &str, hs: &str) -> ConfigMap {
+    ConfigMap {
+        metadata: meta(
+            region,
+            derpmap_name(region),
+            "derpmap",
+            None,
+            BTreeMap::new(),
+        ),
+        data: Some(BTreeMap::from([
+            ("derpmap.json".to_owned(), json.to_owned()),
+            ("policy.hujson".to_owned(), policy.to_owned()),
+            ("headscale.yaml".to_owned(), hs.to_owned()),
+        ])),
+        ..Default::default()
+    }
+}
+
+fn env(name: &str, value: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..Default::default()
+    }
+}
+
+fn port(name: &str, p: i32, proto: &str) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.into()),
+        container_port: p,
+        host_port: Some(p),
+        protocol: Some(proto.into()),
+        ..Default::default()
+    }
+}
+
+fn mount(name: &str, path: &str) -> VolumeMount {
+    VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only: Some(true),
+        ..Default::default()
+    }
+}
+
+/// The relay Pod for one node, with its spec hash in [`ANNOTATION_SPEC_HASH`]. `pin` is part
+/// of the hash so that a new certificate restarts the relay (upstream derper reads its
+/// certificate only at start).
+pub fn relay_pod(region: &DerpRegion, node: &SelectedNode, mesh: bool, pin: &str) -> Pod {
+    let spec = &region.spec;
+    let rname = region.name_any();
+    let hostname = node.hostname();
+    let stem = cert_file_stem(&hostname);
+    let ports = &spec.ports;
+
+    // upstream-compatible command line (design.md §4, derp-protocol.md §3.2)
+    let mut args = vec![
+        format!("--hostname={hostname}"),
+        "--certmode=manual".to_owned(),
+        format!("--certdir={CERT_DIR}"),
+        "-a".to_owned(),
+        format!(":{}", ports.derp),
+        format!(
+            "--http-port={}",
+            if ports.http == 0 { -1 } else { ports.http }
+        ),
+        format!("-c={STATE_DIR}/derper.key"),
+    ];
+    if ports.stun > 0 {
+        args.push(format!("--stun-port={}", ports.stun));
+    } else {
+        args.push("--stun=false".to_owned());
+    }
+    if mesh {
+        args.push(format!("--mesh-psk-file={MESH_PSK_DIR}/{MESH_PSK_KEY}"));
+    }
+    match spec.client_verification.mode {
+        VerificationMode::None => {}
+        VerificationMode::Url => {
+            if let Some(url) = &spec.client_verification.verify_client_url {
+                args.push(format!("--verify-client-url={url}"));
+            }
+            args.push(format!(
+                "--verify-client-url-fail-open={}",
+                spec.client_verification.fail_open
+            ));
+        }
+        VerificationMode::Tailscaled => {
+            args.push("--verify-clients".to_owned());
+            args.push(format!("--socket={TAILSCALED_DIR}/tailscaled.sock"));
+        }
+    }
+    args.extend(spec.relay.extra_args.iter().cloned());
+
+    // extensions only our derper reads go through env, which upstream ignores
+    let mut envs = vec![EnvVar {
+        name: "HOST_IP".into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: "status.hostIP".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }];
+    if ports.admin > 0 {
+        envs.push(env(
+            "DERPER_ADMIN_ADDR",
+            &format!("$(HOST_IP):{}", ports.admin),
+        ));
+    }
+    if mesh {
+        envs.push(env(
+            "DERPER_MESH_PEERS_FILE",
+            &format!("{MESH_PEERS_DIR}/{MESH_PEERS_KEY}"),
+        ));
+    }
+    if let Some(level) = &spec.relay.log_level {
+        envs.push(env("RUST_LOG", level));
+    }
+
+    let mut container_ports = vec![port("derp", ports.derp, "TCP")];
+    if ports.http > 0 {
+        container_ports.push(port("http", ports.http, "TCP"));
+    }
+    if ports.stun > 0 {
+        container_ports.push(port("stun", ports.stun, "UDP"));
+    }
+    if ports.admin > 0 {
+        container_ports.push(port("admin", ports.admin, "TCP"));
+    }
+
+    let readiness = if ports.http > 0 {
+        Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some("/derp/probe".into()),
+                port: IntOrString::Int(ports.http),
+                scheme: Some("HTTP".into()),
+                ..Default::default()
+            }),
+            period_seconds: Some(10),
+            ..Default::default()
+        }
+    } else {
+        Probe {
+            tcp_socket: Some(TCPSocketAction {
+                port: IntOrString::Int(ports.derp),
+                ..Default::default()
+            }),
+            period_seconds: Some(10),
+            ..Default::default()
+        }
+    };
+
+    let mut mounts = vec![
+        mount("certs", CERT_DIR),
+        VolumeMount {
+            name: "state".into(),
+            mount_path: STATE_DIR.into(),
+            ..Default::default()
+        },
+    ];
+    let mut volumes = vec![
+        Volume {
+            name: "certs".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(tls_secret_name(&rname, &node.name)),
+                items: Some(vec![
+                    KeyToPath {
+                        key: "tls.crt".into(),
+                        path: format!("{stem}.crt"),
+                        ..Default::default()
+                    },
+                    KeyToPath {
+                        key: "tls.key".into(),
+                        path: format!("{stem}.key"),
+                        ..Default::default()
+                    },
+                ]),
+                default_mode: Some(0o440),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        Volume {
+            name: "state".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Default::default()
+        },
+    ];
+    if mesh {
+        mounts.push(mount("mesh-psk", MESH_PSK_DIR));
+        mounts.push(mount("mesh-peers", MESH_PEERS_DIR));
+        volumes.push(Volume {
+            name: "mesh-psk".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(mesh_secret_name(&rname)),
+                default_mode: Some(0o440),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        volumes.push(Volume {
+            name: "mesh-peers".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: mesh_peers_name(&rname),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+
+    let mut containers = vec![Container {
+        name: "derper".into(),
+        image: Some(
+            spec.relay
+                .image
+                .clone()
+                .unwrap_or_else(|| DEFAULT_RELAY_IMAGE.to_owned()),
+        ),
+        image_pull_policy: spec.relay.image_pull_policy.clone(),
+        args: Some(args),
+        env: Some(envs),
+        ports: Some(container_ports),
+        readiness_probe: Some(readiness),
+        resources: spec.relay.resources.clone(),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                add: Some(vec!["NET_BIND_SERVICE".into()]),
+            }),
+            ..Default::default()
+        }),
+        volume_mounts: Some(mounts),
+        ..Default::default()
+    }];
+
+    if spec.client_verification.mode == VerificationMode::Tailscaled
+        && let Some(ts) = &spec.client_verification.tailscaled
+    {
+        let mut ts_env = vec![
+            EnvVar {
+                name: "TS_AUTHKEY".into(),
+                value_from: Some(EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: ts.auth_key_secret_ref.name.clone(),
+                        key: ts.auth_key_secret_ref.key.clone(),
+                        optional: Some(false),
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            env("TS_SOCKET", &format!("{TAILSCALED_DIR}/tailscaled.sock")),
+            env("TS_USERSPACE", "true"),
+            env("TS_STATE_DIR", &format!("{TAILSCALED_DIR}/state")),
+        ];
+        if let Some(login) = &ts.login_server {
+            ts_env.push(env("TS_EXTRA_ARGS", &format!("--login-server={login}")));
+        }
+        containers.push(Container {
+            name: "tailscaled".into(),
+            image: Some(
+                ts.image
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_TAILSCALED_IMAGE.to_owned()),
+            ),
+            env: Some(ts_env),
+            volume_mounts: Some(vec![VolumeMount {
+                name: "tailscaled".into(),
+                mount_path: TAILSCALED_DIR.into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        if let Some(m) = containers[0].volume_mounts.as_mut() {
+            m.push(VolumeMount {
+                name: "tailscaled".into(),
+                mount_path: TAILSCALED_DIR.into(),
+                ..Default::default()
+            });
+        }
+        volumes.push(Volume {
+            name: "tailscaled".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Default::default()
+        });
+    }
+
+    let pod_spec = PodSpec {
+        node_name: Some(node.name.clone()),
+        host_network: Some(true),
+        dns_policy: Some("ClusterFirstWithHostNet".into()),
+        restart_policy: Some("Always".into()),
+        enable_service_links: Some(false),
+        automount_service_account_token: Some(false),
+        tolerations: (!spec.tolerations.is_empty()).then(|| spec.tolerations.clone()),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(RELAY_UID),
+            run_as_group: Some(RELAY_UID),
+            fs_group: Some(RELAY_UID),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        containers,
+        volumes: Some(volumes),
+        ..Default::default()
+    };
+    let labels = labels(region, "relay", Some(&node.name));
+    let hash_input =
+        serde_json::to_string(&(&pod_spec, &labels, pin)).expect("pod spec always serializes");
+    let hash = hex::encode(&Sha256::digest(hash_input.as_bytes())[..8]);
+    Pod {
+        metadata: meta(
+            region,
+            pod_name(&rname, &node.name),
+            "relay",
+            Some(&node.name),
+            BTreeMap::from([
+                (ANNOTATION_SPEC_HASH.to_owned(), hash),
+                (ANNOTATION_PIN.to_owned(), pin.to_owned()),
+            ]),
+        ),
+        spec: Some(pod_spec),
+        status: None,
+    }
+}
+
+/// The spec hash annotation of a Pod.
+pub fn spec_hash(pod: &Pod) -> Option<&str> {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_SPEC_HASH))
+        .map(String::as_str)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::region;
+
+    fn sel(v4: Option<&str>, v6: Option<&str>) -> SelectedNode {
+        SelectedNode {
+            name: "n1".into(),
+            ipv4: v4.map(|s| s.parse().unwrap()),
+            ipv6: v6.map(|s| s.parse().unwrap()),
+        }
+    }
+
+    #[test]
+    fn long_names_are_hash_truncated_to_63() {
+        let long = "r".repeat(40);
+        let node = "node-".repeat(10);
+        let n = tls_secret_name(&long, &node);
+        assert_eq!(n.len(), 63);
+        assert_ne!(n, tls_secret_name(&long, &format!("{node}x")));
+        assert_eq!(n, tls_secret_name(&long, &node));
+        assert_eq!(pod_name("home", "n1"), "home-n1");
+        assert_eq!(tls_secret_name("home", "n1"), "home-n1-tls");
+    }
+
+    #[test]
+    fn relay_pod_has_upstream_args_mounts_and_security() {
+        let r = region();
+        let pod = relay_pod(&r, &sel(None, Some("2001:db8::1")), true, "sha256-raw:00");
+        let spec = pod.spec.as_ref().unwrap();
+        assert_eq!(spec.node_name.as_deref(), Some("n1"));
+        assert_eq!(spec.host_network, Some(true));
+        assert_eq!(spec.dns_policy.as_deref(), Some("ClusterFirstWithHostNet"));
+        let c = &spec.containers[0];
+        let args = c.args.as_ref().unwrap();
+        for want in [
+            "--hostname=2001:db8::1",
+            "--certmode=manual",
+            "--certdir=/certs",
+            "-a",
+            ":443",
+            "--http-port=80",
+            "--stun-port=3478",
+            "--mesh-psk-file=/etc/derp/mesh-psk/psk",
+        ] {
+            assert!(args.iter().any(|a| a == want), "missing {want} in {args:?}");
+        }
+        let items = spec.volumes.as_ref().unwrap()[0]
+            .secret
+            .as_ref()
+            .unwrap()
+            .items
+            .as_ref()
+            .unwrap();
+        assert_eq!(items[0].path, "2001db81.crt");
+        assert_eq!(items[1].path, "2001db81.key");
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(
+            sc.capabilities.as_ref().unwrap().add.as_deref(),
+            Some(&["NET_BIND_SERVICE".to_owned()][..])
+        );
+        let probe = c
+            .readiness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap();
+        assert_eq!(probe.path.as_deref(), Some("/derp/probe"));
+        assert_eq!(probe.port, IntOrString::Int(80));
+        let owner = &pod.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(owner.kind, "DerpRegion");
+        assert_eq!(owner.controller, Some(true));
+        let labels = pod.metadata.labels.as_ref().unwrap();
+        assert_eq!(labels["kubederp.io/node"], "n1");
+        assert_eq!(labels["kubederp.io/region"], "home");
+        assert_eq!(labels["app.kubernetes.io/managed-by"], "derp-operator");
+    }
+
+    #[test]
+    fn pod_hash_changes_with_pin_and_args_only() {
+        let r = region();
+        let n = sel(Some("10.0.0.1"), None);
+        let a = relay_pod(&r, &n, false, "sha256-raw:00");
+        assert_eq!(
+            spec_hash(&a),
+            spec_hash(&relay_pod(&r, &n, false, "sha256-raw:00"))
+        );
+        assert_ne!(
+            spec_hash(&a),
+            spec_hash(&relay_pod(&r, &n, false, "sha256-raw:01"))
+        );
+        assert_ne!(
+            spec_hash(&a),
+            spec_hash(&relay_pod(&r, &n, true, "sha256-raw:00"))
+        );
+    }
+
+    #[test]
+    fn disabled_http_and_stun_follow_upstream_flags() {
+        let mut r = region();
+        r.spec.ports.http = 0;
+        r.spec.ports.stun = -1;
+        let pod = relay_pod(&r, &sel(Some("10.0.0.1"), None), false, "p");
+        let c = &pod.spec.as_ref().unwrap().containers[0];
+        let args = c.args.as_ref().unwrap();
+        assert!(args.contains(&"--http-port=-1".to_owned()));
+        assert!(args.contains(&"--stun=false".to_owned()));
+        assert!(c.readiness_probe.as_ref().unwrap().tcp_socket.is_some());
+    }
+
+    #[test]
+    fn mesh_peer_host_port_brackets_ipv6() {
+        assert_eq!(
+            host_port(&sel(None, Some("2001:db8::1")), 443),
+            "[2001:db8::1]:443"
+        );
+        assert_eq!(
+            host_port(&sel(Some("10.0.0.1"), Some("::1")), 8443),
+            "10.0.0.1:8443"
+        );
+    }
+}

@@ -1,0 +1,775 @@
+//! PURE planning: (region, nodes, claims, existing children, now, CertIssuer, PSK source) →
+//! [`Plan`]: the writes needed (already diffed against what exists, so an idle region plans
+//! none), the status to publish, the Events to emit and when to look again.
+//!
+//! No kube client, no clock, no RNG except through parameters (house-style §4.2). The
+//! controller observes, calls [`plan`], and executes the writes in order.
+
+pub mod children;
+pub mod derpmap;
+pub mod nodes;
+
+use std::{collections::BTreeMap, time::Duration};
+
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
+use kube::{Resource, ResourceExt};
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+
+use self::{
+    children::{
+        derpmap_config_map, derpmap_name, host_port, mesh_peers_config_map, mesh_peers_name,
+        mesh_secret, mesh_secret_name, relay_pod, spec_hash, tls_secret, tls_secret_name,
+    },
+    derpmap::{DerpMap, DerpNode, DerpRegion as MapRegion},
+    nodes::{PortClaim, SelectedNode, Selection, select_nodes},
+};
+use crate::{
+    certs::{CertIssuer, key_matches, parse_cert_pem, parse_duration},
+    crd::{Condition, DerpMapStatus, DerpRegion, DerpRegionStatus, NodeStatus, SkippedNode},
+};
+
+/// Longest wait before looking at a region again (house-style §4.2 step 6).
+pub const MAX_REQUEUE: Duration = Duration::from_secs(300);
+/// Wait while a rollout step is in progress (a Pod terminating or becoming ready).
+pub const ROLLOUT_REQUEUE: Duration = Duration::from_secs(5);
+
+/// Children of a region that exist now (listed by the region label), keyed by name.
+#[derive(Debug, Default, Clone)]
+pub struct Existing {
+    /// Secrets.
+    pub secrets: BTreeMap<String, Secret>,
+    /// ConfigMaps.
+    pub config_maps: BTreeMap<String, ConfigMap>,
+    /// Pods.
+    pub pods: BTreeMap<String, Pod>,
+}
+
+/// Everything [`plan`] needs.
+pub struct Inputs<'a> {
+    /// The region (with name, namespace, uid).
+    pub region: &'a DerpRegion,
+    /// All Nodes known to the operator.
+    pub nodes: &'a [&'a Node],
+    /// Node/port claims by regions that take precedence.
+    pub claims: &'a [PortClaim],
+    /// Existing children.
+    pub existing: &'a Existing,
+    /// The current time.
+    pub now: OffsetDateTime,
+    /// Certificate issuer.
+    pub issuer: &'a dyn CertIssuer,
+    /// Source of a fresh mesh PSK (64 hex characters).
+    pub new_psk: &'a dyn Fn() -> String,
+}
+
+impl std::fmt::Debug for Inputs<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inputs")
+            .field("region", &self.region.name_any())
+            .field("nodes", &self.nodes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// One write to the apiserver.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Write {
+    /// Server-side apply a Secret.
+    ApplySecret(Secret),
+    /// Server-side apply a ConfigMap.
+    ApplyConfigMap(ConfigMap),
+    /// Create (server-side apply) a relay Pod.
+    CreatePod(Box<Pod>),
+    /// Delete a relay Pod (replacement or prune).
+    DeletePod {
+        /// Pod name.
+        name: String,
+        /// Why (`Replace`, `Prune`).
+        reason: &'static str,
+    },
+    /// Delete a Secret no longer wanted.
+    DeleteSecret(String),
+    /// Delete a ConfigMap no longer wanted.
+    DeleteConfigMap(String),
+}
+
+/// An Event to publish on the region.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedEvent {
+    /// Warning (true) or Normal.
+    pub warning: bool,
+    /// CamelCase reason.
+    pub reason: String,
+    /// Human-readable note.
+    pub note: String,
+}
+
+/// The outcome of planning one region.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Writes, in dependency order: Secrets → mesh ConfigMap → Pods → derpMap → deletions.
+    pub writes: Vec<Write>,
+    /// The status to publish.
+    pub status: DerpRegionStatus,
+    /// Events to emit.
+    pub events: Vec<PlannedEvent>,
+    /// The region's derpMap (for the merged `/derpmap.json`).
+    pub derp_map: DerpMap,
+    /// When to reconcile again.
+    pub requeue_after: Duration,
+    /// Number of certificates issued by this plan.
+    pub certs_issued: usize,
+}
+
+/// A planning failure (certificate issuance, invalid durations).
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// The certificate for a node could not be issued.
+    #[error("issue certificate for node {node}: {source}")]
+    IssueCertificate {
+        /// Node name.
+        node: String,
+        /// Cause.
+        #[source]
+        source: crate::certs::CertError,
+    },
+    /// A duration in spec.certificate could not be parsed.
+    #[error("invalid spec.certificate.{field} {value:?}: use h/m/s units such as 720h")]
+    InvalidDuration {
+        /// Field name.
+        field: &'static str,
+        /// Value.
+        value: String,
+    },
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_default()
+}
+
+/// Why a node's certificate must be (re)issued, or `None` to reuse it.
+fn reissue_reason(
+    existing: Option<&Secret>,
+    want_ips: &[std::net::IpAddr],
+    now: OffsetDateTime,
+    rotate_before: time::Duration,
+) -> Option<&'static str> {
+    let Some(secret) = existing else {
+        return Some("SecretMissing");
+    };
+    let data = secret.data.as_ref();
+    let (Some(crt), Some(key)) = (
+        data.and_then(|d| d.get("tls.crt")),
+        data.and_then(|d| d.get("tls.key")),
+    ) else {
+        return Some("SecretIncomplete");
+    };
+    let Ok(parsed) = parse_cert_pem(&crt.0) else {
+        return Some("CertificateUnparseable");
+    };
+    if !parsed.single {
+        return Some("CertificateChain");
+    }
+    if parsed.ips != want_ips {
+        return Some("AddressesChanged");
+    }
+    if parsed.not_after - now <= rotate_before {
+        return Some("Expiring");
+    }
+    match std::str::from_utf8(&key.0) {
+        Ok(k) if key_matches(&crt.0, k) => None,
+        _ => Some("KeyMismatch"),
+    }
+}
+
+fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+fn owned_by(obj: &impl Resource, region: &DerpRegion) -> bool {
+    let uid = region.meta().uid.as_deref();
+    obj.meta()
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| Some(o.uid.as_str()) == uid)
+}
+
+fn subset(
+    want: Option<&BTreeMap<String, String>>,
+    have: Option<&BTreeMap<String, String>>,
+) -> bool {
+    want.into_iter()
+        .flatten()
+        .all(|(k, v)| have.and_then(|h| h.get(k)) == Some(v))
+}
+
+fn meta_matches(want: &kube::api::ObjectMeta, have: &kube::api::ObjectMeta) -> bool {
+    subset(want.labels.as_ref(), have.labels.as_ref())
+        && subset(want.annotations.as_ref(), have.annotations.as_ref())
+        && want.owner_references.iter().flatten().all(|o| {
+            have.owner_references
+                .iter()
+                .flatten()
+                .any(|h| h.uid == o.uid && h.controller == o.controller)
+        })
+}
+
+fn secret_unchanged(want: &Secret, have: Option<&Secret>) -> bool {
+    have.is_some_and(|h| {
+        h.metadata.deletion_timestamp.is_none()
+            && h.type_ == want.type_
+            && h.data == want.data
+            && meta_matches(&want.metadata, &h.metadata)
+    })
+}
+
+fn config_map_unchanged(want: &ConfigMap, have: Option<&ConfigMap>) -> bool {
+    have.is_some_and(|h| {
+        h.metadata.deletion_timestamp.is_none()
+            && h.data == want.data
+            && meta_matches(&want.metadata, &h.metadata)
+    })
+}
+
+fn condition(type_: &str, ok: bool, reason: &str, message: String) -> Condition {
+    Condition {
+        type_: type_.to_owned(),
+        status: if ok { "True" } else { "False" }.to_owned(),
+        reason: reason.to_owned(),
+        message,
+        last_transition_time: None,
+        observed_generation: None,
+    }
+}
+
+/// Plan one region.
+pub fn plan(inp: &Inputs<'_>) -> Result<Plan, PlanError> {
+    let region = inp.region;
+    let spec = &region.spec;
+    let rname = region.name_any();
+    let ns = region.namespace().unwrap_or_default();
+    let prev = region.status.clone().unwrap_or_default();
+    let rotate_before = parse_duration(&spec.certificate.rotate_before).ok_or_else(|| {
+        PlanError::InvalidDuration {
+            field: "rotateBefore",
+            value: spec.certificate.rotate_before.clone(),
+        }
+    })?;
+    let validity =
+        parse_duration(&spec.certificate.validity).ok_or_else(|| PlanError::InvalidDuration {
+            field: "validity",
+            value: spec.certificate.validity.clone(),
+        })?;
+
+    let Selection { selected, skipped } = select_nodes(spec, inp.nodes, inp.claims);
+    let mesh = spec.mesh.enabled.unwrap_or(selected.len() > 1);
+
+    let mut writes = Vec::new();
+    let mut events = Vec::new();
+    let mut wanted_secrets = Vec::new();
+    let mut wanted_cms = Vec::new();
+    let mut certs_issued = 0;
+    let mut next_renewal: Option<OffsetDateTime> = None;
+
+    // 1. certificates: reuse or issue, one Secret per node
+    struct NodeCert {
+        node: SelectedNode,
+        pin: String,
+        not_after: OffsetDateTime,
+    }
+    let mut certs = Vec::new();
+    for node in &selected {
+        let name = tls_secret_name(&rname, &node.name);
+        let have = inp.existing.secrets.get(&name);
+        let ips = node.ips();
+        let (secret, pin, not_after) = match reissue_reason(have, &ips, inp.now, rotate_before) {
+            None => {
+                let have = have.expect("reuse implies an existing Secret");
+                let data = have.data.as_ref().expect("reuse implies data");
+                let crt = &data["tls.crt"].0;
+                let parsed = parse_cert_pem(crt).expect("reuse implies a parseable certificate");
+                let s = tls_secret(
+                    region,
+                    &node.name,
+                    crt,
+                    &data["tls.key"].0,
+                    &parsed.pin,
+                    &rfc3339(parsed.not_after),
+                );
+                (s, parsed.pin, parsed.not_after)
+            }
+            Some(why) => {
+                let issued = inp
+                    .issuer
+                    .issue(&node.hostname(), &ips, inp.now, validity)
+                    .map_err(|source| PlanError::IssueCertificate {
+                        node: node.name.clone(),
+                        source,
+                    })?;
+                certs_issued += 1;
+                let old_pin = prev
+                    .nodes
+                    .iter()
+                    .find(|n| n.name == node.name)
+                    .map(|n| n.cert_name.clone())
+                    .filter(|p| !p.is_empty());
+                events.push(PlannedEvent {
+                    warning: false,
+                    reason: "CertificateIssued".into(),
+                    note: match &old_pin {
+                        Some(old) => format!(
+                            "node {}: new certificate ({why}); pin changed from {old} to {}",
+                            node.name, issued.pin
+                        ),
+                        None => format!(
+                            "node {}: new certificate ({why}), pin {}",
+                            node.name, issued.pin
+                        ),
+                    },
+                });
+                let s = tls_secret(
+                    region,
+                    &node.name,
+                    issued.cert_pem.as_bytes(),
+                    issued.key_pem.as_bytes(),
+                    &issued.pin,
+                    &rfc3339(issued.not_after),
+                );
+                (s, issued.pin.clone(), issued.not_after)
+            }
+        };
+        let renew_at = not_after - rotate_before;
+        next_renewal = Some(next_renewal.map_or(renew_at, |t| t.min(renew_at)));
+        if !secret_unchanged(&secret, have) {
+            writes.push(Write::ApplySecret(secret));
+        }
+        wanted_secrets.push(name);
+        certs.push(NodeCert {
+            node: node.clone(),
+            pin,
+            not_after,
+        });
+    }
+
+    // 2. mesh Secret + peers ConfigMap
+    if mesh {
+        let name = mesh_secret_name(&rname);
+        let have = inp.existing.secrets.get(&name);
+        let existing_psk = have
+            .and_then(|s| s.data.as_ref())
+            .and_then(|d| d.get(children::MESH_PSK_KEY))
+            .and_then(|b| std::str::from_utf8(&b.0).ok())
+            .filter(|p| p.len() == 64 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+            .map(str::to_owned);
+        let psk = existing_psk.unwrap_or_else(|| (inp.new_psk)());
+        let secret = mesh_secret(region, &psk);
+        if !secret_unchanged(&secret, have) {
+            writes.push(Write::ApplySecret(secret));
+        }
+        wanted_secrets.push(name);
+        let lines: Vec<String> = certs
+            .iter()
+            .map(|c| format!("{} {}", host_port(&c.node, spec.ports.derp), c.pin))
+            .collect();
+        let cm = mesh_peers_config_map(region, &lines);
+        let cm_name = mesh_peers_name(&rname);
+        if !config_map_unchanged(&cm, inp.existing.config_maps.get(&cm_name)) {
+            writes.push(Write::ApplyConfigMap(cm));
+        }
+        wanted_cms.push(cm_name);
+    }
+
+    // 3. relay Pods: create missing ones; replace changed ones, ready ones one at a time
+    let mut rollout_pending = false;
+    let mut wanted_pods = Vec::new();
+    let mut replace_unready = Vec::new();
+    let mut replace_ready = Vec::new();
+    let mut not_ready_current = 0usize;
+    for c in &certs {
+        let pod = relay_pod(region, &c.node, mesh, &c.pin);
+        let name = pod.name_any();
+        wanted_pods.push(name.clone());
+        match inp.existing.pods.get(&name) {
+            None => {
+                writes.push(Write::CreatePod(Box::new(pod)));
+                not_ready_current += 1;
+            }
+            Some(have) if have.metadata.deletion_timestamp.is_some() => {
+                rollout_pending = true;
+                not_ready_current += 1;
+            }
+            Some(have) if spec_hash(have) != spec_hash(&pod) => {
+                if pod_ready(have) {
+                    replace_ready.push(name);
+                } else {
+                    replace_unready.push(name);
+                }
+            }
+            Some(have) => {
+                if !pod_ready(have) {
+                    not_ready_current += 1;
+                }
+            }
+        }
+    }
+    for name in replace_unready {
+        rollout_pending = true;
+        events.push(PlannedEvent {
+            warning: false,
+            reason: "RelayReplaced".into(),
+            note: format!("relay Pod {name} is replaced because its spec or certificate changed"),
+        });
+        writes.push(Write::DeletePod {
+            name,
+            reason: "Replace",
+        });
+    }
+    if let Some(name) = replace_ready.first() {
+        rollout_pending = true;
+        if not_ready_current == 0 {
+            events.push(PlannedEvent {
+                warning: false,
+                reason: "RelayReplaced".into(),
+                note: format!(
+                    "relay Pod {name} is replaced because its spec or certificate changed (one node at a time)"
+                ),
+            });
+            writes.push(Write::DeletePod {
+                name: name.clone(),
+                reason: "Replace",
+            });
+        }
+    }
+
+    // 4. derpMap
+    let nodes_status: Vec<NodeStatus> = certs
+        .iter()
+        .map(|c| {
+            let pod = inp
+                .existing
+                .pods
+                .get(&children::pod_name(&rname, &c.node.name));
+            NodeStatus {
+                name: c.node.name.clone(),
+                ipv4: c.node.ipv4.map(|i| i.to_string()),
+                ipv6: c.node.ipv6.map(|i| i.to_string()),
+                cert_name: c.pin.clone(),
+                not_after: rfc3339(c.not_after),
+                pod_phase: Some(
+                    pod.and_then(|p| p.status.as_ref())
+                        .and_then(|s| s.phase.clone())
+                        .unwrap_or_else(|| {
+                            if pod.is_some() { "Pending" } else { "Missing" }.to_owned()
+                        }),
+                ),
+                ready: pod.is_some_and(|p| {
+                    p.metadata.deletion_timestamp.is_none()
+                        && pod_ready(p)
+                        && spec_hash(p) == spec_hash(&relay_pod(region, &c.node, mesh, &c.pin))
+                }),
+                ..Default::default()
+            }
+        })
+        .collect();
+    let region_id = i64::from(spec.region_id);
+    let map_nodes: Vec<DerpNode> = certs
+        .iter()
+        .zip(&nodes_status)
+        .filter(|(_, st)| spec.derp_map.publish_unhealthy || st.ready)
+        .map(|(c, _)| DerpNode {
+            name: c.node.name.clone(),
+            region_id,
+            host_name: c.node.hostname(),
+            cert_name: c.pin.clone(),
+            ipv4: c
+                .node
+                .ipv4
+                .map_or_else(|| "none".to_owned(), |i| i.to_string()),
+            ipv6: c
+                .node
+                .ipv6
+                .map_or_else(|| "none".to_owned(), |i| i.to_string()),
+            stun_port: spec.ports.stun,
+            stun_only: spec.stun_only,
+            derp_port: spec.ports.derp,
+            can_port80: spec.ports.http == 80,
+        })
+        .collect();
+    let map = DerpMap {
+        regions: BTreeMap::from([(
+            region_id,
+            MapRegion {
+                region_id,
+                region_code: spec.effective_code(&rname),
+                region_name: spec.effective_name(&rname),
+                avoid: spec.avoid,
+                no_measure_no_home: spec.no_measure_no_home,
+                nodes: map_nodes,
+            },
+        )]),
+        omit_default_regions: spec.derp_map.omit_default_regions,
+    };
+    let json = derpmap::render_json(&map);
+    let hash = derpmap::content_hash(&json);
+    let cm = derpmap_config_map(
+        region,
+        &json,
+        &derpmap::render_policy(&map, &format!("{ns}/{rname}")),
+        &derpmap::render_headscale(&map),
+    );
+    let dm_name = derpmap_name(region);
+    if !config_map_unchanged(&cm, inp.existing.config_maps.get(&dm_name)) {
+        writes.push(Write::ApplyConfigMap(cm));
+        if prev
+            .derp_map
+            .as_ref()
+            .is_some_and(|d| d.content_hash != hash)
+            || prev.derp_map.is_none()
+        {
+            events.push(PlannedEvent {
+                warning: false,
+                reason: "DerpMapPublished".into(),
+                note: format!(
+                    "ConfigMap {dm_name} now lists {} node(s) ({hash})",
+                    map.regions[&region_id].nodes.len()
+                ),
+            });
+        }
+    }
+    wanted_cms.push(dm_name.clone());
+
+    // 5. prune: owned children that are no longer wanted
+    for (name, pod) in &inp.existing.pods {
+        if !wanted_pods.contains(name)
+            && owned_by(pod, region)
+            && pod.metadata.deletion_timestamp.is_none()
+        {
+            writes.push(Write::DeletePod {
+                name: name.clone(),
+                reason: "Prune",
+            });
+        }
+    }
+    for (name, s) in &inp.existing.secrets {
+        if !wanted_secrets.contains(name)
+            && owned_by(s, region)
+            && s.metadata.deletion_timestamp.is_none()
+        {
+            writes.push(Write::DeleteSecret(name.clone()));
+        }
+    }
+    for (name, c) in &inp.existing.config_maps {
+        if !wanted_cms.contains(name)
+            && owned_by(c, region)
+            && c.metadata.deletion_timestamp.is_none()
+        {
+            writes.push(Write::DeleteConfigMap(name.clone()));
+        }
+    }
+
+    // 6. node membership and skip events
+    for n in &selected {
+        if !prev.nodes.iter().any(|p| p.name == n.name) {
+            events.push(PlannedEvent {
+                warning: false,
+                reason: "NodeAdded".into(),
+                note: format!("node {} joined the region as {}", n.name, n.hostname()),
+            });
+        }
+    }
+    for p in &prev.nodes {
+        if !selected.iter().any(|n| n.name == p.name) {
+            events.push(PlannedEvent {
+                warning: false,
+                reason: "NodeRemoved".into(),
+                note: format!("node {} left the region", p.name),
+            });
+        }
+    }
+    for s in &skipped {
+        if !prev.skipped_nodes.contains(s) && s.reason != "MaxNodes" {
+            events.push(PlannedEvent {
+                warning: true,
+                reason: s.reason.clone(),
+                note: format!("node {} is not used: {}", s.name, s.message),
+            });
+        }
+    }
+
+    // 7. status
+    let status = build_status(
+        region,
+        &prev,
+        inp.now,
+        nodes_status,
+        skipped,
+        DerpMapStatus {
+            config_map_name: dm_name,
+            content_hash: hash,
+        },
+    );
+
+    let mut requeue_after = MAX_REQUEUE;
+    if let Some(t) = next_renewal {
+        let secs = (t - inp.now).whole_seconds().max(1);
+        requeue_after = requeue_after.min(Duration::from_secs(secs.unsigned_abs()));
+    }
+    if rollout_pending {
+        requeue_after = requeue_after.min(ROLLOUT_REQUEUE);
+    }
+    Ok(Plan {
+        writes,
+        status,
+        events,
+        derp_map: map,
+        requeue_after,
+        certs_issued,
+    })
+}
+
+fn build_status(
+    region: &DerpRegion,
+    prev: &DerpRegionStatus,
+    now: OffsetDateTime,
+    nodes: Vec<NodeStatus>,
+    skipped: Vec<SkippedNode>,
+    derp_map: DerpMapStatus,
+) -> DerpRegionStatus {
+    let generation = region.metadata.generation;
+    let desired = nodes.len();
+    let ready = nodes.iter().filter(|n| n.ready).count();
+    let problems: Vec<&SkippedNode> = skipped.iter().filter(|s| s.reason != "MaxNodes").collect();
+    let no_nodes = desired == 0;
+    let no_nodes_msg = if skipped.is_empty() {
+        "no Node matches spec.nodeSelector; label nodes or change the selector".to_owned()
+    } else {
+        format!(
+            "no usable Node: {}",
+            skipped
+                .iter()
+                .map(|s| format!("{} ({})", s.name, s.reason))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    let earliest = nodes
+        .iter()
+        .map(|n| n.not_after.as_str())
+        .min()
+        .unwrap_or("");
+    let mut conds = vec![
+        if no_nodes {
+            condition("CertificatesReady", false, "NoNodes", no_nodes_msg.clone())
+        } else {
+            condition(
+                "CertificatesReady",
+                true,
+                "Issued",
+                format!("{desired} certificate(s) stored; earliest notAfter {earliest}"),
+            )
+        },
+        if no_nodes {
+            condition("RelaysReady", false, "NoNodes", no_nodes_msg.clone())
+        } else if ready == desired {
+            condition(
+                "RelaysReady",
+                true,
+                "AllReady",
+                format!("{ready}/{desired} relay Pods are Ready"),
+            )
+        } else {
+            let waiting: Vec<&str> = nodes
+                .iter()
+                .filter(|n| !n.ready)
+                .map(|n| n.name.as_str())
+                .collect();
+            condition(
+                "RelaysReady",
+                false,
+                "RelaysNotReady",
+                format!(
+                    "{ready}/{desired} relay Pods are Ready; waiting for {}",
+                    waiting.join(", ")
+                ),
+            )
+        },
+        condition(
+            "DerpMapPublished",
+            true,
+            "Published",
+            format!(
+                "ConfigMap {} holds the derpMap ({})",
+                derp_map.config_map_name, derp_map.content_hash
+            ),
+        ),
+        if let Some(first) = problems.first() {
+            condition(
+                "NodesHealthy",
+                false,
+                &first.reason,
+                problems
+                    .iter()
+                    .map(|s| format!("node {}: {}", s.name, s.message))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )
+        } else if no_nodes {
+            condition(
+                "NodesHealthy",
+                false,
+                "NoMatchingNodes",
+                no_nodes_msg.clone(),
+            )
+        } else {
+            condition(
+                "NodesHealthy",
+                true,
+                "AllNodesUsable",
+                format!("{desired} node(s) selected, all usable"),
+            )
+        },
+    ];
+    let ready_cond = if no_nodes {
+        condition("Ready", false, "NoNodes", no_nodes_msg)
+    } else if ready < desired {
+        condition(
+            "Ready",
+            false,
+            "RelaysNotReady",
+            format!("{ready}/{desired} relays Ready"),
+        )
+    } else {
+        condition(
+            "Ready",
+            true,
+            "RegionReady",
+            format!("{ready}/{desired} relays Ready and the derpMap is published"),
+        )
+    };
+    conds.insert(0, ready_cond);
+    for c in &mut conds {
+        c.observed_generation = generation;
+        c.last_transition_time = prev
+            .conditions
+            .iter()
+            .find(|p| p.type_ == c.type_ && p.status == c.status)
+            .and_then(|p| p.last_transition_time.clone())
+            .or_else(|| Some(rfc3339(now)));
+    }
+    DerpRegionStatus {
+        observed_generation: generation,
+        region_code: Some(region.spec.effective_code(&region.name_any())),
+        nodes_ready: Some(format!("{ready}/{desired}")),
+        conditions: conds,
+        nodes,
+        skipped_nodes: skipped,
+        derp_map: Some(derp_map),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,392 @@
+//! Plan tests, linkerd style: feed objects in, assert the plan; one behaviour per test.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use k8s_openapi::api::core::v1::{PodCondition, PodStatus};
+
+use super::*;
+use crate::{
+    certs::RcgenIssuer,
+    fixtures::{node, region},
+};
+
+fn now() -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap()
+}
+
+/// Counts issuances and delegates to rcgen.
+#[derive(Default)]
+struct CountingIssuer(AtomicUsize);
+
+impl CertIssuer for CountingIssuer {
+    fn issue(
+        &self,
+        cn: &str,
+        ips: &[std::net::IpAddr],
+        nb: OffsetDateTime,
+        v: time::Duration,
+    ) -> Result<crate::certs::IssuedCert, crate::certs::CertError> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        RcgenIssuer.issue(cn, ips, nb, v)
+    }
+}
+
+fn psk() -> String {
+    "ab".repeat(32)
+}
+
+fn three_nodes() -> Vec<Node> {
+    (1..=3)
+        .map(|i| {
+            node(&format!("n{i}"))
+                .label("relay", "yes")
+                .external(&format!("203.0.113.{i}"))
+                .internal(&format!("10.0.0.{i}"))
+                .build()
+        })
+        .collect()
+}
+
+fn run(region: &DerpRegion, nodes: &[Node], existing: &Existing, issuer: &dyn CertIssuer) -> Plan {
+    let refs: Vec<&Node> = nodes.iter().collect();
+    plan(&Inputs {
+        region,
+        nodes: &refs,
+        claims: &[],
+        existing,
+        now: now(),
+        issuer,
+        new_psk: &psk,
+    })
+    .unwrap()
+}
+
+/// Pretend the apiserver stored every applied object (status of Pods as given).
+fn apply_all(existing: &mut Existing, p: &Plan, ready: bool) {
+    for w in &p.writes {
+        match w {
+            Write::ApplySecret(s) => {
+                existing.secrets.insert(s.name_any(), s.clone());
+            }
+            Write::ApplyConfigMap(c) => {
+                existing.config_maps.insert(c.name_any(), c.clone());
+            }
+            Write::CreatePod(pod) => {
+                let mut pod = (**pod).clone();
+                if ready {
+                    pod.status = Some(ready_status());
+                }
+                existing.pods.insert(pod.name_any(), pod);
+            }
+            Write::DeletePod { name, .. } => {
+                existing.pods.remove(name);
+            }
+            Write::DeleteSecret(n) => {
+                existing.secrets.remove(n);
+            }
+            Write::DeleteConfigMap(n) => {
+                existing.config_maps.remove(n);
+            }
+        }
+    }
+}
+
+fn ready_status() -> PodStatus {
+    PodStatus {
+        phase: Some("Running".into()),
+        conditions: Some(vec![PodCondition {
+            type_: "Ready".into(),
+            status: "True".into(),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    }
+}
+
+fn with_status(mut r: DerpRegion, p: &Plan) -> DerpRegion {
+    r.status = Some(p.status.clone());
+    r
+}
+
+#[test]
+fn first_plan_creates_secrets_mesh_pods_and_derpmap_in_order() {
+    let r = region();
+    let issuer = CountingIssuer::default();
+    let p = run(&r, &three_nodes(), &Existing::default(), &issuer);
+    let kinds: Vec<&str> = p
+        .writes
+        .iter()
+        .map(|w| match w {
+            Write::ApplySecret(_) => "secret",
+            Write::ApplyConfigMap(_) => "cm",
+            Write::CreatePod(_) => "pod",
+            _ => "other",
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "secret", "secret", "secret", "secret", "cm", "pod", "pod", "pod", "cm"
+        ]
+    );
+    assert_eq!(issuer.0.load(Ordering::SeqCst), 3);
+    assert_eq!(p.certs_issued, 3);
+    let Write::ApplyConfigMap(peers) = &p.writes[4] else {
+        panic!()
+    };
+    let body = &peers.data.as_ref().unwrap()["peers"];
+    assert_eq!(body.lines().count(), 3);
+    assert!(body.starts_with("203.0.113.1:443 sha256-raw:"));
+    let Write::ApplySecret(mesh) = &p.writes[3] else {
+        panic!()
+    };
+    assert_eq!(mesh.data.as_ref().unwrap()["psk"].0, psk().into_bytes());
+    assert_eq!(p.status.nodes.len(), 3);
+    assert_eq!(p.status.nodes_ready.as_deref(), Some("0/3"));
+    let map = &p.derp_map.regions[&900];
+    assert_eq!(map.region_code, "home");
+    assert_eq!(map.nodes.len(), 3);
+    assert_eq!(map.nodes[0].cert_name, p.status.nodes[0].cert_name);
+    assert_eq!(map.nodes[0].ipv6, "none");
+    assert!(map.nodes[0].can_port80);
+}
+
+#[test]
+fn second_plan_over_stored_objects_writes_nothing_and_keeps_pins() {
+    let issuer = CountingIssuer::default();
+    let nodes = three_nodes();
+    let mut existing = Existing::default();
+    let p1 = run(&region(), &nodes, &existing, &issuer);
+    apply_all(&mut existing, &p1, true);
+    let r = with_status(region(), &p1);
+    let p2 = run(&r, &nodes, &existing, &issuer);
+    // pods became ready → status changes, but no object writes
+    assert!(p2.writes.is_empty(), "{:?}", p2.writes);
+    assert_eq!(issuer.0.load(Ordering::SeqCst), 3);
+    let pins1: Vec<_> = p1.status.nodes.iter().map(|n| &n.cert_name).collect();
+    let pins2: Vec<_> = p2.status.nodes.iter().map(|n| &n.cert_name).collect();
+    assert_eq!(pins1, pins2);
+    // third time: status identical too → the controller patches nothing
+    let r = with_status(region(), &p2);
+    let p3 = run(&r, &nodes, &existing, &issuer);
+    assert!(p3.writes.is_empty());
+    assert_eq!(p3.status, p2.status);
+    assert!(p3.events.is_empty(), "{:?}", p3.events);
+    assert_eq!(p3.status.nodes_ready.as_deref(), Some("3/3"));
+    let ready = p3
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert_eq!(ready.status, "True");
+}
+
+#[test]
+fn changed_node_ip_reissues_only_that_certificate_and_replaces_its_pod() {
+    let issuer = CountingIssuer::default();
+    let mut nodes = three_nodes();
+    let mut existing = Existing::default();
+    let p1 = run(&region(), &nodes, &existing, &issuer);
+    apply_all(&mut existing, &p1, true);
+    nodes[1] = node("n2")
+        .label("relay", "yes")
+        .external("198.51.100.2")
+        .build();
+    let r = with_status(region(), &p1);
+    let p2 = run(&r, &nodes, &existing, &issuer);
+    assert_eq!(issuer.0.load(Ordering::SeqCst), 4);
+    assert_ne!(p2.status.nodes[1].cert_name, p1.status.nodes[1].cert_name);
+    assert_eq!(p2.status.nodes[0].cert_name, p1.status.nodes[0].cert_name);
+    assert!(
+        p2.writes.iter().any(
+            |w| matches!(w, Write::DeletePod { name, reason: "Replace" } if name == "home-n2")
+        )
+    );
+    assert!(p2.events.iter().any(|e| e.reason == "CertificateIssued"
+        && e.note.contains("pin changed from")
+        && e.note.contains("AddressesChanged")));
+    assert_eq!(p2.derp_map.regions[&900].nodes[1].host_name, "198.51.100.2");
+}
+
+#[test]
+fn deleted_secret_is_reissued_with_a_new_pin_announced() {
+    let issuer = CountingIssuer::default();
+    let nodes = three_nodes();
+    let mut existing = Existing::default();
+    let p1 = run(&region(), &nodes, &existing, &issuer);
+    apply_all(&mut existing, &p1, true);
+    existing.secrets.remove("home-n3-tls");
+    let p2 = run(&with_status(region(), &p1), &nodes, &existing, &issuer);
+    assert_eq!(p2.certs_issued, 1);
+    assert!(p2.events.iter().any(
+        |e| e.note.contains("SecretMissing") && e.note.contains(&p1.status.nodes[2].cert_name)
+    ));
+}
+
+#[test]
+fn expiring_certificate_is_rotated() {
+    let issuer = CountingIssuer::default();
+    let nodes = three_nodes();
+    let mut r = region();
+    r.spec.certificate.validity = "800h".into(); // < 30 days of margin after 81 hours
+    let mut existing = Existing::default();
+    let p1 = run(&r, &nodes, &existing, &issuer);
+    apply_all(&mut existing, &p1, true);
+    // requeue no later than the renewal point (800h - 720h = 80h)
+    assert_eq!(p1.requeue_after, MAX_REQUEUE);
+    let refs: Vec<&Node> = nodes.iter().collect();
+    let later = now() + time::Duration::hours(81);
+    let p2 = plan(&Inputs {
+        region: &with_status(r, &p1),
+        nodes: &refs,
+        claims: &[],
+        existing: &existing,
+        now: later,
+        issuer: &issuer,
+        new_psk: &psk,
+    })
+    .unwrap();
+    assert_eq!(p2.certs_issued, 3);
+    assert!(p2.events.iter().any(|e| e.note.contains("Expiring")));
+}
+
+#[test]
+fn unlabelled_node_is_pruned_and_map_updated() {
+    let issuer = CountingIssuer::default();
+    let mut nodes = three_nodes();
+    let mut existing = Existing::default();
+    let p1 = run(&region(), &nodes, &existing, &issuer);
+    apply_all(&mut existing, &p1, true);
+    nodes[2] = node("n3").external("203.0.113.3").build();
+    let p2 = run(&with_status(region(), &p1), &nodes, &existing, &issuer);
+    assert!(p2.writes.contains(&Write::DeletePod {
+        name: "home-n3".into(),
+        reason: "Prune"
+    }));
+    assert!(
+        p2.writes
+            .contains(&Write::DeleteSecret("home-n3-tls".into()))
+    );
+    assert_eq!(p2.derp_map.regions[&900].nodes.len(), 2);
+    assert!(p2.events.iter().any(|e| e.reason == "NodeRemoved"));
+}
+
+#[test]
+fn ready_pods_are_replaced_one_at_a_time() {
+    let issuer = CountingIssuer::default();
+    let nodes = three_nodes();
+    let mut existing = Existing::default();
+    let p1 = run(&region(), &nodes, &existing, &issuer);
+    apply_all(&mut existing, &p1, true);
+    let mut r = with_status(region(), &p1);
+    r.spec.relay.image = Some("example/derper:2".into());
+    let p2 = run(&r, &nodes, &existing, &issuer);
+    let deletes: Vec<_> = p2
+        .writes
+        .iter()
+        .filter(|w| matches!(w, Write::DeletePod { .. }))
+        .collect();
+    assert_eq!(deletes.len(), 1);
+    assert_eq!(p2.requeue_after, ROLLOUT_REQUEUE);
+    // recreated but not ready yet → nothing else is replaced
+    apply_all(&mut existing, &p2, false);
+    let p3 = run(&r, &nodes, &existing, &issuer);
+    assert!(matches!(p3.writes.as_slice(), [Write::CreatePod(_)]));
+    apply_all(&mut existing, &p3, false);
+    let p4 = run(&r, &nodes, &existing, &issuer);
+    assert!(p4.writes.is_empty());
+    // it becomes ready → the next one goes
+    existing.pods.get_mut("home-n1").unwrap().status = Some(ready_status());
+    let p5 = run(&r, &nodes, &existing, &issuer);
+    assert_eq!(
+        p5.writes,
+        vec![Write::DeletePod {
+            name: "home-n2".into(),
+            reason: "Replace"
+        }]
+    );
+}
+
+#[test]
+fn no_matching_nodes_is_a_condition_not_an_error() {
+    let p = run(&region(), &[], &Existing::default(), &RcgenIssuer);
+    let ready = &p.status.conditions[0];
+    assert_eq!(ready.type_, "Ready");
+    assert_eq!(ready.status, "False");
+    assert_eq!(ready.reason, "NoNodes");
+    assert!(ready.message.contains("spec.nodeSelector"));
+    // the derpMap is still published (empty region), no mesh for zero nodes
+    assert_eq!(p.writes.len(), 1);
+}
+
+#[test]
+fn single_node_has_no_mesh_and_mesh_objects_are_pruned_later() {
+    let issuer = CountingIssuer::default();
+    let mut nodes = three_nodes();
+    let mut existing = Existing::default();
+    let p1 = run(&region(), &nodes, &existing, &issuer);
+    apply_all(&mut existing, &p1, true);
+    nodes.truncate(1);
+    let p2 = run(&with_status(region(), &p1), &nodes, &existing, &issuer);
+    assert!(p2.writes.contains(&Write::DeleteSecret("home-mesh".into())));
+    assert!(
+        p2.writes
+            .contains(&Write::DeleteConfigMap("home-mesh-peers".into()))
+    );
+}
+
+#[test]
+fn port_conflict_becomes_node_condition() {
+    let nodes = three_nodes();
+    let refs: Vec<&Node> = nodes.iter().collect();
+    let claims = vec![PortClaim {
+        region: "other/older".into(),
+        node: "n1".into(),
+        ports: nodes::PortSet::of(&Default::default()),
+    }];
+    let p = plan(&Inputs {
+        region: &region(),
+        nodes: &refs,
+        claims: &claims,
+        existing: &Existing::default(),
+        now: now(),
+        issuer: &RcgenIssuer,
+        new_psk: &psk,
+    })
+    .unwrap();
+    assert_eq!(p.status.nodes.len(), 2);
+    let c = p
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "NodesHealthy")
+        .unwrap();
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", "PortConflict")
+    );
+    assert!(c.message.contains("other/older"));
+}
+
+#[test]
+fn foreign_objects_with_our_label_are_not_pruned() {
+    let mut existing = Existing::default();
+    let mut foreign = mesh_secret(&region(), &psk());
+    foreign.metadata.name = Some("home-stranger".into());
+    foreign.metadata.owner_references = None;
+    existing.secrets.insert("home-stranger".into(), foreign);
+    let p = run(&region(), &three_nodes(), &existing, &RcgenIssuer);
+    assert!(
+        !p.writes
+            .contains(&Write::DeleteSecret("home-stranger".into()))
+    );
+}
+
+#[test]
+fn unhealthy_nodes_are_left_out_when_publish_unhealthy_is_false() {
+    let mut r = region();
+    r.spec.derp_map.publish_unhealthy = false;
+    let p = run(&r, &three_nodes(), &Existing::default(), &RcgenIssuer);
+    assert!(p.derp_map.regions[&900].nodes.is_empty());
+}
