@@ -1,0 +1,1 @@
+../src/exchange.go
