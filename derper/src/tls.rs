@@ -280,8 +280,14 @@ impl Reloader {
             }
         };
         if loaded.leaf_sha256_hex() == self.resolver.served().leaf_sha256 {
-            tracing::debug!("certificate files changed but the leaf is the same");
-            // Still swap: the chain or key encoding may differ.
+            // Same leaf (e.g. files rewritten or re-linked): swap quietly, the chain or key
+            // encoding may still differ.
+            if let Err(e) = self.resolver.replace(loaded) {
+                tracing::warn!(error = %e, "certificate files unusable; keeping the current certificate");
+            } else {
+                tracing::debug!("certificate files changed but the leaf is the same");
+            }
+            return;
         }
         let pin = loaded.pin.clone();
         let leaf_sha256 = loaded.leaf_sha256_hex();
