@@ -1,0 +1,61 @@
+//! Default values: ports, queue depths, timeouts and size limits.
+//!
+//! Every constant cites the section of `shared/docs/derp-protocol.md` it comes from.
+//! Nothing here does I/O.
+
+use std::time::Duration;
+
+/// Default main HTTPS listen address (spec §8.1 `-a :443`).
+pub const DEFAULT_ADDR: &str = ":443";
+/// Default plain HTTP port (spec §8.1 `-http-port 80`).
+pub const DEFAULT_HTTP_PORT: i32 = 80;
+/// Default UDP STUN port (spec §8.1 `-stun-port 3478`).
+pub const DEFAULT_STUN_PORT: u16 = 3478;
+/// Default admin (metrics/health) listener. Loopback only: metrics are never served on the
+/// public ports (house-style §4.3).
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:9090";
+/// Default TLS host name (spec §8.1 `-hostname`).
+pub const DEFAULT_HOSTNAME: &str = "derp.tailscale.com";
+
+/// Per-client data queue depth (spec §4.2, 32 packets).
+pub const PER_CLIENT_SEND_QUEUE_DEPTH: usize = 32;
+/// Per-client disco queue depth (spec §4.2, 32 packets).
+pub const PER_CLIENT_DISCO_QUEUE_DEPTH: usize = 32;
+/// Attempts to enqueue with head-drop before tail-dropping the new packet (spec §6.4).
+pub const ENQUEUE_ATTEMPTS: usize = 3;
+
+/// Keepalive base interval (spec §4.2 / §6.7: 60 s).
+pub const KEEPALIVE: Duration = Duration::from_secs(60);
+/// Keepalive jitter upper bound, exclusive (spec §6.7: uniform in [0, 5 s)).
+pub const KEEPALIVE_JITTER: Duration = Duration::from_secs(5);
+/// Write timeout for normal clients (spec §4.2, `-tcp-write-timeout` 2 s).
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Write timeout for mesh-key clients (spec §4.2: 30 s).
+pub const MESH_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Deadline to send the ServerKey frame (spec §5.1: 10 s).
+pub const SERVER_KEY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline to receive ClientInfo (spec §5.1: 10 s).
+pub const CLIENT_INFO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline to receive the HTTP request head (spec §1.1: 30 s ReadTimeout).
+pub const HTTP_HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// TLS handshake deadline (spec §1.1: covered by Go's 30 s ReadTimeout).
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default TCP keepalive (spec §8.1 `-tcp-keepalive-time` 10 min).
+pub const TCP_KEEPALIVE_TIME: Duration = Duration::from_secs(600);
+/// Default TCP_USER_TIMEOUT (spec §8.1 `-tcp-user-timeout` 15 s).
+pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// PeerGone(NotHere) token bucket: refill rate per second (spec §6.5).
+pub const NOT_HERE_PER_SEC: f64 = 1.0;
+/// PeerGone(NotHere) token bucket burst (spec §6.5).
+pub const NOT_HERE_BURST: f64 = 3.0;
+
+/// Maximum size of an HTTP request head we parse ourselves.
+pub const MAX_REQUEST_HEAD: usize = 16 * 1024;
+
+/// Default `Restarting` frame values sent on graceful shutdown: reconnect in (ms).
+pub const RESTART_RECONNECT_IN_MS: u32 = 1_000;
+/// Default `Restarting` frame values sent on graceful shutdown: try for (ms).
+pub const RESTART_TRY_FOR_MS: u32 = 30_000;
+/// How long graceful shutdown waits for connections to drain.
+pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);

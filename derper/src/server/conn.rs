@@ -1,0 +1,702 @@
+//! One DERP connection: handshake, the reader (this task) and the writer (a spawned task
+//! that solely owns the write half) — spec §5.1, §6.4, §6.7.
+//!
+//! Other connections hand packets to this one through [`ConnShared`]: two bounded queues
+//! (disco and data, head-drop when full), a control queue (PeerGone, PeerPresent, Health),
+//! and a one-slot pong. The writer drains everything that is queued, encodes it into one
+//! buffer and flushes once per batch under the write timeout.
+
+use std::collections::{HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, WriteHalf};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, trace};
+
+use super::Server;
+use crate::key::NodePublicKey;
+use crate::metrics::{DropReason, Metrics};
+use crate::proto::codec::{self, ClientFrame, FrameReader, ReadError, ReadPolicy};
+use crate::proto::handshake::{self, ClientInfo};
+use crate::proto::{
+    FrameType, PEER_PRESENT_IS_MESH_PEER, PEER_PRESENT_IS_PROBER, PEER_PRESENT_IS_REGULAR,
+    PEER_PRESENT_NOT_IDEAL, PeerGoneReason, looks_like_disco,
+};
+
+static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A queued packet.
+#[derive(Debug)]
+pub(crate) struct Pkt {
+    src: NodePublicKey,
+    data: Bytes,
+}
+
+/// Queued control messages.
+#[derive(Debug)]
+pub(crate) enum Ctrl {
+    PeerGone(NodePublicKey, PeerGoneReason),
+    PeerPresent {
+        key: NodePublicKey,
+        addr: Option<SocketAddr>,
+        flags: u8,
+    },
+    Health(String),
+}
+
+#[derive(Debug, Default)]
+struct SendState {
+    data: VecDeque<Pkt>,
+    disco: VecDeque<Pkt>,
+    ctrl: VecDeque<Ctrl>,
+    pong: Option<[u8; 8]>,
+    closed: bool,
+}
+
+/// State of a registered connection shared with the registry and other connections.
+#[derive(Debug)]
+pub(crate) struct ConnShared {
+    pub(crate) id: u64,
+    pub(crate) key: NodePublicKey,
+    pub(crate) remote: Option<SocketAddr>,
+    pub(crate) present_flags: u8,
+    pub(crate) cancel: CancellationToken,
+    /// True while the key has ≥ 2 connections (spec §6.2).
+    pub(crate) dup: AtomicBool,
+    state: Mutex<SendState>,
+    notify: Notify,
+    data_depth: usize,
+    disco_depth: usize,
+}
+
+fn lock(m: &Mutex<SendState>) -> MutexGuard<'_, SendState> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Outcome of queueing a packet.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Enqueued {
+    Queued,
+    /// Queued after dropping the oldest packet (its length).
+    QueuedHeadDrop(usize),
+    Gone,
+}
+
+impl ConnShared {
+    /// Queues a packet (spec §6.4: head-drop when full). Never blocks.
+    pub(crate) fn enqueue(&self, src: NodePublicKey, data: Bytes, disco: bool) -> Enqueued {
+        let mut st = lock(&self.state);
+        if st.closed {
+            return Enqueued::Gone;
+        }
+        let (q, depth) = if disco {
+            (&mut st.disco, self.disco_depth)
+        } else {
+            (&mut st.data, self.data_depth)
+        };
+        let mut res = Enqueued::Queued;
+        if q.len() >= depth
+            && let Some(old) = q.pop_front()
+        {
+            res = Enqueued::QueuedHeadDrop(old.data.len());
+        }
+        q.push_back(Pkt { src, data });
+        drop(st);
+        self.notify.notify_one();
+        res
+    }
+
+    pub(crate) fn push_ctrl(&self, c: Ctrl) {
+        let mut st = lock(&self.state);
+        if st.closed {
+            return;
+        }
+        st.ctrl.push_back(c);
+        drop(st);
+        self.notify.notify_one();
+    }
+
+    fn set_pong(&self, data: [u8; 8]) -> bool {
+        let mut st = lock(&self.state);
+        if st.closed || st.pong.is_some() {
+            return false;
+        }
+        st.pong = Some(data);
+        drop(st);
+        self.notify.notify_one();
+        true
+    }
+}
+
+/// Per-connection information from the HTTP layer.
+#[derive(Debug, Clone, Default)]
+pub struct ConnInfo {
+    /// TCP peer address, if known.
+    pub remote: Option<SocketAddr>,
+    /// The request carried a non-empty `Ideal-Node` header.
+    pub not_ideal: bool,
+    /// Bytes to write before the ServerKey frame (e.g. the exact 101 response).
+    pub prelude: Bytes,
+}
+
+/// Local (per-connection) counters flushed to the shared metrics in batches.
+#[derive(Debug, Default)]
+struct ReadCounters {
+    pkts_disco: u64,
+    pkts_other: u64,
+    bytes: u64,
+    unknown: u64,
+}
+
+impl ReadCounters {
+    fn flush(&mut self, m: &Metrics) {
+        if self.pkts_disco > 0 {
+            m.packets_received_disco.inc_by(self.pkts_disco);
+        }
+        if self.pkts_other > 0 {
+            m.packets_received_other.inc_by(self.pkts_other);
+        }
+        if self.bytes > 0 {
+            m.bytes_received.inc_by(self.bytes);
+        }
+        if self.unknown > 0 {
+            m.unknown_frames.inc_by(self.unknown);
+        }
+        *self = Self::default();
+    }
+}
+
+/// Token bucket for PeerGone(NotHere) replies (spec §6.5: 1/s, burst 3).
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn new() -> Self {
+        Self {
+            tokens: crate::defaults::NOT_HERE_BURST,
+            last: Instant::now(),
+        }
+    }
+
+    fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        let dt = now.duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * crate::defaults::NOT_HERE_PER_SEC)
+            .min(crate::defaults::NOT_HERE_BURST);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+async fn write_with_timeout<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    buf: &[u8],
+    timeout: Option<Duration>,
+) -> Result<(), &'static str> {
+    let fut = async {
+        w.write_all(buf).await?;
+        w.flush().await
+    };
+    match timeout {
+        Some(t) => match tokio::time::timeout(t, fut).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err("write_error"),
+            Err(_) => Err("write_timeout"),
+        },
+        None => fut.await.map_err(|_| "write_error"),
+    }
+}
+
+/// Runs one DERP connection from the ServerKey frame to the end. `initial` holds bytes the
+/// client already sent after the HTTP request head.
+pub(crate) async fn serve<S>(server: Server, stream: S, initial: BytesMut, info: ConnInfo)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let m = server.metrics().clone();
+    let opts = server.options().clone();
+    m.accepts.inc();
+    let (rd, mut wr) = tokio::io::split(stream);
+    let mut reader = FrameReader::new(rd, initial, ReadPolicy::FromClient);
+
+    // spec §5.1: write ServerKey (10 s), read ClientInfo (10 s).
+    let mut out = BytesMut::with_capacity(info.prelude.len() + 64);
+    out.extend_from_slice(&info.prelude);
+    handshake::write_server_key(&mut out, &server.public_key());
+    if write_with_timeout(&mut wr, &out, Some(opts.server_key_timeout))
+        .await
+        .is_err()
+    {
+        m.handshake_failure("server_key_write");
+        return;
+    }
+    let cancel = server.cancel_token().child_token();
+    let first = tokio::select! {
+        _ = cancel.cancelled() => return,
+        r = tokio::time::timeout(opts.client_info_timeout, reader.read_frame()) => r,
+    };
+    let payload = match first {
+        Err(_) => {
+            m.handshake_failure("timeout");
+            debug!(remote = ?info.remote, "handshake timed out");
+            return;
+        }
+        Ok(Err(ReadError::TooLarge { .. })) => {
+            m.handshake_failure("long_client_info");
+            return;
+        }
+        Ok(Err(_)) | Ok(Ok(None)) => {
+            m.handshake_failure("eof");
+            return;
+        }
+        Ok(Ok(Some(f))) if f.typ != FrameType::ClientInfo as u8 => {
+            m.handshake_failure("wrong_frame_type");
+            return;
+        }
+        Ok(Ok(Some(f))) => f.payload,
+    };
+    let (key, client_info) = match handshake::open_client_info(server.private_key(), &payload) {
+        Ok(x) => x,
+        Err(e) => {
+            m.handshake_failure(match e {
+                crate::proto::DecodeError::TooShort { .. } => "short_client_info",
+                crate::proto::DecodeError::BadJson => "bad_json",
+                crate::proto::DecodeError::ZeroKey => "zero_key",
+                _ => "bad_box",
+            });
+            debug!(remote = ?info.remote, error = %e, "client info rejected");
+            return;
+        }
+    };
+    run_registered(server, reader, wr, key, client_info, info, cancel).await;
+}
+
+async fn run_registered<S>(
+    server: Server,
+    mut reader: FrameReader<tokio::io::ReadHalf<S>>,
+    mut wr: WriteHalf<S>,
+    key: NodePublicKey,
+    client_info: ClientInfo,
+    info: ConnInfo,
+    cancel: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let m = server.metrics().clone();
+    let opts = server.options().clone();
+    let can_mesh = match (&opts.mesh_key, &client_info.mesh_key) {
+        (Some(mk), Some(theirs)) => mk.matches_hex(theirs),
+        _ => false,
+    };
+    let mut flags = 0;
+    if can_mesh {
+        flags |= PEER_PRESENT_IS_MESH_PEER;
+    }
+    if client_info.is_prober {
+        flags |= PEER_PRESENT_IS_PROBER;
+    }
+    if info.not_ideal {
+        flags |= PEER_PRESENT_NOT_IDEAL;
+    }
+    if flags == 0 {
+        flags = PEER_PRESENT_IS_REGULAR;
+    }
+    let write_timeout = if can_mesh {
+        Some(opts.mesh_write_timeout)
+    } else {
+        opts.write_timeout
+    };
+    let conn = Arc::new(ConnShared {
+        id: NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed),
+        key,
+        remote: info.remote,
+        present_flags: flags,
+        cancel: cancel.clone(),
+        dup: AtomicBool::new(false),
+        state: Mutex::new(SendState::default()),
+        notify: Notify::new(),
+        data_depth: opts.queue_depth.max(1),
+        disco_depth: opts.disco_queue_depth.max(1),
+    });
+    let span = tracing::debug_span!("conn", key = %key, id = conn.id, remote = ?info.remote);
+    let _enter = span.enter();
+    let registry = server.registry();
+    registry.register(&conn);
+    if info.not_ideal {
+        m.current_notideal_connections.inc();
+    }
+    debug!(mesh = can_mesh, "client registered");
+
+    // spec §5.1 / P12: ServerInfo is the first frame after ServerKey.
+    let mut out = BytesMut::with_capacity(128);
+    handshake::write_server_info(
+        &mut out,
+        server.private_key(),
+        &key,
+        &handshake::random_nonce(),
+    );
+    let writer = if write_with_timeout(&mut wr, &out, write_timeout)
+        .await
+        .is_ok()
+    {
+        let w = Writer {
+            conn: conn.clone(),
+            metrics: m.clone(),
+            write_timeout,
+            keepalive: opts.keepalive + jitter(opts.keepalive_jitter),
+            server_cancel: server.cancel_token(),
+        };
+        Some(tokio::spawn(w.run(wr, out)))
+    } else {
+        cancel.cancel();
+        None
+    };
+
+    let reason = if writer.is_some() {
+        read_loop(&server, &conn, &mut reader, can_mesh).await
+    } else {
+        "write_error"
+    };
+    drop(_enter);
+    let _enter = span.enter();
+    debug!(reason, "client disconnected");
+    cancel.cancel();
+    registry.unregister(&conn);
+    registry.remove_watcher(&conn);
+    if info.not_ideal {
+        m.current_notideal_connections.dec();
+    }
+    let writer_reason = match writer {
+        Some(h) => h.await.unwrap_or(None),
+        None => None,
+    };
+    m.disconnect(writer_reason.unwrap_or(reason));
+}
+
+fn jitter(max: Duration) -> Duration {
+    if max.is_zero() {
+        return Duration::ZERO;
+    }
+    let ms = u64::try_from(max.as_millis()).unwrap_or(u64::MAX).max(1);
+    Duration::from_millis(rand::random::<u64>() % ms)
+}
+
+/// The reader: returns the disconnect reason.
+async fn read_loop<R: AsyncRead + Unpin>(
+    server: &Server,
+    conn: &Arc<ConnShared>,
+    reader: &mut FrameReader<R>,
+    can_mesh: bool,
+) -> &'static str {
+    let m = server.metrics();
+    let registry = server.registry();
+    let mut counters = ReadCounters::default();
+    let mut sent_to: HashSet<NodePublicKey> = HashSet::new();
+    let mut not_here = Bucket::new();
+    let mut preferred = false;
+    let connected_at = Instant::now();
+    let reason = loop {
+        if reader.buffer_is_empty() {
+            counters.flush(m);
+        }
+        let raw = tokio::select! {
+            biased;
+            _ = conn.cancel.cancelled() => break if server.cancel_token().is_cancelled() { "shutdown" } else { "closed" },
+            r = reader.read_frame() => r,
+        };
+        let raw = match raw {
+            Ok(Some(r)) => r,
+            Ok(None) => break "eof",
+            Err(ReadError::TooLarge { .. }) => break "frame_too_large",
+            Err(ReadError::UnexpectedEof) => break "truncated_frame",
+            Err(ReadError::Io(_)) => break "read_error",
+        };
+        if conn.dup.load(Ordering::Relaxed) {
+            registry.note_heard(conn);
+        }
+        trace!(typ = raw.typ, len = raw.payload.len(), "frame");
+        let frame = match codec::decode_client_frame(raw.typ, raw.payload) {
+            Ok(f) => f,
+            Err(_) => break "protocol_violation",
+        };
+        match frame {
+            ClientFrame::SendPacket { dst, packet } => {
+                let disco = looks_like_disco(&packet);
+                if disco {
+                    counters.pkts_disco += 1;
+                } else {
+                    counters.pkts_other += 1;
+                }
+                counters.bytes += packet.len() as u64;
+                deliver(
+                    server,
+                    conn,
+                    conn.key,
+                    dst,
+                    packet,
+                    disco,
+                    &mut sent_to,
+                    &mut not_here,
+                    DropReason::UnknownDest,
+                );
+            }
+            ClientFrame::ForwardPacket { src, dst, packet } => {
+                if !can_mesh {
+                    break "mesh_frame_without_mesh_key";
+                }
+                m.packets_forwarded_in.inc();
+                let disco = looks_like_disco(&packet);
+                // Forwarded packets are never forwarded again (spec §6.10).
+                deliver(
+                    server,
+                    conn,
+                    src,
+                    dst,
+                    packet,
+                    disco,
+                    &mut sent_to,
+                    &mut not_here,
+                    DropReason::UnknownDestOnFwd,
+                );
+            }
+            ClientFrame::NotePreferred(p) => {
+                if p != preferred {
+                    preferred = p;
+                    if p {
+                        m.current_home_connections.inc();
+                    } else {
+                        m.current_home_connections.dec();
+                    }
+                    if connected_at.elapsed() > Duration::from_secs(5) {
+                        if p {
+                            m.home_moves_in.inc();
+                        } else {
+                            m.home_moves_out.inc();
+                        }
+                    }
+                }
+            }
+            ClientFrame::WatchConns => {
+                if !can_mesh {
+                    break "mesh_frame_without_mesh_key";
+                }
+                if conn.key != server.public_key() {
+                    registry.add_watcher(conn);
+                }
+            }
+            ClientFrame::ClosePeer(k) => {
+                if !can_mesh {
+                    break "mesh_frame_without_mesh_key";
+                }
+                registry.close_key(&k);
+            }
+            ClientFrame::Ping(d) => {
+                m.got_ping.inc();
+                conn.set_pong(d);
+            }
+            ClientFrame::ClientInfo(_) | ClientFrame::Other(_) => counters.unknown += 1,
+        }
+    };
+    counters.flush(m);
+    if preferred {
+        m.current_home_connections.dec();
+    }
+    reason
+}
+
+#[allow(clippy::too_many_arguments)]
+fn deliver(
+    server: &Server,
+    conn: &Arc<ConnShared>,
+    src: NodePublicKey,
+    dst: NodePublicKey,
+    packet: Bytes,
+    disco: bool,
+    sent_to: &mut HashSet<NodePublicKey>,
+    not_here: &mut Bucket,
+    unknown_reason: DropReason,
+) {
+    let m = server.metrics();
+    let len = packet.len();
+    match server
+        .registry()
+        .with_active(&dst, |c| c.enqueue(src, packet, disco))
+    {
+        crate::server::registry::Lookup::Found(Enqueued::Queued) => {}
+        crate::server::registry::Lookup::Found(Enqueued::QueuedHeadDrop(n)) => {
+            m.drop_packet(DropReason::QueueHead, disco, n);
+        }
+        crate::server::registry::Lookup::Found(Enqueued::Gone) => {
+            m.drop_packet(DropReason::GoneDisconnected, disco, len);
+            return;
+        }
+        crate::server::registry::Lookup::NoActive => {
+            m.drop_packet(DropReason::DupClient, disco, len);
+            return;
+        }
+        crate::server::registry::Lookup::Unknown => {
+            m.drop_packet(unknown_reason, disco, len);
+            if disco && not_here.allow() {
+                conn.push_ctrl(Ctrl::PeerGone(dst, PeerGoneReason::NotHere));
+            }
+            return;
+        }
+    }
+    if src == conn.key && sent_to.insert(dst) {
+        server.registry().note_sent_to(&src, dst);
+    }
+}
+
+struct Writer {
+    conn: Arc<ConnShared>,
+    metrics: Arc<Metrics>,
+    write_timeout: Option<Duration>,
+    keepalive: Duration,
+    server_cancel: CancellationToken,
+}
+
+/// Bytes buffered before a batch is written even if more is queued.
+const MAX_BATCH_BYTES: usize = 256 * 1024;
+
+impl Writer {
+    /// Returns a disconnect reason if the writer ended the connection.
+    async fn run<W: AsyncWrite + Unpin>(
+        self,
+        mut wr: W,
+        mut out: BytesMut,
+    ) -> Option<&'static str> {
+        let conn = &self.conn;
+        let m = &self.metrics;
+        let mut ka = tokio::time::interval_at(Instant::now() + self.keepalive, self.keepalive);
+        ka.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut data = VecDeque::new();
+        let mut disco = VecDeque::new();
+        let mut ctrl = VecDeque::new();
+        let mut result = None;
+        'outer: loop {
+            out.clear();
+            let pong = {
+                let mut st = lock(&conn.state);
+                std::mem::swap(&mut st.data, &mut data);
+                std::mem::swap(&mut st.disco, &mut disco);
+                std::mem::swap(&mut st.ctrl, &mut ctrl);
+                st.pong.take()
+            };
+            if data.is_empty() && disco.is_empty() && ctrl.is_empty() && pong.is_none() {
+                tokio::select! {
+                    biased;
+                    _ = conn.cancel.cancelled() => break 'outer,
+                    _ = conn.notify.notified() => continue 'outer,
+                    _ = ka.tick() => {
+                        codec::write_keepalive(&mut out);
+                        m.keepalives_sent.inc();
+                    }
+                }
+            }
+            let (mut pkts, mut bytes) = (0u64, 0u64);
+            let (mut gone_disc, mut gone_here, mut pongs) = (0u64, 0u64, 0u64);
+            if let Some(p) = pong {
+                codec::write_pong(&mut out, &p);
+                pongs += 1;
+            }
+            for c in ctrl.drain(..) {
+                match c {
+                    Ctrl::PeerGone(k, r) => {
+                        codec::write_peer_gone(&mut out, &k, r);
+                        if r == PeerGoneReason::NotHere {
+                            gone_here += 1;
+                        } else {
+                            gone_disc += 1;
+                        }
+                    }
+                    Ctrl::PeerPresent { key, addr, flags } => {
+                        codec::write_peer_present(&mut out, &key, addr, flags)
+                    }
+                    Ctrl::Health(t) => codec::write_health(&mut out, &t),
+                }
+            }
+            // Disco first: it is small and latency-sensitive (spec §6.4).
+            while let Some(p) = disco.pop_front().or_else(|| data.pop_front()) {
+                codec::write_recv_packet(&mut out, &p.src, &p.data);
+                pkts += 1;
+                bytes += p.data.len() as u64;
+                if out.len() >= MAX_BATCH_BYTES {
+                    break;
+                }
+            }
+            if !data.is_empty() || !disco.is_empty() {
+                // Put the rest back at the front so ordering is preserved.
+                let mut st = lock(&conn.state);
+                while let Some(p) = data.pop_back() {
+                    st.data.push_front(p);
+                }
+                while let Some(p) = disco.pop_back() {
+                    st.disco.push_front(p);
+                }
+            }
+            if let Err(reason) = write_with_timeout(&mut wr, &out, self.write_timeout).await {
+                if reason == "write_timeout" {
+                    m.sclient_write_timeouts.inc();
+                }
+                for _ in 0..pkts {
+                    m.drop_packet(DropReason::WriteError, false, 0);
+                }
+                result = Some(reason);
+                break;
+            }
+            if pkts > 0 {
+                m.packets_sent.inc_by(pkts);
+                m.bytes_sent.inc_by(bytes);
+            }
+            if pongs > 0 {
+                m.sent_pong.inc_by(pongs);
+            }
+            if gone_disc > 0 {
+                m.peer_gone_disconnected_frames.inc_by(gone_disc);
+            }
+            if gone_here > 0 {
+                m.peer_gone_not_here_frames.inc_by(gone_here);
+            }
+        }
+        // Mark closed and count what is left as gone_disconnected (spec §6.4).
+        let leftover = {
+            let mut st = lock(&conn.state);
+            st.closed = true;
+            let mut v: Vec<(bool, usize)> = Vec::new();
+            v.extend(st.data.drain(..).map(|p| (false, p.data.len())));
+            v.extend(st.disco.drain(..).map(|p| (true, p.data.len())));
+            st.ctrl.clear();
+            v
+        };
+        for (d, n) in leftover {
+            m.drop_packet(DropReason::GoneDisconnected, d, n);
+        }
+        conn.cancel.cancel();
+        if result.is_none() && self.server_cancel.is_cancelled() {
+            // Graceful shutdown: tell the client we are restarting (spec §6.11).
+            out.clear();
+            codec::write_restarting(
+                &mut out,
+                crate::defaults::RESTART_RECONNECT_IN_MS,
+                crate::defaults::RESTART_TRY_FOR_MS,
+            );
+            let _ = write_with_timeout(&mut wr, &out, Some(Duration::from_secs(1))).await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
+        result
+    }
+}

@@ -1,0 +1,449 @@
+//! The relay server: the DERP core ([`Server`]: key, registry, per-connection tasks) and
+//! the listeners around it ([`spawn`] → [`RunningServer`]: TLS/HTTP accept loops, the plain
+//! HTTP port, STUN and the admin listener), with graceful shutdown.
+//!
+//! Does not parse HTTP itself (see [`crate::http`]) or frames (see [`crate::proto`]).
+
+pub(crate) mod conn;
+pub(crate) mod registry;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use prometheus_client::registry::Registry as PromRegistry;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+pub use conn::ConnInfo;
+
+use crate::defaults;
+use crate::http::{HttpOptions, ListenerKind};
+use crate::key::{MeshKey, NodePrivateKey, NodePublicKey};
+use crate::metrics::{Metrics, Readiness};
+
+/// Tunables of the DERP core. Defaults come from [`crate::defaults`].
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Per-write deadline for normal clients (`None` = no deadline) (spec §6.4).
+    pub write_timeout: Option<Duration>,
+    /// Per-write deadline for mesh-key clients (spec §4.2).
+    pub mesh_write_timeout: Duration,
+    /// Keepalive base interval (spec §6.7).
+    pub keepalive: Duration,
+    /// Keepalive jitter upper bound.
+    pub keepalive_jitter: Duration,
+    /// Data queue depth (spec §6.4).
+    pub queue_depth: usize,
+    /// Disco queue depth (spec §6.4).
+    pub disco_queue_depth: usize,
+    /// Deadline for writing ServerKey.
+    pub server_key_timeout: Duration,
+    /// Deadline for receiving ClientInfo.
+    pub client_info_timeout: Duration,
+    /// Mesh pre-shared key; clients presenting it get mesh privileges.
+    pub mesh_key: Option<MeshKey>,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            write_timeout: Some(defaults::WRITE_TIMEOUT),
+            mesh_write_timeout: defaults::MESH_WRITE_TIMEOUT,
+            keepalive: defaults::KEEPALIVE,
+            keepalive_jitter: defaults::KEEPALIVE_JITTER,
+            queue_depth: defaults::PER_CLIENT_SEND_QUEUE_DEPTH,
+            disco_queue_depth: defaults::PER_CLIENT_DISCO_QUEUE_DEPTH,
+            server_key_timeout: defaults::SERVER_KEY_TIMEOUT,
+            client_info_timeout: defaults::CLIENT_INFO_TIMEOUT,
+            mesh_key: None,
+        }
+    }
+}
+
+/// The DERP core. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Server {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    key: NodePrivateKey,
+    public: NodePublicKey,
+    opts: ServerOptions,
+    registry: registry::Registry,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Server {
+    /// Creates the core with the server's private key.
+    pub fn new(key: NodePrivateKey, opts: ServerOptions, metrics: Arc<Metrics>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                public: key.public(),
+                key,
+                opts,
+                registry: registry::Registry::new(metrics.clone()),
+                metrics,
+                cancel: CancellationToken::new(),
+                tracker: TaskTracker::new(),
+            }),
+        }
+    }
+
+    /// The server's public key (ServerKey frame, `Derp-Public-Key`, metacert CN).
+    pub fn public_key(&self) -> NodePublicKey {
+        self.inner.public
+    }
+
+    pub(crate) fn private_key(&self) -> &NodePrivateKey {
+        &self.inner.key
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// The options.
+    pub fn options(&self) -> &ServerOptions {
+        &self.inner.opts
+    }
+
+    pub(crate) fn registry(&self) -> &registry::Registry {
+        &self.inner.registry
+    }
+
+    /// The server-wide cancellation token (cancelled on shutdown).
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.inner.cancel.clone()
+    }
+
+    /// Number of registered connections for `key`.
+    pub fn connections_for(&self, key: &NodePublicKey) -> usize {
+        self.inner.registry.conn_count(key)
+    }
+
+    /// Sends a Health frame to every connection of `key` (empty text = healthy again).
+    pub fn send_health(&self, key: &NodePublicKey, text: &str) {
+        for c in self.inner.registry.all_conns() {
+            if c.key == *key {
+                c.push_ctrl(conn::Ctrl::Health(text.to_owned()));
+            }
+        }
+    }
+
+    /// Runs a DERP connection on an already-upgraded stream (after the HTTP layer, or on a
+    /// `tokio::io::duplex` pipe in tests). `initial` holds bytes already read past the
+    /// request head. Returns when the connection ends.
+    pub async fn handle_derp<S>(&self, stream: S, initial: BytesMut, info: ConnInfo)
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        conn::serve(self.clone(), stream, initial, info).await;
+    }
+
+    /// Spawns a tracked task (waited for on shutdown).
+    pub fn spawn_tracked<F>(&self, fut: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.inner.tracker.spawn(fut);
+    }
+
+    /// Graceful shutdown: connections get a Restarting frame and are closed; waits up to
+    /// `drain` for their tasks to finish.
+    pub async fn shutdown(&self, drain: Duration) {
+        self.inner.cancel.cancel();
+        self.inner.tracker.close();
+        if tokio::time::timeout(drain, self.inner.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!("shutdown drain timed out with connections still open");
+        }
+    }
+}
+
+/// Everything needed to run the listeners.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Main listener (`-a`).
+    pub addr: SocketAddr,
+    /// TLS config for the main listener; `None` = plain HTTP.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Plain HTTP listener (`--http-port`), only meaningful with TLS.
+    pub http_addr: Option<SocketAddr>,
+    /// STUN listener.
+    pub stun_addr: Option<SocketAddr>,
+    /// Admin listener (metrics, health).
+    pub admin_addr: Option<SocketAddr>,
+    /// HTTP behaviour.
+    pub http: HttpOptions,
+    /// TCP socket options for accepted connections.
+    pub tcp: TcpOptions,
+}
+
+/// TCP socket options (spec §1.1).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TcpOptions {
+    /// TCP keepalive idle time (`None` = OS default).
+    pub keepalive: Option<Duration>,
+    /// TCP_USER_TIMEOUT (`None` = OS default).
+    pub user_timeout: Option<Duration>,
+}
+
+/// Error starting the listeners.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// Binding a listener failed.
+    #[error("bind {which} listener on {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        which: &'static str,
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running server with its bound addresses.
+#[derive(Debug)]
+pub struct RunningServer {
+    /// The DERP core.
+    pub server: Server,
+    /// Bound main listener address.
+    pub addr: SocketAddr,
+    /// Bound plain-HTTP listener address.
+    pub http_addr: Option<SocketAddr>,
+    /// Bound STUN address.
+    pub stun_addr: Option<SocketAddr>,
+    /// Bound admin address.
+    pub admin_addr: Option<SocketAddr>,
+    /// Readiness flag served on `/readyz`.
+    pub readiness: Readiness,
+    listeners: CancellationToken,
+    tasks: TaskTracker,
+}
+
+async fn bind_tcp(which: &'static str, addr: SocketAddr) -> Result<TcpListener, SpawnError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| SpawnError::Bind {
+            which,
+            addr,
+            source,
+        })
+}
+
+/// Serves STUN on a bound socket until the token is cancelled (see [`crate::stun`]).
+pub type StunServeFn = Box<
+    dyn FnOnce(UdpSocket, CancellationToken) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>>
+        + Send,
+>;
+
+/// Binds every listener, logs `listening on <addr>` with a `listener` field for each, and
+/// starts serving. `prom` is the registry served on the admin listener; `stun` serves the
+/// STUN socket when `cfg.stun_addr` is set.
+pub async fn spawn(
+    server: Server,
+    cfg: ServeConfig,
+    prom: Arc<PromRegistry>,
+    stun: Option<StunServeFn>,
+) -> Result<RunningServer, SpawnError> {
+    let listeners = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let readiness = Readiness::default();
+    let http = Arc::new(cfg.http.clone());
+
+    let main = bind_tcp("main", cfg.addr).await?;
+    let addr = main.local_addr().map_err(|source| SpawnError::Bind {
+        which: "main",
+        addr: cfg.addr,
+        source,
+    })?;
+    let http_listener = match cfg.http_addr {
+        Some(a) => Some(bind_tcp("http", a).await?),
+        None => None,
+    };
+    let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let admin_listener = match cfg.admin_addr {
+        Some(a) => Some(bind_tcp("admin", a).await?),
+        None => None,
+    };
+    let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let stun_socket = match cfg.stun_addr {
+        Some(a) => Some(
+            UdpSocket::bind(a)
+                .await
+                .map_err(|source| SpawnError::Bind {
+                    which: "stun",
+                    addr: a,
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+    let stun_addr = stun_socket.as_ref().and_then(|s| s.local_addr().ok());
+
+    let tls = cfg.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+    info!(listener = "main", tls = tls.is_some(), %addr, "listening on {addr}");
+    tasks.spawn(accept_loop(
+        main,
+        server.clone(),
+        tls,
+        http.clone(),
+        ListenerKind::Main,
+        cfg.tcp,
+        listeners.clone(),
+    ));
+    if let (Some(l), Some(a)) = (http_listener, http_addr) {
+        info!(listener = "http", addr = %a, "listening on {a}");
+        tasks.spawn(accept_loop(
+            l,
+            server.clone(),
+            None,
+            http.clone(),
+            ListenerKind::Port80,
+            cfg.tcp,
+            listeners.clone(),
+        ));
+    }
+    if let (Some(s), Some(a)) = (stun_socket, stun_addr) {
+        info!(listener = "stun", addr = %a, "listening on {a}");
+        match stun {
+            Some(f) => {
+                tasks.spawn(f(s, listeners.clone()));
+            }
+            None => warn!("stun socket bound but no STUN handler given"),
+        }
+    }
+    if let (Some(l), Some(a)) = (admin_listener, admin_addr) {
+        info!(listener = "admin", addr = %a, "listening on {a}");
+        tasks.spawn(crate::metrics::serve_admin(
+            l,
+            prom,
+            readiness.clone(),
+            listeners.clone(),
+        ));
+    }
+    tasks.close();
+    readiness.set(true);
+    Ok(RunningServer {
+        server,
+        addr,
+        http_addr,
+        stun_addr,
+        admin_addr,
+        readiness,
+        listeners,
+        tasks,
+    })
+}
+
+impl RunningServer {
+    /// Graceful shutdown: mark not ready, stop accepting, send Restarting to clients, drain
+    /// for up to `drain`.
+    pub async fn shutdown(self, drain: Duration) {
+        self.readiness.set(false);
+        self.listeners.cancel();
+        self.server.shutdown(drain).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.tasks.wait()).await;
+    }
+}
+
+#[allow(unsafe_code)]
+fn apply_tcp_options(stream: &TcpStream, opts: TcpOptions) {
+    use std::os::fd::AsRawFd as _;
+    let _ = stream.set_nodelay(true);
+    let fd = stream.as_raw_fd();
+    let set = |level: libc::c_int, name: libc::c_int, val: libc::c_int| {
+        // SAFETY: `fd` is a valid, open socket owned by `stream` for the duration of this
+        // call, and we pass a pointer to a live c_int with its exact size.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&val as *const libc::c_int).cast(),
+                libc::socklen_t::try_from(size_of::<libc::c_int>()).unwrap_or(4),
+            )
+        }
+    };
+    if let Some(ka) = opts.keepalive {
+        let secs = libc::c_int::try_from(ka.as_secs().max(1)).unwrap_or(libc::c_int::MAX);
+        set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+        set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, secs);
+    }
+    if let Some(ut) = opts.user_timeout {
+        let ms = libc::c_int::try_from(ut.as_millis()).unwrap_or(libc::c_int::MAX);
+        set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms);
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    server: Server,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    http: Arc<HttpOptions>,
+    kind: ListenerKind,
+    tcp: TcpOptions,
+    cancel: CancellationToken,
+) {
+    let m = server.metrics().clone();
+    let server_cancel = server.cancel_token();
+    loop {
+        let (stream, remote) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = server_cancel.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        m.tcp_accepts.inc();
+        apply_tcp_options(&stream, tcp);
+        let server2 = server.clone();
+        let http = http.clone();
+        let tls = tls.clone();
+        server.spawn_tracked(async move {
+            match tls {
+                Some(acc) => {
+                    let hs =
+                        tokio::time::timeout(defaults::TLS_HANDSHAKE_TIMEOUT, acc.accept(stream));
+                    let sc = server2.cancel_token();
+                    let s = tokio::select! {
+                        _ = sc.cancelled() => return,
+                        r = hs => r,
+                    };
+                    match s {
+                        Ok(Ok(s)) => {
+                            crate::http::serve_connection(server2, http, s, Some(remote), kind)
+                                .await
+                        }
+                        _ => {
+                            server2.metrics().tls_handshake_failures.inc();
+                        }
+                    }
+                }
+                None => {
+                    crate::http::serve_connection(server2, http, stream, Some(remote), kind).await
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,209 @@
+//! Test helpers (`cfg(any(test, feature = "test-utils"))`): start a complete relay on
+//! `127.0.0.1:0` with a freshly generated self-signed IP certificate (served alone, as in
+//! pinned mode) and return its addresses, pin and server key.
+//!
+//! Not for production use: keys and certificates live only in memory.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::registry::Registry;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use sha2::{Digest as _, Sha256};
+
+use crate::client::{Client, ClientConfig, ClientError, TlsMode, UpgradeMode};
+use crate::http::HttpOptions;
+use crate::key::{NodePrivateKey, NodePublicKey};
+use crate::metrics::Metrics;
+use crate::server::{RunningServer, ServeConfig, Server, ServerOptions, TcpOptions};
+
+/// Options for [`start`].
+#[derive(Debug, Clone)]
+pub struct TestServerOptions {
+    /// Serve TLS on the main listener (self-signed 127.0.0.1 certificate).
+    pub tls: bool,
+    /// DERP core options.
+    pub server: ServerOptions,
+    /// HTTP options.
+    pub http: HttpOptions,
+    /// Also start the plain HTTP listener.
+    pub http_port: bool,
+    /// Also start the admin listener.
+    pub admin: bool,
+    /// Server private key (generated if `None`).
+    pub key: Option<NodePrivateKey>,
+}
+
+impl Default for TestServerOptions {
+    fn default() -> Self {
+        Self {
+            tls: true,
+            server: ServerOptions::default(),
+            http: HttpOptions::default(),
+            http_port: true,
+            admin: true,
+            key: None,
+        }
+    }
+}
+
+/// A running in-process relay.
+#[derive(Debug)]
+pub struct TestServer {
+    /// Main listener address.
+    pub addr: SocketAddr,
+    /// Plain HTTP listener address.
+    pub http_addr: Option<SocketAddr>,
+    /// Admin listener address.
+    pub admin_addr: Option<SocketAddr>,
+    /// `sha256-raw:<hex>` pin of the served certificate (empty without TLS).
+    pub pin: String,
+    /// The served certificate (DER).
+    pub cert_der: Vec<u8>,
+    /// The server's public key.
+    pub server_key: NodePublicKey,
+    /// The Prometheus registry served on the admin listener.
+    pub registry: Arc<Registry>,
+    running: RunningServer,
+}
+
+/// Generates a self-signed certificate for 127.0.0.1; returns (cert DER, PKCS#8 key DER).
+pub fn self_signed_localhost() -> (Vec<u8>, Vec<u8>) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .expect("P-256 key generation does not fail");
+    let mut params =
+        rcgen::CertificateParams::new(Vec::<String>::new()).expect("empty SAN list is valid");
+    params
+        .subject_alt_names
+        .push(rcgen::SanType::IpAddress(std::net::IpAddr::from([
+            127, 0, 0, 1,
+        ])));
+    let mut dn = rcgen::DistinguishedName::new();
+    dn.push(rcgen::DnType::CommonName, "127.0.0.1");
+    params.distinguished_name = dn;
+    let cert = params
+        .self_signed(&key)
+        .expect("self-signing a fresh certificate does not fail");
+    (cert.der().to_vec(), key.serialize_der())
+}
+
+/// Builds a rustls server config serving exactly `cert` (no metacert), ALPN http/1.1.
+pub fn server_tls_config(cert: Vec<u8>, key: Vec<u8>) -> Arc<rustls::ServerConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut c = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(rustls::DEFAULT_VERSIONS)
+        .expect("ring supports the default versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from(cert)],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)),
+        )
+        .expect("generated key matches the certificate");
+    c.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(c)
+}
+
+/// Starts a relay on 127.0.0.1 with ephemeral ports.
+pub async fn start(opts: TestServerOptions) -> TestServer {
+    let mut reg = Registry::with_prefix("derper");
+    let metrics = Metrics::register(&mut reg);
+    let key = opts.key.clone().unwrap_or_else(NodePrivateKey::generate);
+    let server = Server::new(key, opts.server.clone(), metrics);
+    let server_key = server.public_key();
+    let (tls, pin, cert_der) = if opts.tls {
+        let (cert, k) = self_signed_localhost();
+        let pin = format!("sha256-raw:{}", hex::encode(Sha256::digest(&cert)));
+        (Some(server_tls_config(cert.clone(), k)), pin, cert)
+    } else {
+        (None, String::new(), Vec::new())
+    };
+    let any: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 0));
+    let cfg = ServeConfig {
+        addr: any,
+        tls,
+        http_addr: opts.http_port.then_some(any),
+        stun_addr: None,
+        admin_addr: opts.admin.then_some(any),
+        http: opts.http.clone(),
+        tcp: TcpOptions::default(),
+    };
+    let registry = Arc::new(reg);
+    let running = crate::server::spawn(server, cfg, registry.clone(), None)
+        .await
+        .expect("binding 127.0.0.1:0 succeeds");
+    TestServer {
+        addr: running.addr,
+        http_addr: running.http_addr,
+        admin_addr: running.admin_addr,
+        pin,
+        cert_der,
+        server_key,
+        registry,
+        running,
+    }
+}
+
+impl TestServer {
+    /// The DERP core.
+    pub fn server(&self) -> &Server {
+        &self.running.server
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        self.running.server.metrics()
+    }
+
+    /// A client config for this server (pinned TLS when TLS is on).
+    pub fn client_config(&self, upgrade: UpgradeMode) -> ClientConfig {
+        let mut c = ClientConfig::new(self.addr);
+        c.host = "127.0.0.1".into();
+        c.tls = if self.pin.is_empty() {
+            TlsMode::Plain
+        } else {
+            TlsMode::Pinned(self.pin.clone())
+        };
+        c.upgrade = match upgrade {
+            UpgradeMode::FastStart(_) => UpgradeMode::FastStart(self.server_key),
+            u => u,
+        };
+        c.connect_timeout = Duration::from_secs(10);
+        c
+    }
+
+    /// Connects a new client with `key`.
+    pub async fn connect(
+        &self,
+        key: &NodePrivateKey,
+        upgrade: UpgradeMode,
+    ) -> Result<Client, ClientError> {
+        Client::connect(&self.client_config(upgrade), key).await
+    }
+
+    /// Prometheus text of the registry.
+    pub fn metrics_text(&self) -> String {
+        crate::metrics::encode(&self.registry)
+    }
+
+    /// Waits until `cond` holds (polling every 10 ms) or panics after `timeout`.
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut cond: impl FnMut(&Self) -> bool,
+    ) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !cond(self) {
+            if tokio::time::Instant::now() > deadline {
+                panic!("timed out waiting for {what}");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Graceful shutdown.
+    pub async fn shutdown(self) {
+        self.running.shutdown(Duration::from_secs(5)).await;
+    }
+}
