@@ -48,6 +48,54 @@ pub enum TlsError {
     Key(#[source] rustls::Error),
 }
 
+/// When to append the metacert (spec §2.7's per-listener setting).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum MetacertMode {
+    /// Only for certificates that are not pinned (CA-issued chains).
+    Auto,
+    /// Always (breaks v1.82 clients of a pinned certificate, spec §2.4).
+    On,
+    /// Never (the default: the relay's certificates are normally pinned).
+    #[default]
+    Off,
+}
+
+impl MetacertMode {
+    /// Whether a certificate like `cert` should be served with the metacert.
+    pub fn enabled_for(self, cert: &LoadedCert) -> bool {
+        match self {
+            MetacertMode::Auto => cert.pin.is_none(),
+            MetacertMode::On => true,
+            MetacertMode::Off => false,
+        }
+    }
+}
+
+impl fmt::Display for MetacertMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MetacertMode::Auto => "auto",
+            MetacertMode::On => "on",
+            MetacertMode::Off => "off",
+        })
+    }
+}
+
+impl std::str::FromStr for MetacertMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(MetacertMode::Auto),
+            "on" | "true" => Ok(MetacertMode::On),
+            "off" | "false" => Ok(MetacertMode::Off),
+            other => Err(format!(
+                "invalid metacert mode {other:?} (want auto, on or off)"
+            )),
+        }
+    }
+}
+
 /// Build the metacert for `server_public_key` exactly like Go's `initMetacert` (spec §2.1):
 /// fresh Ed25519 key, serial 2, subject = issuer = `CN=derpkey<64 lowercase hex>`,
 /// validity now ± 30 days, one extension (critical Basic Constraints, `cA = false`).
@@ -107,6 +155,7 @@ impl CertResolver {
     ///
     /// Pass `None` for pinned self-signed certificates (spec §2.7): with a metacert the
     /// handshake presents two certificates and v1.82 pinned clients refuse it.
+    /// [`MetacertMode::enabled_for`] decides this from a flag.
     pub fn new(
         cert: LoadedCert,
         metacert: Option<CertificateDer<'static>>,
@@ -670,6 +719,23 @@ mod tests {
             .await
             .expect("reloader stops on cancel")
             .expect("no panic");
+    }
+
+    #[test]
+    fn metacert_mode_auto_skips_pinned_certs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pinned = generated(dir.path());
+        let mut ca_issued = pinned.clone();
+        ca_issued.pin = None;
+        assert!(!MetacertMode::Auto.enabled_for(&pinned));
+        assert!(MetacertMode::Auto.enabled_for(&ca_issued));
+        assert!(MetacertMode::On.enabled_for(&pinned));
+        assert!(!MetacertMode::Off.enabled_for(&ca_issued));
+        assert_eq!(MetacertMode::default(), MetacertMode::Off);
+        for m in [MetacertMode::Auto, MetacertMode::On, MetacertMode::Off] {
+            assert_eq!(m.to_string().parse::<MetacertMode>(), Ok(m));
+        }
+        assert!("maybe".parse::<MetacertMode>().is_err());
     }
 
     #[test]
