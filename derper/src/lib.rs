@@ -17,12 +17,15 @@ pub mod client;
 pub mod stun;
 pub mod tls;
 
+pub mod args;
+pub mod config;
 pub mod defaults;
 pub mod http;
 pub mod key;
 pub mod metrics;
 pub mod proto;
 pub mod server;
+pub mod telemetry;
 pub mod ws;
 
 #[cfg(any(test, feature = "test-utils"))]

@@ -235,14 +235,50 @@ pub struct RunningServer {
     tasks: TaskTracker,
 }
 
+/// `[::]` falls back to `0.0.0.0` on hosts without IPv6.
+fn v4_fallback(addr: SocketAddr) -> Option<SocketAddr> {
+    (addr.is_ipv6() && addr.ip().is_unspecified())
+        .then(|| SocketAddr::from(([0, 0, 0, 0], addr.port())))
+}
+
 async fn bind_tcp(which: &'static str, addr: SocketAddr) -> Result<TcpListener, SpawnError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| SpawnError::Bind {
-            which,
-            addr,
-            source,
-        })
+    match TcpListener::bind(addr).await {
+        Ok(l) => Ok(l),
+        Err(source) => match v4_fallback(addr) {
+            Some(v4) => TcpListener::bind(v4)
+                .await
+                .map_err(|source| SpawnError::Bind {
+                    which,
+                    addr: v4,
+                    source,
+                }),
+            None => Err(SpawnError::Bind {
+                which,
+                addr,
+                source,
+            }),
+        },
+    }
+}
+
+async fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, SpawnError> {
+    match UdpSocket::bind(addr).await {
+        Ok(s) => Ok(s),
+        Err(source) => match v4_fallback(addr) {
+            Some(v4) => UdpSocket::bind(v4)
+                .await
+                .map_err(|source| SpawnError::Bind {
+                    which: "stun",
+                    addr: v4,
+                    source,
+                }),
+            None => Err(SpawnError::Bind {
+                which: "stun",
+                addr,
+                source,
+            }),
+        },
+    }
 }
 
 /// Serves STUN on a bound socket until the token is cancelled (see [`crate::stun`]).
@@ -282,15 +318,7 @@ pub async fn spawn(
     };
     let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
     let stun_socket = match cfg.stun_addr {
-        Some(a) => Some(
-            UdpSocket::bind(a)
-                .await
-                .map_err(|source| SpawnError::Bind {
-                    which: "stun",
-                    addr: a,
-                    source,
-                })?,
-        ),
+        Some(a) => Some(bind_udp(a).await?),
         None => None,
     };
     let stun_addr = stun_socket.as_ref().and_then(|s| s.local_addr().ok());
