@@ -203,8 +203,9 @@ fn classify(head: &RequestHead, http: &HttpOptions, kind: ListenerKind) -> Optio
     None
 }
 
-/// Serves one accepted (and TLS-terminated, if applicable) connection.
-pub(crate) async fn serve_connection<S>(
+/// Serves one accepted (and TLS-terminated, if applicable) connection: the HTTP endpoints
+/// and, for a DERP upgrade, the whole DERP connection. Returns when the connection ends.
+pub async fn serve_connection<S>(
     server: Server,
     http: Arc<HttpOptions>,
     mut stream: S,
