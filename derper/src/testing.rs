@@ -33,6 +33,9 @@ pub struct TestServerOptions {
     pub admin: bool,
     /// Server private key (generated if `None`).
     pub key: Option<NodePrivateKey>,
+    /// Serve through [`crate::tls::CertResolver`] with the metacert appended (as for a
+    /// CA-issued certificate), so TLS 1.3 clients in `Auto` mode use fast start.
+    pub metacert: bool,
 }
 
 impl Default for TestServerOptions {
@@ -44,6 +47,7 @@ impl Default for TestServerOptions {
             http_port: true,
             admin: true,
             key: None,
+            metacert: false,
         }
     }
 }
@@ -114,7 +118,21 @@ pub async fn start(opts: TestServerOptions) -> TestServer {
     let (tls, pin, cert_der) = if opts.tls {
         let (cert, k) = self_signed_localhost();
         let pin = format!("sha256-raw:{}", hex::encode(Sha256::digest(&cert)));
-        (Some(server_tls_config(cert.clone(), k)), pin, cert)
+        let config = if opts.metacert {
+            let loaded = crate::certs::LoadedCert {
+                chain: vec![CertificateDer::from(cert.clone())],
+                key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(k)),
+                pin: None,
+                generated: false,
+            };
+            let meta = crate::tls::metacert(server_key.as_bytes()).expect("metacert builds");
+            let resolver =
+                crate::tls::CertResolver::new(loaded, Some(meta)).expect("resolver builds");
+            crate::tls::server_config(resolver)
+        } else {
+            server_tls_config(cert.clone(), k)
+        };
+        (Some(config), pin, cert)
     } else {
         (None, String::new(), Vec::new())
     };

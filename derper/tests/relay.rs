@@ -97,6 +97,68 @@ async fn auto_mode_without_metacert_uses_plain_upgrade() {
 }
 
 #[tokio::test]
+async fn auto_mode_with_metacert_uses_fast_start_on_tls13_only() {
+    let s = start(TestServerOptions {
+        metacert: true,
+        ..Default::default()
+    })
+    .await;
+    let mut cfg = s.client_config(UpgradeMode::Auto);
+    let ka = NodePrivateKey::generate();
+    let kb = NodePrivateKey::generate();
+    let mut a = Client::connect(&cfg, &ka).await.unwrap();
+    assert!(a.used_fast_start(), "TLS 1.3 + metacert => fast start");
+    cfg.tls12_only = true;
+    let mut b = Client::connect(&cfg, &kb).await.unwrap();
+    assert!(!b.used_fast_start(), "TLS 1.2 => plain upgrade");
+    a.send_packet(&kb.public(), b"x").await.unwrap();
+    assert_eq!(&b.recv_packet(T).await.unwrap().1[..], b"x");
+    b.send_packet(&ka.public(), b"y").await.unwrap();
+    assert_eq!(&a.recv_packet(T).await.unwrap().1[..], b"y");
+}
+
+#[tokio::test]
+async fn disco_gets_through_a_saturated_data_queue_and_oldest_are_dropped() {
+    let s = start(TestServerOptions {
+        tls: false,
+        server: ServerOptions {
+            write_timeout: None,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let ka = NodePrivateKey::generate();
+    let kb = NodePrivateKey::generate();
+    let mut a = s.connect(&ka, UpgradeMode::Plain).await.unwrap();
+    let mut b = s.connect(&kb, UpgradeMode::Plain).await.unwrap();
+    // B does not read while A sends far more than socket buffers + queue hold.
+    let n = 3000u32;
+    let mut pkt = vec![0u8; 60_000];
+    for i in 0..n {
+        pkt[..4].copy_from_slice(&i.to_be_bytes());
+        a.writer().queue_packet(&kb.public(), &pkt);
+        if i % 16 == 0 {
+            a.writer().flush().await.unwrap();
+        }
+    }
+    a.writer().flush().await.unwrap();
+    a.send_packet(&kb.public(), &disco_packet()).await.unwrap();
+    a.ping(T).await.unwrap(); // all of A's frames were processed by the server
+    assert!(s.metrics().dropped(DropReason::QueueHead) > 0);
+    // Now B reads: it must see the disco packet and the newest data packet.
+    let (mut saw_disco, mut last) = (false, 0u32);
+    while !(saw_disco && last == n - 1) {
+        let (_, p) = b.recv_packet(T).await.unwrap();
+        if p.starts_with(&DISCO_MAGIC) {
+            saw_disco = true;
+        } else {
+            last = u32::from_be_bytes(p[..4].try_into().unwrap());
+        }
+    }
+}
+
+#[tokio::test]
 async fn tls12_and_tls13_both_work_with_pin() {
     let s = start(TestServerOptions::default()).await;
     let mut cfg = s.client_config(UpgradeMode::Plain);
