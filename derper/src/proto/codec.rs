@@ -516,6 +516,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// Reads more bytes. Returns false on clean EOF with an empty buffer.
     async fn fill(&mut self, in_frame: bool) -> Result<bool, ReadError> {
+        if self.buf.is_empty() && self.buf.capacity() > 2 * MAX_READ {
+            // Idle connections should not keep a burst-sized buffer (performance.md §7).
+            self.buf = BytesMut::new();
+            self.read_size = MIN_READ;
+        }
         if self.buf.capacity() - self.buf.len() < MIN_READ {
             self.buf.reserve(self.read_size);
         }

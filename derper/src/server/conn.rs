@@ -172,6 +172,14 @@ impl ReadCounters {
     }
 }
 
+/// Keys this connection delivered packets to (spec §6.5), with a one-entry fast path so a
+/// stream of packets to the same peer costs no hashing.
+#[derive(Debug, Default)]
+struct SentTo {
+    last: Option<NodePublicKey>,
+    seen: HashSet<NodePublicKey>,
+}
+
 /// Token bucket for PeerGone(NotHere) replies (spec §6.5: 1/s, burst 3).
 #[derive(Debug)]
 struct Bucket {
@@ -405,7 +413,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let m = server.metrics();
     let registry = server.registry();
     let mut counters = ReadCounters::default();
-    let mut sent_to: HashSet<NodePublicKey> = HashSet::new();
+    let mut sent_to = SentTo::default();
     let mut not_here = Bucket::new();
     let mut preferred = false;
     let connected_at = Instant::now();
@@ -526,7 +534,7 @@ fn deliver(
     dst: NodePublicKey,
     packet: Bytes,
     disco: bool,
-    sent_to: &mut HashSet<NodePublicKey>,
+    sent_to: &mut SentTo,
     not_here: &mut Bucket,
     unknown_reason: DropReason,
 ) {
@@ -556,8 +564,11 @@ fn deliver(
             return;
         }
     }
-    if src == conn.key && sent_to.insert(dst) {
-        server.registry().note_sent_to(&src, dst);
+    if src == conn.key && sent_to.last != Some(dst) {
+        sent_to.last = Some(dst);
+        if sent_to.seen.insert(dst) {
+            server.registry().note_sent_to(&src, dst);
+        }
     }
 }
 
@@ -571,6 +582,8 @@ struct Writer {
 
 /// Bytes buffered before a batch is written even if more is queued.
 const MAX_BATCH_BYTES: usize = 256 * 1024;
+/// Largest write buffer kept while a connection is idle.
+const IDLE_BUF_MAX: usize = 64 * 1024;
 
 impl Writer {
     /// Returns a disconnect reason if the writer ended the connection.
@@ -597,6 +610,10 @@ impl Writer {
                 st.pong.take()
             };
             if data.is_empty() && disco.is_empty() && ctrl.is_empty() && pong.is_none() {
+                if out.capacity() > IDLE_BUF_MAX {
+                    // Do not keep a burst-sized buffer on an idle connection.
+                    out = BytesMut::new();
+                }
                 tokio::select! {
                     biased;
                     _ = conn.cancel.cancelled() => break 'outer,
