@@ -552,3 +552,23 @@ async fn restarting_frame_on_graceful_shutdown() {
     }
     stop.await.unwrap();
 }
+
+#[tokio::test]
+async fn health_frames_reach_every_connection_of_a_key() {
+    let s = plain_server().await;
+    let k = NodePrivateKey::generate();
+    let mut c1 = s.connect(&k, UpgradeMode::Plain).await.unwrap();
+    let mut c2 = s.connect(&k, UpgradeMode::Plain).await.unwrap();
+    s.server().send_health(&k.public(), "duplicate connection");
+    for c in [&mut c1, &mut c2] {
+        assert_eq!(
+            c.recv_timeout(T).await.unwrap(),
+            ServerFrame::Health("duplicate connection".into())
+        );
+    }
+    s.server().send_health(&k.public(), "");
+    assert_eq!(
+        c1.recv_timeout(T).await.unwrap(),
+        ServerFrame::Health(String::new())
+    );
+}

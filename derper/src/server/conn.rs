@@ -600,6 +600,7 @@ impl Writer {
         let mut disco = VecDeque::new();
         let mut ctrl = VecDeque::new();
         let mut result = None;
+        let mut aborted = false;
         'outer: loop {
             out.clear();
             let pong = {
@@ -665,7 +666,17 @@ impl Writer {
                     st.disco.push_front(p);
                 }
             }
-            if let Err(reason) = write_with_timeout(&mut wr, &out, self.write_timeout).await {
+            // Cancellation also interrupts a write in progress, so a peer that never reads
+            // cannot pin this task when writes have no deadline (`--tcp-write-timeout 0`).
+            let res = tokio::select! {
+                biased;
+                r = write_with_timeout(&mut wr, &out, self.write_timeout) => r,
+                _ = conn.cancel.cancelled() => {
+                    aborted = true;
+                    break;
+                }
+            };
+            if let Err(reason) = res {
                 if reason == "write_timeout" {
                     m.sclient_write_timeouts.inc();
                 }
@@ -703,7 +714,7 @@ impl Writer {
             m.drop_packet(DropReason::GoneDisconnected, d, n);
         }
         conn.cancel.cancel();
-        if result.is_none() && self.server_cancel.is_cancelled() {
+        if result.is_none() && !aborted && self.server_cancel.is_cancelled() {
             // Graceful shutdown: tell the client we are restarting (spec §6.11).
             out.clear();
             codec::write_restarting(
