@@ -270,3 +270,42 @@ async fn admin_listener_serves_metrics_health_and_readiness() {
     let r = http(s.addr, &get("/metrics", "")).await;
     assert!(!r.contains("derper_accepts_total"));
 }
+
+/// Spec §12 item 16: bad ClientInfo → connection closed, no frame after ServerKey.
+#[tokio::test]
+async fn bad_client_info_closes_without_any_frame() {
+    let s = plain_server().await;
+    let key = NodePrivateKey::generate();
+    let other = NodePrivateKey::generate();
+    let info = ClientInfo::default();
+    let mut wrong_box = BytesMut::new();
+    handshake::write_client_info(&mut wrong_box, &key, &other.public(), &info, &[3; 24]);
+    let mut short = BytesMut::new();
+    codec::write_raw_frame(&mut short, 0x02, &[1u8; 55]);
+    let mut long = BytesMut::new();
+    long.extend_from_slice(&[0x02, 0x00, 0x04, 0x00, 0x01]); // 256 KiB + 1
+    let mut wrong_type = BytesMut::new();
+    codec::write_ping(&mut wrong_type, &[0; 8]);
+    let expect101 = derper::http::derp_101(&s.server_key.to_hex());
+    for bad in [wrong_box, short, long, wrong_type] {
+        let mut tcp = TcpStream::connect(s.addr).await.unwrap();
+        let mut req = b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\n\r\n".to_vec();
+        req.extend_from_slice(&bad);
+        tcp.write_all(&req).await.unwrap();
+        let mut v = Vec::new();
+        tokio::time::timeout(T, tcp.read_to_end(&mut v))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            v.len(),
+            expect101.len() + 45,
+            "only 101 + ServerKey were sent"
+        );
+    }
+    assert_eq!(s.metrics().handshake_failures("bad_box"), 1);
+    assert_eq!(s.metrics().handshake_failures("short_client_info"), 1);
+    assert_eq!(s.metrics().handshake_failures("long_client_info"), 1);
+    assert_eq!(s.metrics().handshake_failures("wrong_frame_type"), 1);
+    assert_eq!(s.metrics().current_connections.get(), 0);
+}
