@@ -33,6 +33,9 @@ pub enum TlsMode {
     Pinned(String),
     /// TLS without any verification (tests only).
     Insecure,
+    /// TLS verified against these trust anchors (DER certificates) for the host name, as
+    /// for WebPKI-certified nodes (e.g. mesh peers with CA-issued certificates).
+    Roots(Vec<CertificateDer<'static>>),
 }
 
 /// Which upgrade to perform.
@@ -196,8 +199,25 @@ impl ServerCertVerifier for PinVerifier {
 }
 
 fn tls_config(cfg: &ClientConfig) -> Result<Option<Arc<rustls::ClientConfig>>, ClientError> {
+    let versions: &[&rustls::SupportedProtocolVersion] = if cfg.tls12_only {
+        &[&rustls::version::TLS12]
+    } else {
+        rustls::DEFAULT_VERSIONS
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let pin_hex = match &cfg.tls {
         TlsMode::Plain => return Ok(None),
+        TlsMode::Roots(certs) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in certs {
+                roots.add(c.clone())?;
+            }
+            let c = rustls::ClientConfig::builder_with_provider(provider)
+                .with_protocol_versions(versions)?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            return Ok(Some(Arc::new(c)));
+        }
         TlsMode::Insecure => None,
         TlsMode::Pinned(p) => Some(
             p.strip_prefix("sha256-raw:")
@@ -205,15 +225,9 @@ fn tls_config(cfg: &ClientConfig) -> Result<Option<Arc<rustls::ClientConfig>>, C
                 .to_owned(),
         ),
     };
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = PinVerifier {
         pin_hex,
         algs: provider.signature_verification_algorithms,
-    };
-    let versions: &[&rustls::SupportedProtocolVersion] = if cfg.tls12_only {
-        &[&rustls::version::TLS12]
-    } else {
-        rustls::DEFAULT_VERSIONS
     };
     let c = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(versions)?

@@ -572,3 +572,22 @@ async fn health_frames_reach_every_connection_of_a_key() {
         ServerFrame::Health(String::new())
     );
 }
+
+#[tokio::test]
+async fn client_verifies_against_supplied_roots() {
+    let s = start(TestServerOptions::default()).await;
+    let mut cfg = s.client_config(UpgradeMode::Plain);
+    // The self-signed leaf is its own trust anchor; it has an IP SAN for 127.0.0.1.
+    cfg.tls = derper::client::TlsMode::Roots(vec![s.cert_der.clone().into()]);
+    Client::connect(&cfg, &NodePrivateKey::generate())
+        .await
+        .unwrap();
+    // Unrelated roots: refused.
+    let (other, _) = derper::testing::self_signed_localhost();
+    cfg.tls = derper::client::TlsMode::Roots(vec![other.into()]);
+    assert!(
+        Client::connect(&cfg, &NodePrivateKey::generate())
+            .await
+            .is_err()
+    );
+}

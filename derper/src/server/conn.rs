@@ -17,7 +17,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, WriteHalf};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, trace};
+use tracing::{Instrument as _, Span, debug, trace};
 
 use super::Server;
 use crate::key::NodePublicKey;
@@ -341,58 +341,59 @@ async fn run_registered<S>(
         disco_depth: opts.disco_queue_depth.max(1),
     });
     let span = tracing::debug_span!("conn", key = %key, id = conn.id, remote = ?info.remote);
-    let _enter = span.enter();
-    let registry = server.registry();
-    registry.register(&conn);
-    if info.not_ideal {
-        m.current_notideal_connections.inc();
-    }
-    debug!(mesh = can_mesh, "client registered");
+    async {
+        let registry = server.registry();
+        registry.register(&conn);
+        if info.not_ideal {
+            m.current_notideal_connections.inc();
+        }
+        debug!(mesh = can_mesh, "client registered");
 
-    // spec §5.1 / P12: ServerInfo is the first frame after ServerKey.
-    let mut out = BytesMut::with_capacity(128);
-    handshake::write_server_info(
-        &mut out,
-        server.private_key(),
-        &key,
-        &handshake::random_nonce(),
-    );
-    let writer = if write_with_timeout(&mut wr, &out, write_timeout)
-        .await
-        .is_ok()
-    {
-        let w = Writer {
-            conn: conn.clone(),
-            metrics: m.clone(),
-            write_timeout,
-            keepalive: opts.keepalive + jitter(opts.keepalive_jitter),
-            server_cancel: server.cancel_token(),
+        // spec §5.1 / P12: ServerInfo is the first frame after ServerKey.
+        let mut out = BytesMut::with_capacity(128);
+        handshake::write_server_info(
+            &mut out,
+            server.private_key(),
+            &key,
+            &handshake::random_nonce(),
+        );
+        let writer = if write_with_timeout(&mut wr, &out, write_timeout)
+            .await
+            .is_ok()
+        {
+            let w = Writer {
+                conn: conn.clone(),
+                metrics: m.clone(),
+                write_timeout,
+                keepalive: opts.keepalive + jitter(opts.keepalive_jitter),
+                server_cancel: server.cancel_token(),
+            };
+            Some(tokio::spawn(w.run(wr, out).instrument(Span::current())))
+        } else {
+            cancel.cancel();
+            None
         };
-        Some(tokio::spawn(w.run(wr, out)))
-    } else {
-        cancel.cancel();
-        None
-    };
 
-    let reason = if writer.is_some() {
-        read_loop(&server, &conn, &mut reader, can_mesh).await
-    } else {
-        "write_error"
-    };
-    drop(_enter);
-    let _enter = span.enter();
-    debug!(reason, "client disconnected");
-    cancel.cancel();
-    registry.unregister(&conn);
-    registry.remove_watcher(&conn);
-    if info.not_ideal {
-        m.current_notideal_connections.dec();
+        let reason = if writer.is_some() {
+            read_loop(&server, &conn, &mut reader, can_mesh).await
+        } else {
+            "write_error"
+        };
+        debug!(reason, "client disconnected");
+        cancel.cancel();
+        registry.unregister(&conn);
+        registry.remove_watcher(&conn);
+        if info.not_ideal {
+            m.current_notideal_connections.dec();
+        }
+        let writer_reason = match writer {
+            Some(h) => h.await.unwrap_or(None),
+            None => None,
+        };
+        m.disconnect(writer_reason.unwrap_or(reason));
     }
-    let writer_reason = match writer {
-        Some(h) => h.await.unwrap_or(None),
-        None => None,
-    };
-    m.disconnect(writer_reason.unwrap_or(reason));
+    .instrument(span)
+    .await;
 }
 
 fn jitter(max: Duration) -> Duration {
