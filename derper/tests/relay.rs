@@ -591,3 +591,22 @@ async fn client_verifies_against_supplied_roots() {
             .is_err()
     );
 }
+
+#[tokio::test]
+async fn truncated_frame_then_eof_is_counted() {
+    let s = plain_server().await;
+    let mut c = s
+        .connect(&NodePrivateKey::generate(), UpgradeMode::Plain)
+        .await
+        .unwrap();
+    let mut raw = bytes::BytesMut::new();
+    codec::write_send_packet(&mut raw, &NodePublicKey::from_bytes([1; 32]), &[0u8; 100]);
+    raw.truncate(60);
+    c.writer().send_raw(&raw).await.unwrap();
+    c.writer().close().await.unwrap();
+    s.wait_for("truncated frame counted", T, |s| {
+        s.metrics().disconnects_for("truncated_frame") == 1
+    })
+    .await;
+    assert_eq!(s.metrics().current_connections.get(), 0);
+}
