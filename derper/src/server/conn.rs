@@ -418,9 +418,21 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let mut not_here = Bucket::new();
     let mut preferred = false;
     let connected_at = Instant::now();
+    let mut since_yield = 0u32;
     let reason = loop {
         if reader.buffer_is_empty() {
             counters.flush(m);
+            since_yield = 0;
+        } else {
+            since_yield += 1;
+            if since_yield >= FRAMES_PER_TURN {
+                // Frames already buffered are processed without awaiting I/O, so the task
+                // would not yield on its own; the writers it woke (possibly parked in this
+                // worker's LIFO slot) must get to run (performance.md §7: fairness).
+                since_yield = 0;
+                counters.flush(m);
+                tokio::task::yield_now().await;
+            }
         }
         let raw = tokio::select! {
             biased;
@@ -583,6 +595,8 @@ struct Writer {
 
 /// Bytes buffered before a batch is written even if more is queued.
 const MAX_BATCH_BYTES: usize = 256 * 1024;
+/// Frames a reader processes from its buffer before yielding to other tasks.
+const FRAMES_PER_TURN: u32 = 32;
 /// Largest write buffer kept while a connection is idle.
 const IDLE_BUF_MAX: usize = 64 * 1024;
 
