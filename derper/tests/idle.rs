@@ -18,6 +18,7 @@ async fn five_thousand_idle_connections() {
         ..Default::default()
     })
     .await;
+    let rss0 = rss_kib();
     let t0 = Instant::now();
     let mut clients = Vec::with_capacity(IDLE);
     let mut set = tokio::task::JoinSet::new();
@@ -44,7 +45,12 @@ async fn five_thousand_idle_connections() {
         s.metrics().current_connections.get() == IDLE as i64
     })
     .await;
-    eprintln!("{IDLE} connections in {:?}", t0.elapsed());
+    eprintln!(
+        "{IDLE} connections in {:?}; process RSS {} -> {} KiB (client + server sides)",
+        t0.elapsed(),
+        rss0,
+        rss_kib()
+    );
     // A new pair still works promptly.
     let ka = NodePrivateKey::generate();
     let kb = NodePrivateKey::generate();
@@ -59,4 +65,16 @@ async fn five_thousand_idle_connections() {
     })
     .await;
     assert_eq!(s.metrics().clients_local.get(), 2);
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
 }
