@@ -1,0 +1,100 @@
+//! Executes a [`Plan`](crate::plan::Plan)'s writes: server-side apply with the one field
+//! manager `derp-operator` (forced: we own the fields we set), deletes for pruning and Pod
+//! replacement. The plan already skipped unchanged objects, so this module never decides
+//! *whether* to write, only how.
+
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{DeleteParams, Patch, PatchParams},
+};
+use serde::{Serialize, de::DeserializeOwned};
+use tracing::debug;
+
+use crate::{Error, crd::FIELD_MANAGER, metrics::Metrics, plan::Write};
+
+fn apply_params() -> PatchParams {
+    PatchParams::apply(FIELD_MANAGER).force()
+}
+
+async fn apply<K>(api: &Api<K>, obj: &K) -> Result<(), kube::Error>
+where
+    K: kube::Resource + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+{
+    api.patch(&obj.name_any(), &apply_params(), &Patch::Apply(obj))
+        .await
+        .map(|_| ())
+}
+
+async fn delete<K>(api: &Api<K>, name: &str) -> Result<(), kube::Error>
+where
+    K: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::background()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Execute `writes` in order in namespace `ns`, counting each in `metrics`.
+pub async fn execute(
+    client: &Client,
+    ns: &str,
+    writes: Vec<Write>,
+    metrics: &Metrics,
+) -> Result<(), Error> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    for w in writes {
+        match w {
+            Write::ApplySecret(s) => {
+                let name = s.name_any();
+                debug!(secret = %name, "applying secret");
+                metrics.write("Secret", "apply");
+                apply(&secrets, &s)
+                    .await
+                    .map_err(|source| Error::ApplySecret { name, source })?;
+            }
+            Write::ApplyConfigMap(c) => {
+                let name = c.name_any();
+                debug!(configmap = %name, "applying configmap");
+                metrics.write("ConfigMap", "apply");
+                apply(&cms, &c)
+                    .await
+                    .map_err(|source| Error::ApplyConfigMap { name, source })?;
+            }
+            Write::CreatePod(p) => {
+                let name = p.name_any();
+                debug!(pod = %name, "creating relay pod");
+                metrics.write("Pod", "apply");
+                apply(&pods, &p)
+                    .await
+                    .map_err(|source| Error::CreatePod { name, source })?;
+            }
+            Write::DeletePod { name, reason } => {
+                debug!(pod = %name, reason, "deleting relay pod");
+                metrics.write("Pod", "delete");
+                delete(&pods, &name)
+                    .await
+                    .map_err(|source| Error::DeletePod { name, source })?;
+            }
+            Write::DeleteSecret(name) => {
+                debug!(secret = %name, "pruning secret");
+                metrics.write("Secret", "delete");
+                delete(&secrets, &name)
+                    .await
+                    .map_err(|source| Error::DeleteSecret { name, source })?;
+            }
+            Write::DeleteConfigMap(name) => {
+                debug!(configmap = %name, "pruning configmap");
+                metrics.write("ConfigMap", "delete");
+                delete(&cms, &name)
+                    .await
+                    .map_err(|source| Error::DeleteConfigMap { name, source })?;
+            }
+        }
+    }
+    Ok(())
+}

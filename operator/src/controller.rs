@@ -1,0 +1,372 @@
+//! The kube-runtime Controller: watches DerpRegions, owns their Secrets/ConfigMaps/Pods,
+//! watches Nodes (node → regions whose selector matches or that use it), and reconciles.
+//!
+//! Reconcile = OBSERVE (stores + a labelled list of children) → PLAN (pure, `plan`) →
+//! APPLY (`apply`) → STATUS/EVENTS (`status`) → REQUEUE. Errors are classified by
+//! `error_policy`; nothing here panics or exits on a bad region.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::ListParams,
+    runtime::{
+        Controller, WatchStreamExt,
+        controller::{self, Action},
+        events::{Recorder, Reporter},
+        reflector::{self, ObjectRef, Store},
+        watcher,
+    },
+};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::{
+    Error,
+    certs::CertIssuer,
+    crd::{DerpRegion, FIELD_MANAGER},
+    metrics::Metrics,
+    plan::{
+        self, Existing, Inputs,
+        children::region_selector,
+        derpmap::{self, DerpMap},
+        nodes::{PortClaim, PortSet, select_nodes, selector_matches},
+    },
+    status,
+};
+
+/// State shared between the controller and the admin server.
+#[derive(Debug, Clone, Default)]
+pub struct Shared {
+    /// The derpMap of every managed region, keyed by `namespace/name`.
+    /// A std lock: never held across an `.await`.
+    derp_maps: Arc<RwLock<BTreeMap<String, DerpMap>>>,
+    /// True while the controller runs with synced caches (and, with leader election, leads).
+    ready: Arc<AtomicBool>,
+}
+
+impl Shared {
+    /// Whether the controller is running with synced caches.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    fn set_map(&self, key: String, map: Option<DerpMap>) {
+        let mut maps = self
+            .derp_maps
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match map {
+            Some(m) => maps.insert(key, m),
+            None => maps.remove(&key),
+        };
+    }
+
+    /// The merged derpMap of every managed region (headscale `derp.urls` form). When two
+    /// regions share a region ID, the one whose `namespace/name` sorts last wins.
+    pub fn merged_derp_map(&self) -> DerpMap {
+        let maps = self
+            .derp_maps
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut out = DerpMap::default();
+        for m in maps.values() {
+            out.omit_default_regions |= m.omit_default_regions;
+            for (id, r) in &m.regions {
+                out.regions.insert(*id, r.clone());
+            }
+        }
+        out
+    }
+
+    /// `derpmap.json` of the merged map.
+    pub fn merged_derp_map_json(&self) -> String {
+        derpmap::render_json(&self.merged_derp_map())
+    }
+}
+
+/// Controller settings (from [`crate::args`]).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Only watch this namespace (None: all namespaces).
+    pub namespace: Option<String>,
+    /// Maximum concurrent reconciles.
+    pub concurrency: u16,
+    /// Reporting instance for Events (the Pod name).
+    pub instance: Option<String>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            namespace: None,
+            concurrency: 4,
+            instance: None,
+        }
+    }
+}
+
+/// Per-reconcile context.
+struct Context {
+    client: Client,
+    nodes: Store<Node>,
+    regions: Store<DerpRegion>,
+    metrics: Arc<Metrics>,
+    recorder: Recorder,
+    shared: Shared,
+    issuer: Arc<dyn CertIssuer>,
+}
+
+/// Precedence for port claims: the older region (then `namespace/name`) wins.
+fn precedence(r: &DerpRegion) -> (Option<k8s_openapi::jiff::Timestamp>, String) {
+    (
+        r.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        format!("{}/{}", r.namespace().unwrap_or_default(), r.name_any()),
+    )
+}
+
+/// Nodes and ports claimed by regions that take precedence over `region`.
+fn claims_for(region: &DerpRegion, all: &[Arc<DerpRegion>], nodes: &[&Node]) -> Vec<PortClaim> {
+    let mine = precedence(region);
+    let mut out = Vec::new();
+    for other in all {
+        if other.metadata.uid == region.metadata.uid
+            || other.metadata.deletion_timestamp.is_some()
+            || precedence(other) >= mine
+        {
+            continue;
+        }
+        let ports = PortSet::of(&other.spec.ports);
+        let who = precedence(other).1;
+        for n in select_nodes(&other.spec, nodes, &[]).selected {
+            out.push(PortClaim {
+                region: who.clone(),
+                node: n.name,
+                ports: ports.clone(),
+            });
+        }
+    }
+    out
+}
+
+async fn list_children(client: &Client, ns: &str, region: &str) -> Result<Existing, Error> {
+    let lp = ListParams::default().labels(&region_selector(region));
+    let err = |kind: &'static str| {
+        move |source| Error::ListChildren {
+            kind,
+            region: region.to_owned(),
+            source,
+        }
+    };
+    let secrets = Api::<Secret>::namespaced(client.clone(), ns)
+        .list(&lp)
+        .await
+        .map_err(err("Secrets"))?;
+    let cms = Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .list(&lp)
+        .await
+        .map_err(err("ConfigMaps"))?;
+    let pods = Api::<Pod>::namespaced(client.clone(), ns)
+        .list(&lp)
+        .await
+        .map_err(err("Pods"))?;
+    Ok(Existing {
+        secrets: secrets.into_iter().map(|o| (o.name_any(), o)).collect(),
+        config_maps: cms.into_iter().map(|o| (o.name_any(), o)).collect(),
+        pods: pods.into_iter().map(|o| (o.name_any(), o)).collect(),
+    })
+}
+
+fn new_psk() -> String {
+    hex::encode(rand::random::<[u8; 32]>())
+}
+
+async fn reconcile(region: Arc<DerpRegion>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let name = region.name_any();
+    let ns = region
+        .namespace()
+        .ok_or_else(|| Error::MissingNamespace(name.clone()))?;
+    let key = format!("{ns}/{name}");
+    let span = info_span!("reconcile", region = %key, generation = region.metadata.generation);
+    async move {
+        ctx.metrics.reconciles.inc();
+        let started = Instant::now();
+        if region.metadata.deletion_timestamp.is_some() {
+            // children go with the owner references (garbage collector)
+            ctx.shared.set_map(key, None);
+            return Ok(Action::await_change());
+        }
+        // never plan from a half-filled cache: an empty node list would prune every relay
+        let _ = ctx.nodes.wait_until_ready().await;
+        let _ = ctx.regions.wait_until_ready().await;
+        let node_arcs = ctx.nodes.state();
+        let nodes: Vec<&Node> = node_arcs.iter().map(AsRef::as_ref).collect();
+        let claims = claims_for(&region, &ctx.regions.state(), &nodes);
+        let existing = list_children(&ctx.client, &ns, &name).await?;
+        let plan = plan::plan(&Inputs {
+            region: &region,
+            nodes: &nodes,
+            claims: &claims,
+            existing: &existing,
+            now: time::OffsetDateTime::now_utc(),
+            issuer: ctx.issuer.as_ref(),
+            new_psk: &new_psk,
+        })
+        .map_err(|source| Error::Plan {
+            region: name.clone(),
+            source,
+        })?;
+        ctx.metrics.certs_issued.inc_by(plan.certs_issued as u64);
+        let writes = plan.writes.len();
+        crate::apply::execute(&ctx.client, &ns, plan.writes, &ctx.metrics).await?;
+        let api: Api<DerpRegion> = Api::namespaced(ctx.client.clone(), &ns);
+        let status_written =
+            status::patch_if_changed(&api, &region, &plan.status, &ctx.metrics).await?;
+        status::publish_events(&ctx.recorder, &region, &plan.events, &ctx.metrics).await;
+        ctx.shared.set_map(key, Some(plan.derp_map));
+        ctx.metrics
+            .reconcile_duration
+            .observe(started.elapsed().as_secs_f64());
+        if writes > 0 || status_written {
+            info!(
+                writes,
+                status_written,
+                nodes = plan.status.nodes.len(),
+                ready = plan.status.nodes_ready.as_deref().unwrap_or(""),
+                "region reconciled"
+            );
+        } else {
+            debug!("region unchanged");
+        }
+        Ok(Action::requeue(plan.requeue_after))
+    }
+    .instrument(span)
+    .await
+}
+
+fn error_policy(region: Arc<DerpRegion>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&crate::metrics::ErrorLabels {
+            reason: error.reason(),
+        })
+        .inc();
+    warn!(region = %region.name_any(), reason = error.reason(), %error, "reconcile failed");
+    match (error.api_code(), error) {
+        // someone else changed the object under us: look again soon
+        (Some(409), _) => Action::requeue(Duration::from_secs(1)),
+        // a spec problem: the next spec change triggers a reconcile anyway
+        (_, Error::Plan { .. }) | (Some(422), _) => Action::requeue(Duration::from_secs(300)),
+        _ => Action::requeue(Duration::from_secs(10)),
+    }
+}
+
+/// Run the controller until `shutdown` resolves.
+///
+/// Checks that the CRD is installed, starts a Node reflector and waits until it is synced
+/// (so a restart never plans from an empty cache), then reconciles.
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    shared: Shared,
+    metrics: Arc<Metrics>,
+    issuer: Arc<dyn CertIssuer>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) -> Result<(), Error> {
+    let regions: Api<DerpRegion> = match &settings.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    regions
+        .list(&ListParams::default().limit(1))
+        .await
+        .map_err(Error::CrdNotInstalled)?;
+    fn child_api<K>(client: &Client, ns: Option<&str>) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        K::DynamicType: Default,
+    {
+        match ns {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    let ns = settings.namespace.as_deref();
+    let owned =
+        watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={FIELD_MANAGER}"));
+
+    let (node_store, node_writer) = reflector::store::<Node>();
+    let nodes_api: Api<Node> = Api::all(client.clone());
+    let node_task = tokio::spawn(
+        reflector::reflector(
+            node_writer,
+            watcher(nodes_api.clone(), watcher::Config::default()),
+        )
+        .default_backoff()
+        .for_each(|_| futures::future::ready(()))
+        .instrument(info_span!("node_reflector")),
+    );
+    let _ = node_store.wait_until_ready().await;
+
+    let controller = Controller::new(regions, watcher::Config::default());
+    let region_store = controller.store();
+    let mapper_store = region_store.clone();
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: FIELD_MANAGER.into(),
+                instance: settings.instance.clone(),
+            },
+        ),
+        client: client.clone(),
+        nodes: node_store,
+        regions: region_store,
+        metrics,
+        shared: shared.clone(),
+        issuer,
+    });
+    shared.ready.store(true, Ordering::SeqCst);
+    info!(namespace = ?settings.namespace, "controller started");
+    controller
+        .owns(child_api::<Secret>(&client, ns), owned.clone())
+        .owns(child_api::<ConfigMap>(&client, ns), owned.clone())
+        .owns(child_api::<Pod>(&client, ns), owned)
+        .watches(nodes_api, watcher::Config::default(), move |node: Node| {
+            let name = node.name_any();
+            mapper_store
+                .state()
+                .into_iter()
+                .filter(|r| {
+                    selector_matches(&r.spec.node_selector, node.metadata.labels.as_ref())
+                        || r.status.as_ref().is_some_and(|s| {
+                            s.nodes.iter().any(|n| n.name == name)
+                                || s.skipped_nodes.iter().any(|n| n.name == name)
+                        })
+                })
+                .map(|r| ObjectRef::from_obj(r.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .with_config(controller::Config::default().concurrency(settings.concurrency))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| {
+            if let Err(error) = res {
+                debug!(%error, "controller stream error");
+            }
+            futures::future::ready(())
+        })
+        .await;
+    shared.ready.store(false, Ordering::SeqCst);
+    node_task.abort();
+    info!("controller stopped");
+    Ok(())
+}
