@@ -31,6 +31,8 @@ pub struct TestServerOptions {
     pub http_port: bool,
     /// Also start the admin listener.
     pub admin: bool,
+    /// Also start the STUN responder on UDP 127.0.0.1:0.
+    pub stun: bool,
     /// Server private key (generated if `None`).
     pub key: Option<NodePrivateKey>,
     /// Serve through [`crate::tls::CertResolver`] with the metacert appended (as for a
@@ -46,6 +48,7 @@ impl Default for TestServerOptions {
             http: HttpOptions::default(),
             http_port: true,
             admin: true,
+            stun: true,
             key: None,
             metacert: false,
         }
@@ -61,6 +64,8 @@ pub struct TestServer {
     pub http_addr: Option<SocketAddr>,
     /// Admin listener address.
     pub admin_addr: Option<SocketAddr>,
+    /// STUN (UDP) address.
+    pub stun_addr: Option<SocketAddr>,
     /// `sha256-raw:<hex>` pin of the served certificate (empty without TLS).
     pub pin: String,
     /// The served certificate (DER).
@@ -141,19 +146,23 @@ pub async fn start(opts: TestServerOptions) -> TestServer {
         addr: any,
         tls,
         http_addr: opts.http_port.then_some(any),
-        stun_addr: None,
+        stun_addr: opts.stun.then_some(any),
         admin_addr: opts.admin.then_some(any),
         http: opts.http.clone(),
         tcp: TcpOptions::default(),
     };
+    let stun_metrics = crate::stun::StunMetrics::register(&mut reg);
+    let stun: crate::server::StunServeFn =
+        Box::new(move |sock, cancel| Box::pin(crate::stun::serve(sock, stun_metrics, cancel)));
     let registry = Arc::new(reg);
-    let running = crate::server::spawn(server, cfg, registry.clone(), None)
+    let running = crate::server::spawn(server, cfg, registry.clone(), Some(stun))
         .await
         .expect("binding 127.0.0.1:0 succeeds");
     TestServer {
         addr: running.addr,
         http_addr: running.http_addr,
         admin_addr: running.admin_addr,
+        stun_addr: running.stun_addr,
         pin,
         cert_der,
         server_key,

@@ -309,3 +309,22 @@ async fn bad_client_info_closes_without_any_frame() {
     assert_eq!(s.metrics().handshake_failures("wrong_frame_type"), 1);
     assert_eq!(s.metrics().current_connections.get(), 0);
 }
+
+/// STUN on the test server answers the spec §7.3 request vector.
+#[tokio::test]
+async fn test_server_answers_stun() {
+    let s = plain_server().await;
+    let req = hex::decode(
+        "000100142112a4420102030405060708090a0b0c802200087461696c6e6f646580280004b32c370f",
+    )
+    .unwrap();
+    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    udp.send_to(&req, s.stun_addr.unwrap()).await.unwrap();
+    let mut buf = [0u8; 64];
+    let (n, _) = tokio::time::timeout(T, udp.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(n, 32);
+    assert_eq!(&buf[..2], &[0x01, 0x01]);
+}
