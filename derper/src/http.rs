@@ -376,6 +376,11 @@ fn handle_request(
 ) -> Resp {
     let path = req.uri().path().to_owned();
     let m = server.metrics();
+    if req.method() == Method::CONNECT && kind == ListenerKind::Main {
+        // spec §1.2: the experimental CONNECT proxy ("ACE") is not enabled.
+        m.http_request("connect");
+        return resp(StatusCode::FORBIDDEN, "CONNECT not enabled\n");
+    }
     if path == "/generate_204" {
         m.http_request("generate_204");
         return generate_204(&req);

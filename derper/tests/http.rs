@@ -328,3 +328,14 @@ async fn test_server_answers_stun() {
     assert_eq!(n, 32);
     assert_eq!(&buf[..2], &[0x01, 0x01]);
 }
+
+#[tokio::test]
+async fn connect_method_is_forbidden() {
+    let s = plain_server().await;
+    let r = http(
+        s.addr,
+        "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 403"), "{r}");
+}
