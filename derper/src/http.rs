@@ -248,6 +248,9 @@ pub async fn serve_connection<S>(
     {
         let rest = buf.split_off(end);
         let not_ideal = head.header("ideal-node").is_some_and(|v| !v.is_empty());
+        // The head is not needed for the life of the connection.
+        drop(head);
+        drop(buf);
         server.metrics().http_request("derp");
         match up {
             Upgrade::Derp { fast_start } => {
