@@ -128,7 +128,7 @@ type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
 /// Spawns `cmd` from the harness's long-lived spawner thread with `PR_SET_PDEATHSIG`, so the
 /// child is killed when the test process ends (the death signal follows the spawning *thread*,
 /// which is why a dedicated thread that never exits does the spawning).
-fn spawn_tied(cmd: Command) -> std::io::Result<Child> {
+pub(crate) fn spawn_tied(cmd: Command) -> std::io::Result<Child> {
     static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
     let sender = SPAWNER.get_or_init(|| {
         let (tx, rx) = mpsc::channel::<SpawnRequest>();

@@ -6,6 +6,7 @@
 //! - [`interop`]: building and locating the Go interop programs (real Tailscale client code
 //!   and upstream `derper`).
 
+pub mod agent;
 pub mod bins;
 pub mod interop;
 pub mod k8s;

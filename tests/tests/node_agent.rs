@@ -1,0 +1,610 @@
+//! Proves the local node agent against a real kube-apiserver (no operator): Node registration,
+//! a hand-written host-network Pod run as a local process with expanded args/env (downward API,
+//! Secret and ConfigMap keys), projected volumes that follow their source objects, readiness,
+//! captured logs, restarts, deletion, refusals naming the field, and no leaked processes.
+//!
+//! The "container" is `kubederp-test-container` (a bin of this crate), mapped from the image
+//! `kubederp.test/test-container`. Each test uses its own node names and loopback IPs.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use derp_tests::agent::{AddressType, AgentConfig, NodeAgent, NodeSpec};
+use derp_tests::k8s::{ControlPlane, TestNamespace, wait_for};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+const IMAGE: &str = "kubederp.test/test-container:dev";
+const T: Duration = Duration::from_secs(15);
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{:06x}", rand::random::<u32>() & 0xff_ffff)
+}
+
+async fn start_agent(
+    client: &kube::Client,
+    nodes: Vec<NodeSpec>,
+) -> (NodeAgent, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = AgentConfig::new(dir.path()).image(
+        "kubederp.test/test-container",
+        env!("CARGO_BIN_EXE_kubederp-test-container"),
+    );
+    config.restart_backoff = Duration::from_millis(300);
+    config.resync = Duration::from_secs(1);
+    config.heartbeat = Duration::from_secs(2);
+    let agent = NodeAgent::start(client.clone(), config, nodes)
+        .await
+        .expect("start the node agent");
+    (agent, dir)
+}
+
+/// A plain HTTP/1.0 GET; (status, body).
+async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.ok()?;
+    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf.split_once("\r\n\r\n")?.1.to_owned();
+    Some((code, body))
+}
+
+fn pod(name: &str, node: &str, extra: Value) -> Pod {
+    let mut p = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "labels": {"app": "agent-test"}},
+        "spec": {
+            "nodeName": node,
+            "hostNetwork": true,
+            "terminationGracePeriodSeconds": 2,
+            "containers": [{"name": "main", "image": IMAGE}],
+        },
+    });
+    merge(&mut p, extra);
+    serde_json::from_value(p).expect("valid pod")
+}
+
+fn merge(a: &mut Value, b: Value) {
+    match (a, b) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in b {
+                merge(a.entry(k).or_insert(Value::Null), v);
+            }
+        }
+        (a, b) => *a = b,
+    }
+}
+
+async fn pod_status(api: &Api<Pod>, name: &str) -> Option<Value> {
+    let p = api.get_opt(name).await.ok()??;
+    serde_json::to_value(p.status?).ok()
+}
+
+fn condition(status: &Value, type_: &str) -> Option<String> {
+    status["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+        .and_then(|c| c["status"].as_str().map(str::to_owned))
+}
+
+fn proc_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+#[tokio::test]
+async fn nodes_are_registered_ready_with_addresses_and_can_change_at_run_time() {
+    let client = ControlPlane::shared().client().await;
+    let n1 = unique("agent-reg-a");
+    let n2 = unique("agent-reg-b");
+    let (agent, _dir) = start_agent(
+        &client,
+        vec![
+            NodeSpec::new(&n1, Ipv4Addr::new(127, 0, 21, 1))
+                .ipv6(Ipv6Addr::LOCALHOST)
+                .address_type(AddressType::ExternalIP)
+                .label("kubederp.io/relay", "true"),
+        ],
+    )
+    .await;
+    let nodes = Api::<Node>::all(client.clone());
+    let node = nodes.get(&n1).await.unwrap();
+    let labels = node.metadata.labels.clone().unwrap();
+    assert_eq!(labels["kubederp.io/relay"], "true");
+    assert_eq!(labels["kubernetes.io/hostname"], n1);
+    let status = node.status.unwrap();
+    let addrs: Vec<(String, String)> = status
+        .addresses
+        .unwrap()
+        .into_iter()
+        .map(|a| (a.type_, a.address))
+        .collect();
+    assert!(
+        addrs.contains(&("ExternalIP".into(), "127.0.21.1".into())),
+        "{addrs:?}"
+    );
+    assert!(
+        addrs.contains(&("ExternalIP".into(), "::1".into())),
+        "{addrs:?}"
+    );
+    let ready = status
+        .conditions
+        .unwrap()
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert_eq!(ready.status, "True");
+    assert!(status.node_info.is_some());
+    assert!(status.allocatable.unwrap().contains_key("pods"));
+    let lease = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(
+        client.clone(),
+        "kube-node-lease",
+    )
+    .get(&n1)
+    .await
+    .unwrap();
+    assert_eq!(
+        lease.spec.unwrap().holder_identity.as_deref(),
+        Some(n1.as_str())
+    );
+
+    // Run-time changes: add a node, relabel, re-address, remove.
+    agent
+        .add_node(NodeSpec::new(&n2, Ipv4Addr::new(127, 0, 21, 2)))
+        .await
+        .unwrap();
+    assert!(nodes.get_opt(&n2).await.unwrap().is_some());
+    agent
+        .set_labels(&n1, BTreeMap::from([("tier".to_owned(), "b".to_owned())]))
+        .await
+        .unwrap();
+    let labels = nodes.get(&n1).await.unwrap().metadata.labels.unwrap();
+    assert_eq!(labels.get("tier").map(String::as_str), Some("b"));
+    assert!(
+        !labels.contains_key("kubederp.io/relay"),
+        "old label removed: {labels:?}"
+    );
+    agent
+        .set_addresses(&n1, Ipv4Addr::new(127, 0, 21, 9), None)
+        .await
+        .unwrap();
+    let addrs = nodes
+        .get(&n1)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .addresses
+        .unwrap();
+    assert!(addrs.iter().any(|a| a.address == "127.0.21.9"));
+    assert!(!addrs.iter().any(|a| a.address == "::1"));
+    agent.remove_node(&n2).await.unwrap();
+    assert!(nodes.get_opt(&n2).await.unwrap().is_none());
+    assert_eq!(agent.node_names(), vec![n1.clone()]);
+
+    agent.shutdown().await;
+    let ready = nodes
+        .get(&n1)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .conditions
+        .unwrap();
+    assert!(
+        ready
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "False")
+    );
+    nodes.delete(&n1, &DeleteParams::default()).await.unwrap();
+}
+
+#[tokio::test]
+async fn pod_runs_with_expanded_args_env_downward_api_and_live_volumes() {
+    let client = ControlPlane::shared().client().await;
+    let ns = TestNamespace::create(&client, "agent-run").await;
+    let node = unique("agent-run");
+    let ip = Ipv4Addr::new(127, 0, 22, 1);
+    let (agent, _dir) = start_agent(&client, vec![NodeSpec::new(&node, ip)]).await;
+
+    let secrets = Api::<Secret>::namespaced(client.clone(), &ns.name);
+    let cms = Api::<ConfigMap>::namespaced(client.clone(), &ns.name);
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "s1"}, "stringData": {"tls.crt": "cert-v1", "token": "sekret"},
+    }))
+    .unwrap();
+    secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    let cm: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "cm1"}, "data": {"peers": "peer-a\n", "level": "debug"},
+    }))
+    .unwrap();
+    cms.create(&PostParams::default(), &cm).await.unwrap();
+
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns.name);
+    let p = pod(
+        "relay",
+        &node,
+        json!({"spec": {
+            "containers": [{
+                "name": "main", "image": IMAGE,
+                "args": [
+                    "--listen=$(HOST_IP):$(PORT)",
+                    "--ready-file=/data/ready",
+                    "--cert=/certs/node.crt",
+                    "--peers", "/etc/peers/peers",
+                    "$$(NOT_EXPANDED)", "$(UNKNOWN)",
+                ],
+                "env": [
+                    {"name": "PORT", "value": "28082"},
+                    {"name": "HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}},
+                    {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                    {"name": "POD_NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                    {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                    {"name": "POD_IPS", "valueFrom": {"fieldRef": {"fieldPath": "status.podIPs"}}},
+                    {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "s1", "key": "token"}}},
+                    {"name": "LEVEL", "valueFrom": {"configMapKeyRef": {"name": "cm1", "key": "level"}}},
+                    {"name": "WHO", "value": "$(POD_NAME)@$(NODE)"},
+                    {"name": "CERT_DIR", "value": "/certs"},
+                ],
+                "volumeMounts": [
+                    {"name": "certs", "mountPath": "/certs", "readOnly": true},
+                    {"name": "peers", "mountPath": "/etc/peers"},
+                    {"name": "data", "mountPath": "/data"},
+                    {"name": "info", "mountPath": "/etc/info"},
+                ],
+                "readinessProbe": {"httpGet": {"path": "/ready", "port": 28082}, "periodSeconds": 1},
+            }],
+            "volumes": [
+                {"name": "certs", "secret": {"secretName": "s1", "defaultMode": 288,
+                    "items": [{"key": "tls.crt", "path": "node.crt"}]}},
+                {"name": "peers", "configMap": {"name": "cm1"}},
+                {"name": "data", "emptyDir": {}},
+                {"name": "info", "downwardAPI": {"items": [
+                    {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]}},
+            ],
+        }}),
+    );
+    pods.create(&PostParams::default(), &p).await.unwrap();
+    let addr = format!("{ip}:28082");
+
+    let status = wait_for("pod Running", T, || async {
+        let s = pod_status(&pods, "relay").await?;
+        (s["phase"] == "Running" && s["containerStatuses"][0]["started"] == true).then_some(s)
+    })
+    .await;
+    assert_eq!(status["hostIP"], ip.to_string());
+    assert_eq!(status["podIP"], ip.to_string());
+    assert!(status["startTime"].is_string());
+    assert_eq!(condition(&status, "PodScheduled").as_deref(), Some("True"));
+    assert_eq!(
+        condition(&status, "Ready").as_deref(),
+        Some("False"),
+        "not ready until the ready file exists"
+    );
+
+    let (_, env) = wait_for("container HTTP", T, || http_get(&addr, "/env")).await;
+    let env: BTreeMap<&str, &str> = env.lines().filter_map(|l| l.split_once('=')).collect();
+    assert_eq!(env["HOST_IP"], "127.0.22.1");
+    assert_eq!(env["POD_NAME"], "relay");
+    assert_eq!(env["POD_NS"], ns.name);
+    assert_eq!(env["NODE"], node);
+    assert_eq!(env["POD_IPS"], "127.0.22.1");
+    assert_eq!(env["TOKEN"], "sekret");
+    assert_eq!(env["LEVEL"], "debug");
+    assert_eq!(env["WHO"], format!("relay@{node}"));
+    assert!(
+        env["CERT_DIR"].ends_with("/volumes/certs"),
+        "{}",
+        env["CERT_DIR"]
+    );
+    assert!(env.contains_key("PATH"));
+
+    let (_, args) = http_get(&addr, "/args").await.unwrap();
+    let args: Vec<&str> = args.lines().collect();
+    assert_eq!(args[0], "--listen=127.0.22.1:28082");
+    let ready_file = PathBuf::from(args[1].strip_prefix("--ready-file=").unwrap());
+    assert!(ready_file.ends_with("volumes/data/ready"), "{args:?}");
+    let cert = args[2].strip_prefix("--cert=").unwrap().to_owned();
+    assert!(cert.ends_with("volumes/certs/node.crt"), "{args:?}");
+    assert!(args[4].ends_with("volumes/peers/peers"), "{args:?}");
+    assert_eq!(args[5], "$(NOT_EXPANDED)");
+    assert_eq!(args[6], "$(UNKNOWN)");
+
+    // Volume files, with items/defaultMode (0440 = 288), as the process sees them.
+    let (code, body) = http_get(&addr, &format!("/file?path={cert}"))
+        .await
+        .unwrap();
+    assert_eq!((code, body.as_str()), (200, "cert-v1"));
+    let mode = std::fs::metadata(&cert).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o440
+    );
+    let peers = args[4];
+    assert_eq!(
+        http_get(&addr, &format!("/file?path={peers}"))
+            .await
+            .unwrap()
+            .1,
+        "peer-a\n"
+    );
+    let info = Path::new(&cert)
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("info/labels");
+    assert_eq!(
+        std::fs::read_to_string(&info).unwrap(),
+        "app=\"agent-test\""
+    );
+
+    // Readiness follows the probe.
+    std::fs::write(&ready_file, "").unwrap();
+    wait_for("pod Ready", T, || async {
+        let s = pod_status(&pods, "relay").await?;
+        (condition(&s, "Ready").as_deref() == Some("True")
+            && s["containerStatuses"][0]["ready"] == true)
+            .then_some(())
+    })
+    .await;
+
+    // Updates of the Secret and ConfigMap reach the files.
+    secrets
+        .patch(
+            "s1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"stringData": {"tls.crt": "cert-v2"}})),
+        )
+        .await
+        .unwrap();
+    cms.patch(
+        "cm1",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"data": {"peers": "peer-a\npeer-b\n"}})),
+    )
+    .await
+    .unwrap();
+    wait_for("secret update projected", T, || async {
+        let (_, body) = http_get(&addr, &format!("/file?path={cert}")).await?;
+        (body == "cert-v2").then_some(())
+    })
+    .await;
+    wait_for("configmap update projected", T, || async {
+        let (_, body) = http_get(&addr, &format!("/file?path={peers}")).await?;
+        (body == "peer-a\npeer-b\n").then_some(())
+    })
+    .await;
+
+    // Logs are captured.
+    let log = agent.log_path(&ns.name, "relay", "main");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("kubederp-test-container started"), "{text}");
+    assert!(text.contains("arg: --listen=127.0.22.1:28082"), "{text}");
+
+    // Deletion: the process goes away and the Pod object is removed.
+    let pid = agent.container_pid(&ns.name, "relay", "main").unwrap();
+    assert!(proc_alive(pid));
+    pods.delete("relay", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for("pod object removed", T, || async {
+        pods.get_opt("relay").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert!(!proc_alive(pid), "process {pid} still running");
+    assert!(agent.pids().is_empty());
+
+    agent.shutdown().await;
+    Api::<Node>::all(client.clone())
+        .delete(&node, &DeleteParams::default())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn crashed_container_is_restarted_and_counted() {
+    let client = ControlPlane::shared().client().await;
+    let ns = TestNamespace::create(&client, "agent-crash").await;
+    let node = unique("agent-crash");
+    let ip = Ipv4Addr::new(127, 0, 23, 1);
+    let (agent, _dir) = start_agent(&client, vec![NodeSpec::new(&node, ip)]).await;
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns.name);
+    let p = pod(
+        "crashy",
+        &node,
+        json!({"spec": {"containers": [{
+            "name": "main", "image": IMAGE, "args": ["--listen=127.0.23.1:28083"],
+        }]}}),
+    );
+    pods.create(&PostParams::default(), &p).await.unwrap();
+    let addr = "127.0.23.1:28083";
+    let (_, pid1) = wait_for("container HTTP", T, || http_get(addr, "/pid")).await;
+    let (code, _) = http_get(addr, "/exit?code=3").await.unwrap();
+    assert_eq!(code, 200);
+    let status = wait_for("restarted", T, || async {
+        let s = pod_status(&pods, "crashy").await?;
+        let cs = &s["containerStatuses"][0];
+        (cs["restartCount"] == 1 && cs["state"]["running"].is_object()).then_some(s)
+    })
+    .await;
+    let cs = &status["containerStatuses"][0];
+    assert_eq!(cs["lastState"]["terminated"]["exitCode"], 3);
+    assert_eq!(cs["lastState"]["terminated"]["reason"], "Error");
+    let (_, pid2) = wait_for("container HTTP again", T, || http_get(addr, "/pid")).await;
+    assert_ne!(pid1, pid2);
+    let _ = http_get(addr, "/exit?code=0").await;
+    wait_for("second restart", T, || async {
+        let s = pod_status(&pods, "crashy").await?;
+        (s["containerStatuses"][0]["restartCount"] == 2).then_some(())
+    })
+    .await;
+
+    // restartPolicy Never: a clean exit makes the Pod Succeeded, and it is not restarted.
+    let once = pod(
+        "once",
+        &node,
+        json!({"spec": {"restartPolicy": "Never", "containers": [{
+            "name": "main", "image": IMAGE, "args": ["--exit-after-ms=200", "--exit-code=0"],
+        }]}}),
+    );
+    pods.create(&PostParams::default(), &once).await.unwrap();
+    let s = wait_for("pod Succeeded", T, || async {
+        let s = pod_status(&pods, "once").await?;
+        (s["phase"] == "Succeeded").then_some(s)
+    })
+    .await;
+    assert_eq!(s["containerStatuses"][0]["restartCount"], 0);
+    assert_eq!(
+        s["containerStatuses"][0]["state"]["terminated"]["exitCode"],
+        0
+    );
+
+    pods.delete("crashy", &DeleteParams::default())
+        .await
+        .unwrap();
+    pods.delete("once", &DeleteParams::default()).await.unwrap();
+    wait_for("pods removed", T, || async {
+        pods.list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    agent.shutdown().await;
+    Api::<Node>::all(client.clone())
+        .delete(&node, &DeleteParams::default())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn unsupported_specs_are_refused_with_a_message_naming_the_field() {
+    let client = ControlPlane::shared().client().await;
+    let ns = TestNamespace::create(&client, "agent-refuse").await;
+    let node = unique("agent-refuse");
+    let (agent, _dir) = start_agent(
+        &client,
+        vec![NodeSpec::new(&node, Ipv4Addr::new(127, 0, 24, 1))],
+    )
+    .await;
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns.name);
+    let cases = [
+        (
+            "no-hostnet",
+            json!({"spec": {"hostNetwork": false}}),
+            "spec.hostNetwork",
+        ),
+        (
+            "hostpath",
+            json!({"spec": {"volumes": [{"name": "h", "hostPath": {"path": "/etc"}}]}}),
+            "spec.volumes[0].hostPath",
+        ),
+        (
+            "unknown-image",
+            json!({"spec": {"containers": [{"name": "main", "image": "example.com/nginx:1"}]}}),
+            "spec.containers[0].image",
+        ),
+        (
+            "init",
+            json!({"spec": {"initContainers": [{"name": "i", "image": IMAGE}]}}),
+            "spec.initContainers",
+        ),
+        (
+            "other-command",
+            json!({"spec": {"containers": [{"name": "main", "image": IMAGE, "command": ["sh"]}]}}),
+            "spec.containers[0].command[0]",
+        ),
+        (
+            "startup-probe",
+            json!({"spec": {"containers": [{"name": "main", "image": IMAGE,
+                "startupProbe": {"tcpSocket": {"port": 1}}}]}}),
+            "spec.containers[0].startupProbe",
+        ),
+    ];
+    for (name, extra, _) in &cases {
+        pods.create(&PostParams::default(), &pod(name, &node, extra.clone()))
+            .await
+            .unwrap();
+    }
+    for (name, _, field) in &cases {
+        let s = wait_for(&format!("{name} refused"), T, || async {
+            let s = pod_status(&pods, name).await?;
+            (s["phase"] == "Failed").then_some(s)
+        })
+        .await;
+        assert_eq!(s["reason"], "UnsupportedPodSpec", "{name}: {s}");
+        let msg = s["message"].as_str().unwrap();
+        assert!(
+            msg.contains(field),
+            "{name}: message {msg:?} should name {field}"
+        );
+    }
+    assert!(agent.pids().is_empty(), "nothing was started");
+    // A refused Pod is still finalized on deletion.
+    pods.delete("hostpath", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for("refused pod removed", T, || async {
+        pods.get_opt("hostpath").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    agent.shutdown().await;
+    Api::<Node>::all(client.clone())
+        .delete(&node, &DeleteParams::default())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn dropping_or_shutting_down_the_agent_leaves_no_processes() {
+    let client = ControlPlane::shared().client().await;
+    let ns = TestNamespace::create(&client, "agent-stop").await;
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns.name);
+    for (i, graceful) in [(1u8, false), (2u8, true)] {
+        let node = unique("agent-stop");
+        let ip = Ipv4Addr::new(127, 0, 25, i);
+        let (agent, _dir) = start_agent(&client, vec![NodeSpec::new(&node, ip)]).await;
+        let name = format!("p{i}");
+        let p = pod(
+            &name,
+            &node,
+            json!({"spec": {"containers": [{
+                "name": "main", "image": IMAGE, "args": [format!("--listen={ip}:28085")],
+            }]}}),
+        );
+        pods.create(&PostParams::default(), &p).await.unwrap();
+        let addr = format!("{ip}:28085");
+        wait_for("container HTTP", T, || http_get(&addr, "/healthz")).await;
+        let pid = agent.container_pid(&ns.name, &name, "main").unwrap();
+        assert!(proc_alive(pid));
+        if graceful {
+            agent.shutdown().await;
+        } else {
+            drop(agent);
+        }
+        assert!(
+            !proc_alive(pid),
+            "process {pid} survived the agent (graceful={graceful})"
+        );
+        assert!(http_get(&addr, "/healthz").await.is_none());
+        Api::<Node>::all(client.clone())
+            .delete(&node, &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+}
