@@ -38,6 +38,11 @@
 //! `/certs/a.crt` are rewritten, `/certsx` and `/x/certs` are not. `subPath` mounts map to
 //! `<volume dir>/<subPath>`. File *contents* are never rewritten.
 //!
+//! **Listen addresses.** All local nodes share one host, so with [`AgentConfig::bind_node_ip`]
+//! (default on) an argument that is a wildcard listen address (`:443`, `--addr=:443`,
+//! `0.0.0.0:443`, `[::]:443`) becomes `<node IPv4>:<port>` ([`bind_wildcard_listen`]); our
+//! `derper` binds its HTTP and STUN ports on the `-a` address, so all its listeners follow.
+//!
 //! **Refusals.** Anything in a Pod spec the agent cannot honour (no `hostNetwork`, init or
 //! ephemeral containers, an unknown volume type or image, startup probes, lifecycle hooks, …)
 //! makes the Pod `Failed` with reason `UnsupportedPodSpec` and a message naming the field, and
@@ -244,11 +249,15 @@ pub struct AgentConfig {
     pub resync: Duration,
     /// Cap on the termination grace period when the agent itself shuts down.
     pub shutdown_grace: Duration,
+    /// Rewrite wildcard listen arguments (`:443`, `--addr=:443`, `0.0.0.0:443`) to the node's
+    /// IPv4 address. All local "nodes" share one host, so a wildcard bind on one node would
+    /// take the port from every other node; a real node only has its own IPs. Default on.
+    pub bind_node_ip: bool,
 }
 
 impl AgentConfig {
     /// Defaults: workspace images on, 10 s heartbeat, 1 s restart backoff doubling to 20 s,
-    /// 5 s resync, 5 s shutdown grace.
+    /// 5 s resync, 5 s shutdown grace, wildcard listen arguments bound to the node IP.
     pub fn new(workdir: impl Into<PathBuf>) -> AgentConfig {
         AgentConfig {
             workdir: workdir.into(),
@@ -259,6 +268,7 @@ impl AgentConfig {
             max_restart_backoff: Duration::from_secs(20),
             resync: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(5),
+            bind_node_ip: true,
         }
     }
 
@@ -397,6 +407,24 @@ pub fn rewrite_mount_paths(input: &str, mounts: &[(String, PathBuf)]) -> String 
         i += c.len_utf8().max(1);
     }
     out
+}
+
+/// Binds a wildcard listen argument to `ip`: an argument that is exactly `:<port>`,
+/// `0.0.0.0:<port>` or `[::]:<port>`, or ends in `=` followed by one of those, gets `ip` as
+/// its host. Anything else is returned unchanged.
+pub fn bind_wildcard_listen(arg: &str, ip: Ipv4Addr) -> String {
+    let (head, value) = match arg.rsplit_once('=') {
+        Some((h, v)) => (format!("{h}="), v),
+        None => (String::new(), arg),
+    };
+    let port = ["", "0.0.0.0", "[::]"]
+        .iter()
+        .find_map(|host| value.strip_prefix(host)?.strip_prefix(':'))
+        .filter(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()));
+    match port {
+        Some(port) => format!("{head}{ip}:{port}"),
+        None => arg.to_owned(),
+    }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -1856,6 +1884,13 @@ impl PodCtx {
             .skip(1)
             .chain(c.args.iter().flatten())
             .map(|a| rewrite_mount_paths(&expand_vars(a, lookup), mounts))
+            .map(|a| {
+                if self.shared.config.bind_node_ip {
+                    bind_wildcard_listen(&a, node.ipv4)
+                } else {
+                    a
+                }
+            })
             .collect();
         let cwd = match &c.working_dir {
             Some(wd) => PathBuf::from(rewrite_mount_paths(wd, mounts)),
@@ -1963,6 +1998,11 @@ async fn run_pod_inner(
     rx: &mut watch::Receiver<PodUpdate>,
 ) {
     let pods_api = Api::<Pod>::namespaced(shared.client.clone(), &ns);
+    if pod.metadata.deletion_timestamp.is_some() {
+        // Being deleted before we ever ran it (e.g. the agent restarted): nothing to stop.
+        delete_now(&pods_api, &name, &uid).await;
+        return;
+    }
     let start_time = pod
         .status
         .as_ref()
@@ -2886,6 +2926,21 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(entries.len(), 3, "a, ..data and one ..<stamp>: {entries:?}");
+    }
+
+    #[test]
+    fn wildcard_listen_arguments_are_bound_to_the_node_ip() {
+        let ip = Ipv4Addr::new(127, 0, 0, 2);
+        assert_eq!(bind_wildcard_listen(":443", ip), "127.0.0.2:443");
+        assert_eq!(
+            bind_wildcard_listen("--addr=:443", ip),
+            "--addr=127.0.0.2:443"
+        );
+        assert_eq!(bind_wildcard_listen("0.0.0.0:80", ip), "127.0.0.2:80");
+        assert_eq!(bind_wildcard_listen("[::]:80", ip), "127.0.0.2:80");
+        assert_eq!(bind_wildcard_listen("127.0.0.9:443", ip), "127.0.0.9:443");
+        assert_eq!(bind_wildcard_listen("--hostname=x", ip), "--hostname=x");
+        assert_eq!(bind_wildcard_listen(":abc", ip), ":abc");
     }
 
     #[test]

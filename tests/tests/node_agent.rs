@@ -608,3 +608,202 @@ async fn dropping_or_shutting_down_the_agent_leaves_no_processes() {
             .unwrap();
     }
 }
+
+#[tokio::test]
+async fn pod_waits_for_a_missing_secret_then_runs_with_projected_subpath_and_env_from() {
+    let client = ControlPlane::shared().client().await;
+    let ns = TestNamespace::create(&client, "agent-wait").await;
+    let node = unique("agent-wait");
+    let ip = Ipv4Addr::new(127, 0, 26, 1);
+    let (agent, _dir) = start_agent(&client, vec![NodeSpec::new(&node, ip)]).await;
+    let cms = Api::<ConfigMap>::namespaced(client.clone(), &ns.name);
+    let cm: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "app"}, "data": {"app.conf": "a=1\n", "MODE": "fast"},
+    }))
+    .unwrap();
+    cms.create(&PostParams::default(), &cm).await.unwrap();
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns.name);
+    let p = pod(
+        "waiter",
+        &node,
+        json!({"spec": {
+            "containers": [{
+                "name": "main", "image": IMAGE,
+                // A wildcard listen address is bound to the node IP.
+                "args": ["--listen=:28086", "--conf=/etc/app.conf", "--bundle=/bundle"],
+                "envFrom": [{"configMapRef": {"name": "app"}, "prefix": "CFG_"}],
+                "volumeMounts": [
+                    {"name": "app", "mountPath": "/etc/app.conf", "subPath": "app.conf"},
+                    {"name": "bundle", "mountPath": "/bundle"},
+                ],
+            }],
+            "volumes": [
+                {"name": "app", "configMap": {"name": "app"}},
+                {"name": "bundle", "projected": {"sources": [
+                    {"secret": {"name": "late", "items": [{"key": "k", "path": "secret/k"}]}},
+                    {"configMap": {"name": "app", "items": [{"key": "MODE", "path": "mode"}]}},
+                    {"downwardAPI": {"items": [
+                        {"path": "name", "fieldRef": {"fieldPath": "metadata.name"}}]}},
+                ]}},
+            ],
+        }}),
+    );
+    pods.create(&PostParams::default(), &p).await.unwrap();
+    let s = wait_for("waiting for the secret", T, || async {
+        let s = pod_status(&pods, "waiter").await?;
+        let w = &s["containerStatuses"][0]["state"]["waiting"];
+        w["message"].as_str()?.contains("\"late\"").then_some(s)
+    })
+    .await;
+    assert_eq!(s["phase"], "Pending");
+    assert!(agent.pids().is_empty());
+
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "late"}, "stringData": {"k": "v"},
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(client.clone(), &ns.name)
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    let addr = format!("{ip}:28086");
+    let (_, args) = wait_for("container HTTP", T, || http_get(&addr, "/args")).await;
+    let args: Vec<&str> = args.lines().collect();
+    assert_eq!(args[0], "--listen=127.0.26.1:28086");
+    let conf = args[1].strip_prefix("--conf=").unwrap();
+    assert!(conf.ends_with("volumes/app/app.conf"), "{conf}");
+    let bundle = args[2].strip_prefix("--bundle=").unwrap();
+    let read = |p: String| {
+        let addr = addr.clone();
+        async move { http_get(&addr, &format!("/file?path={p}")).await.unwrap().1 }
+    };
+    assert_eq!(read(conf.to_owned()).await, "a=1\n");
+    assert_eq!(read(format!("{bundle}/secret/k")).await, "v");
+    assert_eq!(read(format!("{bundle}/mode")).await, "fast");
+    assert_eq!(read(format!("{bundle}/name")).await, "waiter");
+    let (_, env) = http_get(&addr, "/env").await.unwrap();
+    assert!(env.lines().any(|l| l == "CFG_MODE=fast"), "{env}");
+    assert!(env.lines().any(|l| l == "CFG_app.conf=a=1"), "{env}");
+
+    agent.shutdown().await;
+    Api::<Node>::all(client.clone())
+        .delete(&node, &DeleteParams::default())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn liveness_failure_restarts_and_exec_readiness_probe_gates_ready() {
+    let client = ControlPlane::shared().client().await;
+    let ns = TestNamespace::create(&client, "agent-probe").await;
+    let node = unique("agent-probe");
+    let ip = Ipv4Addr::new(127, 0, 27, 1);
+    let (agent, _dir) = start_agent(&client, vec![NodeSpec::new(&node, ip)]).await;
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns.name);
+    let live = pod(
+        "live",
+        &node,
+        json!({"spec": {"containers": [{
+            "name": "main", "image": IMAGE,
+            "args": ["--listen=127.0.27.1:28087", "--ready-file=/nonexistent/alive"],
+            "livenessProbe": {"httpGet": {"path": "/ready", "port": "http"},
+                "periodSeconds": 1, "failureThreshold": 2},
+            "ports": [{"name": "http", "containerPort": 28087}],
+        }]}}),
+    );
+    pods.create(&PostParams::default(), &live).await.unwrap();
+    let s = wait_for("restart after liveness failures", T, || async {
+        let s = pod_status(&pods, "live").await?;
+        (s["containerStatuses"][0]["restartCount"].as_i64()? >= 1).then_some(s)
+    })
+    .await;
+    let last = &s["containerStatuses"][0]["lastState"]["terminated"];
+    assert!(
+        last["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("liveness"),
+        "{last}"
+    );
+
+    let ready = pod(
+        "exec-ready",
+        &node,
+        json!({"spec": {
+            "containers": [{
+                "name": "main", "image": IMAGE,
+                "args": ["--listen=127.0.27.1:28088", "--ready-file=/data/ready"],
+                "readinessProbe": {"exec": {"command": ["test", "-f", "/data/ready"]},
+                    "periodSeconds": 1},
+                "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+            }],
+            "volumes": [{"name": "data", "emptyDir": {}}],
+        }}),
+    );
+    pods.create(&PostParams::default(), &ready).await.unwrap();
+    let (_, args) = wait_for("container HTTP", T, || {
+        http_get("127.0.27.1:28088", "/args")
+    })
+    .await;
+    let ready_file = args
+        .lines()
+        .find_map(|l| l.strip_prefix("--ready-file="))
+        .unwrap()
+        .to_owned();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let s = pod_status(&pods, "exec-ready").await.unwrap();
+    assert_eq!(condition(&s, "Ready").as_deref(), Some("False"), "{s}");
+    std::fs::write(&ready_file, "").unwrap();
+    wait_for("exec probe makes it Ready", T, || async {
+        let s = pod_status(&pods, "exec-ready").await?;
+        (condition(&s, "Ready").as_deref() == Some("True")).then_some(())
+    })
+    .await;
+    agent.shutdown().await;
+    Api::<Node>::all(client.clone())
+        .delete(&node, &DeleteParams::default())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn removing_a_node_stops_and_deletes_its_pods() {
+    let client = ControlPlane::shared().client().await;
+    let ns = TestNamespace::create(&client, "agent-rm").await;
+    let keep = unique("agent-rm-keep");
+    let gone = unique("agent-rm-gone");
+    let (agent, _dir) = start_agent(
+        &client,
+        vec![
+            NodeSpec::new(&keep, Ipv4Addr::new(127, 0, 28, 1)),
+            NodeSpec::new(&gone, Ipv4Addr::new(127, 0, 28, 2)),
+        ],
+    )
+    .await;
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns.name);
+    for (name, node) in [("on-keep", &keep), ("on-gone", &gone)] {
+        let p = pod(
+            name,
+            node,
+            json!({"spec": {"containers": [{
+                "name": "main", "image": IMAGE, "args": ["--listen=:28089"],
+            }]}}),
+        );
+        pods.create(&PostParams::default(), &p).await.unwrap();
+    }
+    wait_for("both serving", T, || async {
+        http_get("127.0.28.1:28089", "/healthz").await?;
+        http_get("127.0.28.2:28089", "/healthz").await
+    })
+    .await;
+    let pid = agent.container_pid(&ns.name, "on-gone", "main").unwrap();
+    agent.remove_node(&gone).await.unwrap();
+    assert!(!proc_alive(pid));
+    assert!(pods.get_opt("on-gone").await.unwrap().is_none());
+    assert!(http_get("127.0.28.1:28089", "/healthz").await.is_some());
+    agent.shutdown().await;
+    Api::<Node>::all(client.clone())
+        .delete(&keep, &DeleteParams::default())
+        .await
+        .unwrap();
+}

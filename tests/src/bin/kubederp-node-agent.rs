@@ -35,6 +35,9 @@ struct Args {
     /// Do not map `…/derper` and `…/derp-operator` images to this workspace's binaries.
     #[arg(long)]
     no_workspace_images: bool,
+    /// Keep wildcard listen arguments (`:443`) as they are instead of binding the node IP.
+    #[arg(long)]
+    no_bind_node_ip: bool,
 }
 
 #[tokio::main]
@@ -52,6 +55,7 @@ async fn main() -> anyhow::Result<()> {
         workdir,
         images,
         no_workspace_images,
+        no_bind_node_ip,
     } = Args::parse();
     let nodes = nodes
         .iter()
@@ -59,6 +63,7 @@ async fn main() -> anyhow::Result<()> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut config = AgentConfig::new(workdir);
     config.workspace_images = !no_workspace_images;
+    config.bind_node_ip = !no_bind_node_ip;
     for m in images {
         let (prefix, path) = m
             .split_once('=')
