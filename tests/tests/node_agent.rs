@@ -807,3 +807,132 @@ async fn removing_a_node_stops_and_deletes_its_pods() {
         .await
         .unwrap();
 }
+
+/// The relay Pod shape the operator creates (design.md §4), run with our real `derper`
+/// (built by `workspace_bin`, or taken from `KUBEDERP_BIN_DIR`): certificate files from a
+/// Secret with items and mode 0440, state in an emptyDir, `$(HOST_IP)` in env, a wildcard
+/// `-a :<port>` bound to the node IP, readiness from `/derp/probe`, and a restart after the
+/// relay process is killed.
+#[tokio::test]
+async fn relay_pod_shape_runs_the_real_derper_and_is_restarted_when_killed() {
+    // Build (or find) derper first, outside the time budget of the checks below; the agent
+    // maps the image `…/derper` to the same binary.
+    let derper = tokio::task::spawn_blocking(|| derp_tests::bins::workspace_bin("derper"))
+        .await
+        .unwrap();
+    assert!(derper.is_file());
+    let client = ControlPlane::shared().client().await;
+    let ns = TestNamespace::create(&client, "agent-derper").await;
+    let node = unique("agent-derper");
+    let ip = Ipv4Addr::new(127, 0, 30, 1);
+    let (agent, _dir) = start_agent(&client, vec![NodeSpec::new(&node, ip)]).await;
+    let cert = rcgen::generate_simple_self_signed(vec![ip.to_string()]).unwrap();
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "relay-tls"}, "type": "kubernetes.io/tls",
+        "stringData": {"tls.crt": cert.cert.pem(), "tls.key": cert.signing_key.serialize_pem()},
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(client.clone(), &ns.name)
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    let stem = ip.to_string();
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns.name);
+    let p = pod(
+        "relay",
+        &node,
+        json!({"spec": {
+            "dnsPolicy": "ClusterFirstWithHostNet",
+            "enableServiceLinks": false,
+            "automountServiceAccountToken": false,
+            "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "fsGroup": 65532,
+                "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{
+                "name": "derper", "image": "ghcr.io/kubederp/derper:0.1.0",
+                "args": [
+                    format!("--hostname={ip}"), "--certmode=manual", "--certdir=/certs",
+                    "-a", ":28443", "--http-port=28080", "-c=/var/lib/derper/derper.key",
+                    "--stun-port=28478",
+                ],
+                "env": [
+                    {"name": "HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}},
+                    {"name": "DERPER_ADMIN_ADDR", "value": "$(HOST_IP):28090"},
+                ],
+                "ports": [{"name": "derp", "containerPort": 28443, "hostPort": 28443, "protocol": "TCP"},
+                          {"name": "http", "containerPort": 28080, "hostPort": 28080, "protocol": "TCP"}],
+                "readinessProbe": {"httpGet": {"path": "/derp/probe", "port": 28080, "scheme": "HTTP"},
+                    "periodSeconds": 1},
+                "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
+                    "runAsNonRoot": true, "capabilities": {"drop": ["ALL"], "add": ["NET_BIND_SERVICE"]}},
+                "resources": {"requests": {"cpu": "10m"}},
+                "volumeMounts": [
+                    {"name": "certs", "mountPath": "/certs", "readOnly": true},
+                    {"name": "state", "mountPath": "/var/lib/derper"},
+                ],
+            }],
+            "volumes": [
+                {"name": "certs", "secret": {"secretName": "relay-tls", "defaultMode": 288, "items": [
+                    {"key": "tls.crt", "path": format!("{stem}.crt")},
+                    {"key": "tls.key", "path": format!("{stem}.key")}]}},
+                {"name": "state", "emptyDir": {}},
+            ],
+        }}),
+    );
+    pods.create(&PostParams::default(), &p).await.unwrap();
+    let log = agent.log_path(&ns.name, "relay", "derper");
+    let ready = wait_until_ready(&pods, "relay").await;
+    assert!(
+        ready.is_some(),
+        "relay not Ready; log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(
+        tokio::net::TcpStream::connect((ip, 28443)).await.is_ok(),
+        "DERP TLS port on the node IP"
+    );
+    // The plain-HTTP port may redirect; kubelet counts 200..400 as success, and so do we.
+    let (code, _) = http_get(&format!("{ip}:28080"), "/derp/probe")
+        .await
+        .unwrap();
+    assert!((200..400).contains(&code), "HTTP {code}");
+
+    // Killing the relay process: the agent restarts it and it becomes Ready again.
+    let pid = agent.container_pid(&ns.name, "relay", "derper").unwrap();
+    #[allow(unsafe_code)]
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(i32::try_from(pid).unwrap(), libc::SIGKILL);
+    }
+    wait_for(
+        "relay restarted and Ready",
+        Duration::from_secs(20),
+        || async {
+            let s = pod_status(&pods, "relay").await?;
+            (s["containerStatuses"][0]["restartCount"] == 1
+                && condition(&s, "Ready").as_deref() == Some("True"))
+            .then_some(())
+        },
+    )
+    .await;
+    assert_ne!(agent.container_pid(&ns.name, "relay", "derper"), Some(pid));
+    pods.delete("relay", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for("relay removed", T, || async {
+        pods.get_opt("relay").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    agent.shutdown().await;
+    Api::<Node>::all(client.clone())
+        .delete(&node, &DeleteParams::default())
+        .await
+        .unwrap();
+}
+
+async fn wait_until_ready(pods: &Api<Pod>, name: &str) -> Option<()> {
+    derp_tests::k8s::wait_until(Duration::from_secs(25), || async {
+        let s = pod_status(pods, name).await?;
+        (condition(&s, "Ready").as_deref() == Some("True")).then_some(())
+    })
+    .await
+}
