@@ -18,6 +18,7 @@ pub mod stun;
 pub mod tls;
 
 pub mod args;
+pub mod bench;
 pub mod config;
 pub mod defaults;
 pub mod http;

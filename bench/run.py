@@ -1,0 +1,343 @@
+#!/usr/bin/env python3
+"""Runs our derper and upstream Go derper alternately under derp-bench (performance.md §5.5).
+
+Each run starts a fresh relay pinned to one core (taskset), runs one derp-bench workload pinned
+to the other core, stops the relay. For every workload the two relays alternate (ours, upstream,
+upstream, ours, ...) for --runs runs each. Writes results.json, results.md and (if matplotlib is
+importable) PNG plots into --out.
+
+Standard library only (matplotlib is optional). Driven by scripts/bench.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+SERVER_CPU = "0"
+CLIENT_CPU = "1"
+
+
+def log(*a):
+    print("[bench]", *a, file=sys.stderr, flush=True)
+
+
+def free_port(kind=socket.SOCK_STREAM):
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Relay:
+    """One relay process (ours or upstream), pinned to SERVER_CPU."""
+
+    def __init__(self, name, binary, workdir, pin):
+        self.name, self.binary, self.workdir, self.pin = name, binary, workdir, pin
+        self.proc = None
+
+    def start(self):
+        self.port = free_port()
+        self.stun_port = free_port(socket.SOCK_DGRAM)
+        # Same flags, spelled so both parse them; the certificate directory is shared, so
+        # both serve the same self-signed ECDSA P-256 certificate (performance.md §5.5).
+        args = [
+            self.binary,
+            "--hostname=127.0.0.1",
+            "--certmode=manual",
+            f"--certdir={self.workdir}/certs",
+            "-a", f"127.0.0.1:{self.port}",
+            "--http-port=-1",
+            f"--stun-port={self.stun_port}",
+            "-c", f"{self.workdir}/{self.name}.key",
+        ]
+        if self.pin:
+            args = ["taskset", "-c", SERVER_CPU] + args
+        env = dict(os.environ, RUST_LOG="warn")
+        self.logf = open(f"{self.workdir}/{self.name}.log", "ab")
+        self.proc = subprocess.Popen(args, stdout=self.logf, stderr=self.logf, env=env)
+        deadline = time.time() + 15
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.logf.name}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            raise RuntimeError(f"{self.name} did not listen on {self.port}")
+        time.sleep(0.3)  # let STUN bind too
+        return self
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.logf.close()
+
+
+def run_bench(bench, relay, workload, wargs, common, pin, src_net):
+    args = [bench, "--addr", f"127.0.0.1:{relay.port}", "--stun-addr", f"127.0.0.1:{relay.stun_port}",
+            "--server-pid", str(relay.proc.pid), "--src-net", str(src_net)] + common + [workload] + wargs
+    if pin:
+        args = ["taskset", "-c", CLIENT_CPU] + args
+    out = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    if out.returncode != 0:
+        raise RuntimeError(f"derp-bench {workload} against {relay.name} failed: {out.stderr.strip()[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def get(d, path):
+    for k in path.split("."):
+        if not isinstance(d, dict) or d.get(k) is None:
+            return None
+        d = d[k]
+    return d
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+# (id, title, workload key, metric path, unit, target text, direction, pass bar, stretch)
+# direction "higher": ratio >= bar passes; "lower": ratio <= bar passes; "abs_le": ours <= bar.
+METRICS = [
+    ("T1", "Relayed pkt/s, 1400 B, TLS (capacity, no loss)", "tput_1400", "delivered_pps", "pkt/s", "≥ 1.5× (stretch 2.5×)", "higher", 1.5, 2.5),
+    ("T1b", "Relayed Gbit/s, 1400 B payload", "tput_1400", "gbit_s", "Gbit/s", "(same run as T1)", "higher", 1.5, 2.5),
+    ("T2", "Relayed pkt/s, 64 B", "tput_64", "delivered_pps", "pkt/s", "≥ 2× (stretch 3×)", "higher", 2.0, 3.0),
+    ("T3", "Relay CPU-s per GB at fixed load (1312 B)", "cpu_gb", "server_cpu_s_per_gb", "CPU-s/GB", "≤ 0.6× (stretch 0.4×)", "lower", 0.6, 0.4),
+    ("T4", "Goodput at 1.5× upstream capacity, 1400 B", "over150", "delivered_pps", "pkt/s", "ours ≥ upstream capacity, loss ≤ 2 %", "t4", None, None),
+    ("T4b", "Loss at 1.5× upstream capacity", "over150", "loss_pct_window", "%", "≤ 2 %", "info", None, None),
+    ("T5", "RSS per idle TLS connection (10 k conns)", "idle", "kib_per_conn", "KiB", "≤ 10 KiB (stretch 6 KiB)", "abs_le", 10.0, 6.0),
+    ("T6", "TLS+DERP handshakes/s (32 dialers)", "churn", "handshakes_per_s", "conn/s", "≥ 1.5× (stretch 2×)", "higher", 1.5, 2.0),
+    ("T6b", "Relay CPU per handshake", "churn", "server_cpu_us_per_conn", "µs", "(info)", "info", None, None),
+    ("T7", "p99 one-way latency at 80 % of upstream capacity", "lat80", "latency.p99_us", "µs", "≤ 0.6× (stretch 0.4×)", "lower", 0.6, 0.4),
+    ("T7b", "p50 one-way latency at 80 % of upstream capacity", "lat80", "latency.p50_us", "µs", "(info)", "info", None, None),
+    ("T7c", "p50 one-way latency, idle (1 k pkt/s)", "lat_idle", "latency.p50_us", "µs", "≤ 1.05×", "lower", 1.05, None),
+    ("T8", "Jain fairness, 8 blasting flows", "fair", "jain", "index", "ours ≥ 0.95", "abs_ge", 0.95, None),
+    ("T9", "Active pairs with 10 k idle conns ÷ without", "idle", "active_ratio", "ratio", "ours ≥ 0.95 (stretch 0.98)", "abs_ge", 0.95, 0.98),
+    ("T10", "STUN responses/s", "stun", "responses_per_s", "resp/s", "≥ 2× (stretch 4×)", "higher", 2.0, 4.0),
+]
+
+
+def workloads(smoke, cap_up=None):
+    """(key, derp-bench subcommand, args) for phase A, or phase B when cap_up is given."""
+    if cap_up is None:
+        fleet = "200" if smoke else "10000"
+        return [
+            ("tput_1400", "throughput", ["--pairs", "8", "--size", "1400", "--window", "24"]),
+            ("tput_64", "throughput", ["--pairs", "8", "--size", "64", "--window", "24"]),
+            ("cpu_gb", "rate", ["--pairs", "4", "--size", "1312", "--rate", "2000" if smoke else "50000"]),
+            ("fair", "blast", ["--flows", "8", "--size", "1400"]),
+            ("churn", "churn", ["--concurrency", "32"]),
+            ("stun", "stun", ["--sockets", "4", "--window", "16"]),
+            ("idle", "idle", ["--conns", fleet, "--pairs", "4", "--settle", "0.5" if smoke else "2"]),
+        ]
+    return [
+        ("lat_idle", "rate", ["--pairs", "1", "--size", "1400", "--rate", "1000"]),
+        ("lat80", "rate", ["--pairs", "8", "--size", "1400", "--rate", str(round(0.8 * cap_up))]),
+        ("over150", "rate", ["--pairs", "8", "--size", "1400", "--rate", str(round(1.5 * cap_up))]),
+    ]
+
+
+def run_phase(args, relays, wls, common, results, counter):
+    for key, sub, wargs in wls:
+        for r in range(args.runs):
+            order = relays if r % 2 == 0 else list(reversed(relays))
+            for relay in order:
+                counter[0] += 1
+                src_net = 2 + counter[0] % 250
+                relay.start()
+                try:
+                    res = run_bench(args.bench, relay, sub, wargs, common, not args.no_pin, src_net)
+                finally:
+                    relay.stop()
+                res["run"] = r
+                results.setdefault(key, {}).setdefault(relay.name, []).append(res)
+                log(f"{key:9s} run {r} {relay.name:8s} " + brief(key, res))
+
+
+def brief(key, res):
+    for m in METRICS:
+        if m[2] == key:
+            v = get(res, m[3])
+            if v is not None:
+                return f"{m[3]}={v:.4g} server_util={res.get('server_util', 0):.2f} client_util={res.get('client_util', 0):.2f}"
+    return ""
+
+
+def summarize(results, cap_up):
+    rows = []
+    for tid, title, key, path, unit, target, direction, bar, stretch in METRICS:
+        runs = results.get(key, {})
+        ours = [get(x, path) for x in runs.get("ours", [])]
+        up = [get(x, path) for x in runs.get("upstream", [])]
+        mo, mu = median(ours), median(up)
+        ratio = mo / mu if (mo is not None and mu) else None
+        # Median of per-pair ratios (run i of ours with run i of upstream).
+        pairs = [o / u for o, u in zip(ours, up) if o is not None and u]
+        pair_ratio = median(pairs)
+        client_bound = any(x.get("client_bound") for side in runs.values() for x in side)
+        verdict = "—"
+        if direction == "higher" and ratio is not None:
+            verdict = "stretch" if stretch and ratio >= stretch else ("pass" if ratio >= bar else "FAIL")
+        elif direction == "lower" and ratio is not None:
+            verdict = "stretch" if stretch and ratio <= stretch else ("pass" if ratio <= bar else "FAIL")
+        elif direction == "abs_le" and mo is not None:
+            verdict = "stretch" if stretch and mo <= stretch else ("pass" if mo <= bar else "FAIL")
+        elif direction == "abs_ge" and mo is not None:
+            verdict = "stretch" if stretch and mo >= stretch else ("pass" if mo >= bar else "FAIL")
+        elif direction == "t4" and mo is not None and cap_up:
+            loss = median([get(x, "loss_pct_window") for x in runs.get("ours", [])]) or 0.0
+            verdict = "pass" if (mo >= cap_up and loss <= 2.0) else "FAIL"
+        rows.append(dict(id=tid, title=title, workload=key, metric=path, unit=unit, target=target,
+                         ours=mo, upstream=mu, ratio=ratio, pair_ratio=pair_ratio,
+                         ours_runs=ours, upstream_runs=up, verdict=verdict,
+                         client_bound=client_bound))
+    return rows
+
+
+def fmt(v):
+    if v is None:
+        return "—"
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    return f"{v:.3g}"
+
+
+def markdown(meta, rows):
+    out = [f"# derper vs upstream derper {meta['upstream_version']}", "",
+           f"Run {meta['started']} → {meta['finished']} UTC, `{meta['command']}`", "",
+           f"Machine: {meta['cpu']}, {meta['cores']} cores, kernel {meta['kernel']}; "
+           f"relay pinned to cpu{SERVER_CPU}, derp-bench to cpu{CLIENT_CPU}" if meta["pinned"] else "unpinned",
+           f"; {meta['runs']} runs per relay per workload, alternating; medians. "
+           f"Load average before: {meta['loadavg_before']}, after: {meta['loadavg_after']}.", "",
+           f"Ours: derper {meta['ours_commit']}; upstream: tailscale.com/cmd/derper {meta['upstream_version']}. "
+           "TLS 1.3, TLS_AES_128_GCM_SHA256, X25519, the same self-signed ECDSA P-256 certificate; "
+           "one TLS record per packet from the load generator.", "",
+           "| # | Metric | Ours | Upstream | Ours ÷ upstream | Target | Verdict |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = fmt(r["ratio"]) + "×" if r["ratio"] is not None else "—"
+        cb = " (client-bound: lower bound)" if r["client_bound"] and r["id"] in ("T1", "T1b", "T2", "T6", "T10") else ""
+        out.append(f"| {r['id']} | {r['title']} ({r['unit']}) | {fmt(r['ours'])} | {fmt(r['upstream'])} | "
+                   f"{ratio} | {r['target']} | {r['verdict']}{cb} |")
+    out.append(f"| — | Mesh forwarding throughput | n/a | n/a | — | — | {meta['mesh']} |")
+    out += ["", f"Upstream capacity used for T4/T7 (median T1 pkt/s of upstream): {fmt(meta['cap_up'])} pkt/s.", ""]
+    return "\n".join(out) + "\n"
+
+
+def plots(outdir, rows, results):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib not importable: no PNG plots")
+        return []
+    made = []
+    rs = [r for r in rows if r["ratio"] is not None and r["id"] in ("T1", "T2", "T3", "T6", "T7", "T10")]
+    if rs:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        ax.bar([r["id"] for r in rs], [r["ratio"] for r in rs], color="tab:blue")
+        ax.axhline(1.0, color="grey", lw=1)
+        ax.set_ylabel("ours ÷ upstream (median)")
+        ax.set_title("derper (Rust) vs upstream derper, same run")
+        for i, r in enumerate(rs):
+            ax.text(i, r["ratio"], f"{r['ratio']:.2f}×", ha="center", va="bottom", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(f"{outdir}/ratios.png", dpi=110)
+        plt.close(fig)
+        made.append("ratios.png")
+    fig, axs = plt.subplots(1, 3, figsize=(10, 3.2))
+    for ax, (key, path, label) in zip(axs, [("tput_1400", "delivered_pps", "1400 B pkt/s"),
+                                            ("tput_64", "delivered_pps", "64 B pkt/s"),
+                                            ("lat80", "latency.p99_us", "p99 µs at 80 %")]):
+        for i, side in enumerate(["ours", "upstream"]):
+            ys = [get(x, path) for x in results.get(key, {}).get(side, [])]
+            ys = [y for y in ys if y is not None]
+            ax.scatter([i] * len(ys), ys, alpha=0.7)
+        ax.set_xticks([0, 1], ["ours", "upstream"])
+        ax.set_title(label, fontsize=9)
+        ax.set_ylim(bottom=0)
+    fig.tight_layout()
+    fig.savefig(f"{outdir}/runs.png", dpi=110)
+    plt.close(fig)
+    made.append("runs.png")
+    return made
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--ours", required=True)
+    p.add_argument("--upstream", required=True)
+    p.add_argument("--upstream-version", required=True)
+    p.add_argument("--bench", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--no-pin", action="store_true")
+    p.add_argument("--only", help="comma-separated workload keys (debugging)")
+    p.add_argument("--command", default="scripts/bench")
+    args = p.parse_args()
+    if args.smoke:
+        args.runs = min(args.runs, 1)
+        common = ["--warmup", "0.3", "--duration", "0.5"]
+    else:
+        common = ["--warmup", "1", "--duration", "4"]
+    if os.cpu_count() < 2:
+        args.no_pin = True
+    os.makedirs(args.out, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="derp-bench-")
+    os.makedirs(f"{work}/certs")
+    relays = [Relay("ours", args.ours, work, not args.no_pin),
+              Relay("upstream", args.upstream, work, not args.no_pin)]
+    meta = dict(started=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+                command=args.command, runs=args.runs, smoke=args.smoke, pinned=not args.no_pin,
+                upstream_version=args.upstream_version,
+                ours_commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                           text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip(),
+                kernel=platform.release(), cores=os.cpu_count(),
+                cpu=next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"),
+                loadavg_before=open("/proc/loadavg").read().split()[:3],
+                mesh="n/a: mesh not implemented")
+    results, counter = {}, [0]
+    only = set(args.only.split(",")) if args.only else None
+    wa = [w for w in workloads(args.smoke) if not only or w[0] in only]
+    run_phase(args, relays, wa, common, results, counter)
+    cap_up = median([get(x, "delivered_pps") for x in results.get("tput_1400", {}).get("upstream", [])])
+    if cap_up is None:
+        cap_up = 2000.0 if args.smoke else 50000.0
+    wb = [w for w in workloads(args.smoke, cap_up) if not only or w[0] in only]
+    run_phase(args, relays, wb, common, results, counter)
+    meta["finished"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    meta["loadavg_after"] = open("/proc/loadavg").read().split()[:3]
+    meta["cap_up"] = cap_up
+    rows = summarize(results, cap_up)
+    with open(f"{args.out}/results.json", "w") as f:
+        json.dump(dict(meta=meta, summary=rows, runs=results), f, indent=1)
+    md = markdown(meta, rows)
+    with open(f"{args.out}/results.md", "w") as f:
+        f.write(md)
+    made = plots(args.out, rows, results)
+    print(md)
+    log(f"wrote {args.out}/results.json, results.md, {', '.join(made) or 'no plots'}")
+
+
+if __name__ == "__main__":
+    main()
