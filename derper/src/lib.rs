@@ -24,6 +24,7 @@ pub mod defaults;
 pub mod http;
 pub mod key;
 pub mod metrics;
+pub mod probe;
 pub mod proto;
 pub mod server;
 pub mod telemetry;

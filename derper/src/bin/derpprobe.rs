@@ -1,0 +1,798 @@
+//! `derpprobe`: checks every node of a derpMap as a real Tailscale client would (TCP, TLS
+//! with the `sha256-raw:` pin, DERP handshake, a packet round trip, STUN, and packets across
+//! every mesh pair) and prints a table, JSON, or serves Prometheus metrics continuously.
+//!
+//! The map comes from a file, an `http://` URL (e.g. the operator's `/derpmap.json`), or a
+//! ConfigMap written by the operator (`--configmap namespace/name`). The ConfigMap is read by
+//! running `kubectl get configmap -o json` (honouring `--kubeconfig`/`--context`, else
+//! kubectl's own defaults): this keeps kube-rs and its dependency tree out of `derper`.
+//! All three published formats are accepted (`derpmap.json`, `policy.hujson`,
+//! `headscale.yaml`), auto-detected unless `--format` says otherwise.
+//!
+//! Exit status: 0 when every check passed, 1 when any check failed, 2 when the map cannot
+//! be read or the command line is wrong.
+//!
+//! The checks themselves live in [`derper::probe`]; this file owns only input, output and
+//! the metrics loop.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Parser;
+use derper::args::LogFormat;
+use derper::probe::{self, DerpMap, MapFormat, ProbeOptions, Report, Status};
+use http_body_util::{BodyExt as _, Empty};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+/// Exit status when a check failed.
+const EXIT_FAILED: u8 = 1;
+/// Exit status when the map could not be read (clap also uses 2 for usage errors).
+const EXIT_MAP: u8 = 2;
+/// Limit for fetching a map over HTTP or running kubectl.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Probe every node of a derpMap like a Tailscale client would.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// derpMap file, or an http:// URL (e.g. the operator's /derpmap.json).
+    #[arg(
+        long,
+        env = "DERPPROBE_DERP_MAP",
+        required_unless_present = "configmap"
+    )]
+    derp_map: Option<String>,
+
+    /// Read the map from this ConfigMap (`namespace/name`) via kubectl.
+    #[arg(long, env = "DERPPROBE_CONFIGMAP", conflicts_with = "derp_map")]
+    configmap: Option<String>,
+
+    /// ConfigMap key to read [default: the one for --format, else derpmap.json, policy.hujson,
+    /// headscale.yaml, whichever exists first].
+    #[arg(long, env = "DERPPROBE_CONFIGMAP_KEY", requires = "configmap")]
+    configmap_key: Option<String>,
+
+    /// kubeconfig for --configmap (passed to kubectl; default: kubectl's own lookup).
+    #[arg(long, env = "DERPPROBE_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+
+    /// kubeconfig context for --configmap.
+    #[arg(long, env = "DERPPROBE_CONTEXT")]
+    context: Option<String>,
+
+    /// kubectl binary used for --configmap.
+    #[arg(long, env = "DERPPROBE_KUBECTL", default_value = "kubectl")]
+    kubectl: PathBuf,
+
+    /// Map format: auto, json (derpmap.json), policy (policy.hujson) or headscale
+    /// (headscale.yaml).
+    #[arg(long, env = "DERPPROBE_FORMAT", default_value = "auto")]
+    format: String,
+
+    /// Only probe these regions (ID or code; repeat or comma-separate).
+    #[arg(long = "region", env = "DERPPROBE_REGION", value_delimiter = ',')]
+    regions: Vec<String>,
+
+    /// Print the report as JSON instead of a table.
+    #[arg(long, env = "DERPPROBE_JSON")]
+    json: bool,
+
+    /// Limit for each step (TCP, TLS, DERP handshake, packet delivery), e.g. 5s, 500ms.
+    #[arg(long, env = "DERPPROBE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    timeout: Duration,
+
+    /// Limit for the STUN check.
+    #[arg(long, env = "DERPPROBE_STUN_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
+    stun_timeout: Duration,
+
+    /// Limit for each cross-node (mesh) delivery.
+    #[arg(long, env = "DERPPROBE_MESH_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
+    mesh_timeout: Duration,
+
+    /// Skip the cross-node (mesh) checks.
+    #[arg(long, env = "DERPPROBE_NO_MESH")]
+    no_mesh: bool,
+
+    /// PEM trust anchors for nodes without a sha256-raw pin (otherwise their certificates are
+    /// recorded but not verified).
+    #[arg(long, env = "DERPPROBE_CA_FILE")]
+    ca_file: Option<PathBuf>,
+
+    /// Run continuously and serve Prometheus metrics on ADDR (/metrics, /healthz, /readyz).
+    #[arg(long, env = "DERPPROBE_LISTEN")]
+    listen: Option<SocketAddr>,
+
+    /// Time between probe runs with --listen.
+    #[arg(long, env = "DERPPROBE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    interval: Duration,
+
+    /// Log format (logs go to stderr).
+    #[arg(long, env = "DERPPROBE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
+    log_format: LogFormat,
+}
+
+/// Parses `500ms`, `5s`, `2m`, `1h` or a bare number of seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?} (use e.g. 500ms, 5s, 2m)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("invalid duration unit in {s:?} (ms, s, m or h)")),
+    };
+    if !(secs > 0.0 && secs.is_finite()) {
+        return Err(format!("duration {s:?} must be positive"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Where the map comes from, resolved from the arguments.
+#[derive(Debug, Clone)]
+enum MapSource {
+    File(PathBuf),
+    Url(String),
+    ConfigMap {
+        namespace: String,
+        name: String,
+        key: Option<String>,
+    },
+}
+
+/// Validated settings (no options left for required values).
+#[derive(Debug)]
+struct Config {
+    source: MapSource,
+    format: Option<MapFormat>,
+    regions: Vec<String>,
+    json: bool,
+    probe: ProbeOptions,
+    listen: Option<SocketAddr>,
+    interval: Duration,
+    kubectl: PathBuf,
+    kubeconfig: Option<PathBuf>,
+    context: Option<String>,
+}
+
+impl Args {
+    fn into_config(self) -> Result<(Config, LogFormat), String> {
+        let Args {
+            derp_map,
+            configmap,
+            configmap_key,
+            kubeconfig,
+            context,
+            kubectl,
+            format,
+            regions,
+            json,
+            timeout,
+            stun_timeout,
+            mesh_timeout,
+            no_mesh,
+            ca_file,
+            listen,
+            interval,
+            log_format,
+        } = self;
+        let format = match format.as_str() {
+            "auto" | "" => None,
+            f => Some(f.parse::<MapFormat>()?),
+        };
+        let source = match (derp_map, configmap) {
+            (Some(m), None) => {
+                if m.starts_with("http://") {
+                    MapSource::Url(m)
+                } else if m.starts_with("https://") {
+                    return Err(format!(
+                        "--derp-map {m}: https URLs are not supported; use http:// (e.g. the \
+                         operator's Service), a file, or --configmap"
+                    ));
+                } else {
+                    MapSource::File(PathBuf::from(m))
+                }
+            }
+            (None, Some(cm)) => {
+                let Some((ns, name)) = cm.split_once('/') else {
+                    return Err(format!("--configmap {cm:?}: expected namespace/name"));
+                };
+                if ns.is_empty() || name.is_empty() || name.contains('/') {
+                    return Err(format!("--configmap {cm:?}: expected namespace/name"));
+                }
+                MapSource::ConfigMap {
+                    namespace: ns.to_owned(),
+                    name: name.to_owned(),
+                    key: configmap_key,
+                }
+            }
+            _ => return Err("give exactly one of --derp-map and --configmap".into()),
+        };
+        let mut roots = Vec::new();
+        if let Some(path) = ca_file {
+            let pem =
+                std::fs::read(&path).map_err(|e| format!("--ca-file {}: {e}", path.display()))?;
+            for c in rustls_pemfile::certs(&mut pem.as_slice()) {
+                roots.push(c.map_err(|e| format!("--ca-file {}: {e}", path.display()))?);
+            }
+            if roots.is_empty() {
+                return Err(format!(
+                    "--ca-file {}: no PEM certificates found",
+                    path.display()
+                ));
+            }
+        }
+        let probe = ProbeOptions {
+            timeout,
+            stun_timeout,
+            mesh_timeout,
+            mesh: !no_mesh,
+            roots,
+        };
+        Ok((
+            Config {
+                source,
+                format,
+                regions,
+                json,
+                probe,
+                listen,
+                interval,
+                kubectl,
+                kubeconfig,
+                context,
+            },
+            log_format,
+        ))
+    }
+}
+
+/// Fetches `url` (plain HTTP/1.1) and returns the body.
+async fn fetch(url: &str) -> Result<String, String> {
+    let uri: http::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+    let host = uri
+        .host()
+        .ok_or_else(|| format!("{url}: no host"))?
+        .to_owned();
+    let port = uri.port_u16().unwrap_or(80);
+    let authority = uri
+        .authority()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| host.clone());
+    let path = uri
+        .path_and_query()
+        .map(|p| p.to_string())
+        .unwrap_or_else(|| "/".into());
+    let host_for_connect = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let tcp = tokio::net::TcpStream::connect((host_for_connect.as_str(), port))
+        .await
+        .map_err(|e| format!("{url}: connecting: {e}"))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+    tokio::spawn(conn);
+    let req = http::Request::get(path)
+        .header(http::header::HOST, authority)
+        .header(http::header::USER_AGENT, "derpprobe")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| format!("{url}: {e}"))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("{url}: reading the body: {e}"))?
+        .to_bytes();
+    if !status.is_success() {
+        return Err(format!(
+            "{url}: HTTP {status}: {}",
+            String::from_utf8_lossy(&body).trim()
+        ));
+    }
+    String::from_utf8(body.to_vec()).map_err(|_| format!("{url}: the body is not UTF-8"))
+}
+
+/// Reads a ConfigMap with kubectl; returns (text, source name, format implied by the key).
+async fn read_configmap(
+    cfg: &Config,
+    namespace: &str,
+    name: &str,
+    key: Option<&str>,
+) -> Result<(String, String, Option<MapFormat>), String> {
+    let mut cmd = tokio::process::Command::new(&cfg.kubectl);
+    if let Some(k) = &cfg.kubeconfig {
+        cmd.arg("--kubeconfig").arg(k);
+    }
+    if let Some(c) = &cfg.context {
+        cmd.arg("--context").arg(c);
+    }
+    cmd.args(["get", "configmap", name, "-n", namespace, "-o", "json"])
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let what = format!("configmap {namespace}/{name}");
+    let out = tokio::time::timeout(FETCH_TIMEOUT, cmd.output())
+        .await
+        .map_err(|_| format!("{what}: kubectl did not finish within {FETCH_TIMEOUT:?}"))?
+        .map_err(|e| format!("{what}: running {}: {e}", cfg.kubectl.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{what}: kubectl failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("{what}: kubectl printed invalid JSON: {e}"))?;
+    let data = v
+        .get("data")
+        .and_then(|d| d.as_object())
+        .ok_or_else(|| format!("{what}: the ConfigMap has no data"))?;
+    let candidates: Vec<String> = match (key, cfg.format) {
+        (Some(k), _) => vec![k.to_owned()],
+        (None, Some(f)) => vec![f.configmap_key().to_owned()],
+        (None, None) => [MapFormat::Json, MapFormat::Policy, MapFormat::Headscale]
+            .iter()
+            .map(|f| f.configmap_key().to_owned())
+            .collect(),
+    };
+    for k in &candidates {
+        if let Some(text) = data.get(k).and_then(|t| t.as_str()) {
+            let implied = [MapFormat::Json, MapFormat::Policy, MapFormat::Headscale]
+                .into_iter()
+                .find(|f| f.configmap_key() == k);
+            return Ok((text.to_owned(), format!("{what} key {k}"), implied));
+        }
+    }
+    let have: Vec<&String> = data.keys().collect();
+    Err(format!(
+        "{what}: none of the keys {candidates:?} exists (keys: {have:?})"
+    ))
+}
+
+/// Loads, parses and filters the map. Errors name the source and the line or field.
+async fn load_map(cfg: &Config) -> Result<(DerpMap, MapFormat, String), String> {
+    let (text, source, implied) = match &cfg.source {
+        MapSource::File(p) => {
+            let text = tokio::fs::read_to_string(p)
+                .await
+                .map_err(|e| format!("reading {}: {e}", p.display()))?;
+            let ext = p.extension().and_then(|e| e.to_str()).unwrap_or_default();
+            let implied = match ext {
+                "hujson" => Some(MapFormat::Policy),
+                "yaml" | "yml" => Some(MapFormat::Headscale),
+                _ => None,
+            };
+            (text, p.display().to_string(), implied)
+        }
+        MapSource::Url(u) => {
+            let text = tokio::time::timeout(FETCH_TIMEOUT, fetch(u))
+                .await
+                .map_err(|_| format!("{u}: no answer within {FETCH_TIMEOUT:?}"))??;
+            (text, u.clone(), None)
+        }
+        MapSource::ConfigMap {
+            namespace,
+            name,
+            key,
+        } => read_configmap(cfg, namespace, name, key.as_deref()).await?,
+    };
+    let format = cfg.format.or(implied);
+    let (map, format) = probe::parse_map(&text, format, &source).map_err(|e| e.to_string())?;
+    let map = map
+        .filter_regions(&cfg.regions)
+        .map_err(|e| format!("{source}: {e}"))?;
+    Ok((map, format, source))
+}
+
+// ---------------------------------------------------------------------------------------
+// Output
+
+fn cell(c: &probe::Check) -> String {
+    let word = match c.status {
+        Status::Pass => "ok",
+        Status::Fail => "FAIL",
+        Status::Skip => "-",
+    };
+    match c.latency_ms {
+        Some(ms) if c.status == Status::Pass => format!("{word} {ms:.1}ms"),
+        _ => word.to_owned(),
+    }
+}
+
+/// Renders the human table, then mesh checks, notes and failure explanations.
+fn render_table(report: &Report, source: &str, format: MapFormat) -> String {
+    let mut rows: Vec<Vec<String>> = vec![
+        [
+            "REGION",
+            "NODE",
+            "ADDRESS",
+            "TCP",
+            "TLS",
+            "DERP",
+            "ROUNDTRIP",
+            "STUN",
+            "MAPPED",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect(),
+    ];
+    for r in &report.regions {
+        for n in &r.nodes {
+            let mut row = vec![
+                format!("{} {}", r.region_id, r.region_code)
+                    .trim()
+                    .to_owned(),
+                n.name.clone(),
+                n.address
+                    .clone()
+                    .or_else(|| n.stun_address.clone())
+                    .unwrap_or_else(|| "-".into()),
+            ];
+            row.extend(n.checks.iter().iter().map(|(_, c)| cell(c)));
+            row.push(n.stun_mapped_address.clone().unwrap_or_else(|| "-".into()));
+            rows.push(row);
+        }
+    }
+    let ncol = rows[0].len();
+    let widths: Vec<usize> = (0..ncol)
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = format!("derpMap: {source} ({format})\n");
+    for row in &rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    let mesh: Vec<_> = report
+        .regions
+        .iter()
+        .flat_map(|r| r.mesh.iter().map(move |m| (r, m)))
+        .collect();
+    if !mesh.is_empty() {
+        out.push_str("\nmesh (packet between probe clients on different nodes):\n");
+        for (r, m) in mesh {
+            out.push_str(&format!(
+                "  {} {} -> {}  {}\n",
+                r.region_id,
+                m.from,
+                m.to,
+                cell(&m.check)
+            ));
+        }
+    }
+    let mut notes = Vec::new();
+    for r in &report.regions {
+        for n in &r.nodes {
+            for note in &n.notes {
+                notes.push(format!("  {}/{}: {note}", r.region_id, n.name));
+            }
+        }
+    }
+    if !notes.is_empty() {
+        out.push_str("\nnotes:\n");
+        for n in notes {
+            out.push_str(&n);
+            out.push('\n');
+        }
+    }
+    let failures = report.failures();
+    let total: usize = report
+        .regions
+        .iter()
+        .map(|r| {
+            r.nodes
+                .iter()
+                .map(|n| {
+                    n.checks
+                        .iter()
+                        .iter()
+                        .filter(|(_, c)| c.status != Status::Skip)
+                        .count()
+                })
+                .sum::<usize>()
+                + r.mesh.len()
+        })
+        .sum();
+    if failures.is_empty() {
+        out.push_str(&format!("\nall {total} checks passed\n"));
+    } else {
+        out.push_str(&format!("\n{} of {total} checks failed:\n", failures.len()));
+        for f in failures {
+            out.push_str(&format!("  {f}\n"));
+        }
+    }
+    out
+}
+
+#[allow(clippy::print_stdout)]
+fn print_out(s: &str) {
+    print!("{s}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Metrics
+
+type Labels = Vec<(String, String)>;
+
+/// derpprobe's metrics, registered under the `derpprobe` prefix.
+#[derive(Debug, Default)]
+struct Metrics {
+    check_ok: Family<Labels, Gauge>,
+    check_latency: Family<Labels, Gauge<f64, AtomicU64>>,
+    mesh_ok: Family<Labels, Gauge>,
+    mesh_latency: Family<Labels, Gauge<f64, AtomicU64>>,
+    runs: Counter,
+    failed_runs: Counter,
+    map_errors: Counter,
+    last_run_ok: Gauge,
+    last_run_timestamp: Gauge<f64, AtomicU64>,
+}
+
+impl Metrics {
+    fn register(r: &mut Registry) -> Arc<Self> {
+        let m = Self::default();
+        r.register(
+            "check_ok",
+            "1 when the last probe of this node's check passed, 0 when it failed (not set when \
+             skipped); check = tcp|tls|derp|round_trip|stun",
+            m.check_ok.clone(),
+        );
+        r.register(
+            "check_latency_seconds",
+            "Latency of the last passed check",
+            m.check_latency.clone(),
+        );
+        r.register(
+            "mesh_ok",
+            "1 when the last packet from a probe client on `from` reached one on `to`",
+            m.mesh_ok.clone(),
+        );
+        r.register(
+            "mesh_latency_seconds",
+            "Delivery time of the last cross-node packet",
+            m.mesh_latency.clone(),
+        );
+        r.register(
+            "runs",
+            "Probe runs completed (map read and probed)",
+            m.runs.clone(),
+        );
+        r.register(
+            "failed_runs",
+            "Probe runs in which at least one check failed",
+            m.failed_runs.clone(),
+        );
+        r.register(
+            "map_errors",
+            "Probe runs that could not read or parse the derpMap",
+            m.map_errors.clone(),
+        );
+        r.register(
+            "last_run_ok",
+            "1 when every check of the last run passed",
+            m.last_run_ok.clone(),
+        );
+        r.register(
+            "last_run_timestamp_seconds",
+            "Unix time the last run finished",
+            m.last_run_timestamp.clone(),
+        );
+        Arc::new(m)
+    }
+
+    fn record(&self, report: &Report) {
+        // Regions or nodes may disappear between runs: start from empty families.
+        self.check_ok.clear();
+        self.check_latency.clear();
+        self.mesh_ok.clear();
+        self.mesh_latency.clear();
+        for r in &report.regions {
+            for n in &r.nodes {
+                for (check, c) in n.checks.iter() {
+                    if c.status == Status::Skip {
+                        continue;
+                    }
+                    let labels = vec![
+                        ("region".to_owned(), r.region_id.to_string()),
+                        ("node".to_owned(), n.name.clone()),
+                        ("check".to_owned(), check.to_owned()),
+                    ];
+                    self.check_ok
+                        .get_or_create(&labels)
+                        .set(i64::from(c.status == Status::Pass));
+                    if let Some(ms) = c.latency_ms {
+                        self.check_latency.get_or_create(&labels).set(ms / 1000.0);
+                    }
+                }
+            }
+            for m in &r.mesh {
+                let labels = vec![
+                    ("region".to_owned(), r.region_id.to_string()),
+                    ("from".to_owned(), m.from.clone()),
+                    ("to".to_owned(), m.to.clone()),
+                ];
+                self.mesh_ok
+                    .get_or_create(&labels)
+                    .set(i64::from(m.check.status == Status::Pass));
+                if let Some(ms) = m.check.latency_ms {
+                    self.mesh_latency.get_or_create(&labels).set(ms / 1000.0);
+                }
+            }
+        }
+        self.runs.inc();
+        if !report.ok {
+            self.failed_runs.inc();
+        }
+        self.last_run_ok.set(i64::from(report.ok));
+        self.stamp();
+    }
+
+    fn stamp(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or_default();
+        self.last_run_timestamp.set(now);
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+async fn run_continuous(cfg: Config, listen: SocketAddr) -> ExitCode {
+    let mut reg = Registry::with_prefix("derpprobe");
+    let metrics = Metrics::register(&mut reg);
+    let registry = Arc::new(reg);
+    let listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(addr = %listen, error = %e, "cannot listen");
+            return ExitCode::from(EXIT_MAP);
+        }
+    };
+    let bound = listener.local_addr().unwrap_or(listen);
+    tracing::info!(addr = %bound, "serving metrics on /metrics");
+    let ready = derper::metrics::Readiness::default();
+    let cancel = CancellationToken::new();
+    let server = tokio::spawn(derper::metrics::serve_admin(
+        listener,
+        registry,
+        ready.clone(),
+        cancel.clone(),
+    ));
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        let run = async {
+            match load_map(&cfg).await {
+                Err(e) => {
+                    metrics.map_errors.inc();
+                    metrics.last_run_ok.set(0);
+                    metrics.stamp();
+                    tracing::error!(error = %e, "cannot read the derpMap");
+                }
+                Ok((map, _, _)) => {
+                    let report = probe::probe_map(&map, &cfg.probe).await;
+                    metrics.record(&report);
+                    let failures = report.failures();
+                    if failures.is_empty() {
+                        tracing::info!(
+                            regions = report.regions.len(),
+                            "probe run: all checks passed"
+                        );
+                    } else {
+                        for f in &failures {
+                            tracing::warn!(failure = %f, "probe check failed");
+                        }
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = run => {}
+        }
+        ready.set(true);
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tokio::time::sleep(cfg.interval) => {}
+        }
+    }
+    cancel.cancel();
+    let _ = server.await;
+    ExitCode::SUCCESS
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let (cfg, log_format) = match args.into_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("derpprobe: {e}");
+            return ExitCode::from(EXIT_MAP);
+        }
+    };
+    derper::telemetry::init(log_format);
+    if let Some(listen) = cfg.listen {
+        return run_continuous(cfg, listen).await;
+    }
+    let (map, format, source) = match load_map(&cfg).await {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("derpprobe: cannot use the derpMap: {e}");
+            return ExitCode::from(EXIT_MAP);
+        }
+    };
+    let report = probe::probe_map(&map, &cfg.probe).await;
+    if cfg.json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(s) => print_out(&format!("{s}\n")),
+            Err(e) => {
+                eprintln!("derpprobe: encoding JSON: {e}");
+                return ExitCode::from(EXIT_FAILED);
+            }
+        }
+    } else {
+        print_out(&render_table(&report, &source, format));
+    }
+    if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILED)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("5x").is_err());
+    }
+}

@@ -1,0 +1,973 @@
+//! `derper::probe` and the `derpprobe` binary against in-process relays on 127.0.0.1
+//! (`derper::testing`): healthy nodes, a wrong pin, a dead STUN port, a metacert, unmeshed
+//! nodes, every derpMap format (golden inputs in the operator's renderings), the JSON
+//! schema, the exit codes, the ConfigMap (fake kubectl), URL and metrics modes.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use derper::probe::{self, DerpMap, DerpNode, DerpRegion, MapFormat, ProbeOptions, Report, Status};
+use derper::testing::{self, TestServer, TestServerOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn opts() -> ProbeOptions {
+    ProbeOptions {
+        timeout: Duration::from_secs(3),
+        stun_timeout: Duration::from_millis(1500),
+        mesh_timeout: Duration::from_millis(1500),
+        ..ProbeOptions::default()
+    }
+}
+
+fn node_for(s: &TestServer, name: &str) -> DerpNode {
+    DerpNode {
+        name: name.into(),
+        region_id: 900,
+        host_name: "127.0.0.1".into(),
+        cert_name: s.pin.clone(),
+        ipv4: "127.0.0.1".into(),
+        ipv6: "none".into(),
+        stun_port: i64::from(s.stun_addr.expect("stun on").port()),
+        derp_port: i64::from(s.addr.port()),
+        ..DerpNode::default()
+    }
+}
+
+fn map_of(nodes: Vec<DerpNode>) -> DerpMap {
+    let mut regions = BTreeMap::new();
+    regions.insert(
+        900,
+        DerpRegion {
+            region_id: 900,
+            region_code: "test".into(),
+            region_name: "Test".into(),
+            nodes,
+        },
+    );
+    DerpMap {
+        regions,
+        omit_default_regions: true,
+    }
+}
+
+async fn server() -> TestServer {
+    testing::start(TestServerOptions::default()).await
+}
+
+/// A UDP port on 127.0.0.1 with nothing listening.
+fn closed_udp_port() -> u16 {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.local_addr().unwrap().port()
+}
+
+async fn bounded<F: Future>(f: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(25), f)
+        .await
+        .expect("test step exceeded 25 s")
+}
+
+#[tokio::test]
+async fn healthy_node_passes_every_check_with_latencies_and_mapped_address() {
+    let s = server().await;
+    let report = bounded(probe::probe_map(&map_of(vec![node_for(&s, "n1")]), &opts())).await;
+    assert!(report.ok, "{:#?}", report);
+    let n = &report.regions[0].nodes[0];
+    for (name, c) in n.checks.iter() {
+        assert_eq!(c.status, Status::Pass, "{name}: {}", c.message);
+        assert!(
+            c.latency_ms.is_some_and(|l| l >= 0.0),
+            "{name} has a latency"
+        );
+    }
+    assert_eq!(
+        n.stun_mapped_address
+            .as_deref()
+            .map(|a| a.starts_with("127.0.0.1:")),
+        Some(true)
+    );
+    let tls = n.tls.as_ref().unwrap();
+    assert_eq!(tls.presented_pin.as_deref(), Some(s.pin.as_str()));
+    assert_eq!(tls.expected_pin.as_deref(), Some(s.pin.as_str()));
+    assert_eq!(tls.chain_len, 1);
+    assert!(tls.metacert.is_none());
+    assert_eq!(n.fast_start, Some(false));
+    assert_eq!(
+        n.server_key.as_deref(),
+        Some(s.server_key.to_nodekey_string().as_str())
+    );
+    assert!(report.regions[0].mesh.is_empty(), "one node: no mesh pairs");
+    assert!(report.failures().is_empty());
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn wrong_pin_fails_tls_and_shows_both_pins() {
+    let s = server().await;
+    let mut node = node_for(&s, "n1");
+    let wrong = format!("sha256-raw:{}", "0".repeat(64));
+    node.cert_name = wrong.clone();
+    let report = bounded(probe::probe_map(&map_of(vec![node]), &opts())).await;
+    assert!(!report.ok);
+    let n = &report.regions[0].nodes[0];
+    assert_eq!(n.checks.tcp.status, Status::Pass);
+    assert_eq!(n.checks.tls.status, Status::Fail);
+    let msg = &n.checks.tls.message;
+    assert!(msg.contains(&wrong), "expected pin shown: {msg}");
+    assert!(msg.contains(&s.pin), "presented pin shown: {msg}");
+    assert_eq!(n.checks.derp.status, Status::Skip);
+    assert_eq!(n.checks.round_trip.status, Status::Skip);
+    assert_eq!(
+        n.checks.stun.status,
+        Status::Pass,
+        "STUN does not depend on TLS"
+    );
+    let tls = n.tls.as_ref().unwrap();
+    assert_eq!(tls.presented_pin.as_deref(), Some(s.pin.as_str()));
+    assert_eq!(report.failures().len(), 1, "{:?}", report.failures());
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn uppercase_pin_is_explained_as_a_case_problem() {
+    let s = server().await;
+    let mut node = node_for(&s, "n1");
+    node.cert_name = format!(
+        "sha256-raw:{}",
+        s.pin.trim_start_matches("sha256-raw:").to_ascii_uppercase()
+    );
+    let report = bounded(probe::probe_map(&map_of(vec![node]), &opts())).await;
+    let msg = &report.regions[0].nodes[0].checks.tls.message;
+    assert!(msg.contains("letter case"), "{msg}");
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn closed_stun_port_fails_only_the_stun_check() {
+    let s = server().await;
+    let mut node = node_for(&s, "n1");
+    node.stun_port = i64::from(closed_udp_port());
+    let report = bounded(probe::probe_map(&map_of(vec![node]), &opts())).await;
+    assert!(!report.ok);
+    let n = &report.regions[0].nodes[0];
+    for (name, c) in n.checks.iter() {
+        let want = if name == "stun" {
+            Status::Fail
+        } else {
+            Status::Pass
+        };
+        assert_eq!(c.status, want, "{name}: {}", c.message);
+    }
+    assert!(
+        n.checks.stun.message.contains("no STUN answer"),
+        "{}",
+        n.checks.stun.message
+    );
+    assert_eq!(report.failures().len(), 1);
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn stun_port_minus_one_is_skipped_not_failed() {
+    let s = server().await;
+    let mut node = node_for(&s, "n1");
+    node.stun_port = -1;
+    let report = bounded(probe::probe_map(&map_of(vec![node]), &opts())).await;
+    assert!(report.ok);
+    assert_eq!(report.regions[0].nodes[0].checks.stun.status, Status::Skip);
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn stun_only_node_gets_only_the_stun_check() {
+    let s = server().await;
+    let mut node = node_for(&s, "s1");
+    node.stun_only = true;
+    node.derp_port = i64::from(closed_udp_port());
+    let report = bounded(probe::probe_map(&map_of(vec![node]), &opts())).await;
+    assert!(report.ok, "{:?}", report.failures());
+    let c = &report.regions[0].nodes[0].checks;
+    assert_eq!(c.stun.status, Status::Pass);
+    for st in [&c.tcp, &c.tls, &c.derp, &c.round_trip] {
+        assert_eq!(st.status, Status::Skip);
+    }
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn metacert_is_noted_with_the_client_versions_it_breaks() {
+    let s = testing::start(TestServerOptions {
+        metacert: true,
+        ..TestServerOptions::default()
+    })
+    .await;
+    let report = bounded(probe::probe_map(&map_of(vec![node_for(&s, "n1")]), &opts())).await;
+    assert!(
+        report.ok,
+        "a metacert is noted, not failed: {:?}",
+        report.failures()
+    );
+    let n = &report.regions[0].nodes[0];
+    let tls = n.tls.as_ref().unwrap();
+    assert_eq!(tls.chain_len, 2);
+    let meta = tls.metacert.as_ref().expect("metacert recorded");
+    assert!(meta.common_name.starts_with("derpkey"));
+    assert_eq!(meta.matches_server_key, Some(true));
+    assert!(meta.breaks.contains("v1.82.0–v1.82.5"), "{}", meta.breaks);
+    assert!(
+        n.notes
+            .iter()
+            .any(|x| x.contains("metacert") && x.contains("v1.82")),
+        "{:?}",
+        n.notes
+    );
+    assert_eq!(
+        n.fast_start,
+        Some(true),
+        "TLS 1.3 + metacert: fast start like Go"
+    );
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn unmeshed_nodes_fail_the_cross_node_check_in_both_directions() {
+    let (a, b) = (server().await, server().await);
+    let map = map_of(vec![node_for(&a, "n1"), node_for(&b, "n2")]);
+    let report = bounded(probe::probe_map(&map, &opts())).await;
+    assert!(!report.ok);
+    let r = &report.regions[0];
+    assert!(r.nodes.iter().all(|n| n.ok), "each node alone is healthy");
+    assert_eq!(r.mesh.len(), 2);
+    let dirs: Vec<(&str, &str)> = r
+        .mesh
+        .iter()
+        .map(|m| (m.from.as_str(), m.to.as_str()))
+        .collect();
+    assert_eq!(dirs, vec![("n1", "n2"), ("n2", "n1")]);
+    for m in &r.mesh {
+        assert_eq!(m.check.status, Status::Fail);
+        assert!(
+            m.check.message.contains("not meshed"),
+            "{}",
+            m.check.message
+        );
+    }
+    let f = report.failures();
+    assert_eq!(f.len(), 2, "{f:?}");
+    assert!(f[0].starts_with("900/n1->n2 mesh:"), "{f:?}");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_stopped_peer_fails_its_node_checks_and_the_pairs_with_it() {
+    let (a, b) = (server().await, server().await);
+    let map = map_of(vec![node_for(&a, "n1"), node_for(&b, "n2")]);
+    b.shutdown().await;
+    let report = bounded(probe::probe_map(&map, &opts())).await;
+    let r = &report.regions[0];
+    assert!(r.nodes[0].ok);
+    assert_eq!(r.nodes[1].checks.tcp.status, Status::Fail);
+    assert!(
+        r.nodes[1]
+            .checks
+            .tcp
+            .message
+            .contains("connecting to 127.0.0.1:")
+    );
+    for m in &r.mesh {
+        assert_eq!(m.check.status, Status::Fail);
+        assert!(
+            m.check.message.contains("no working probe clients on n2"),
+            "{}",
+            m.check.message
+        );
+    }
+    a.shutdown().await;
+}
+
+#[tokio::test]
+async fn mesh_checks_can_be_turned_off() {
+    let (a, b) = (server().await, server().await);
+    let map = map_of(vec![node_for(&a, "n1"), node_for(&b, "n2")]);
+    let o = ProbeOptions {
+        mesh: false,
+        ..opts()
+    };
+    let report = bounded(probe::probe_map(&map, &o)).await;
+    assert!(report.ok);
+    assert!(report.regions[0].mesh.is_empty());
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn report_json_schema() {
+    let s = server().await;
+    let report = bounded(probe::probe_map(&map_of(vec![node_for(&s, "n1")]), &opts())).await;
+    let v = serde_json::to_value(&report).unwrap();
+    assert_eq!(v["version"], 1);
+    assert_eq!(v["ok"], true);
+    let r = &v["regions"][0];
+    assert_eq!(r["region_id"], 900);
+    assert_eq!(r["region_code"], "test");
+    assert!(r["mesh"].is_array() && r["problems"].is_array());
+    let n = &r["nodes"][0];
+    for key in [
+        "name",
+        "region_id",
+        "host_name",
+        "address",
+        "stun_address",
+        "ok",
+        "checks",
+        "server_key",
+        "fast_start",
+        "tls",
+        "stun_mapped_address",
+        "notes",
+    ] {
+        assert!(n.get(key).is_some(), "node has {key}: {n}");
+    }
+    for check in ["tcp", "tls", "derp", "round_trip", "stun"] {
+        let c = &n["checks"][check];
+        assert_eq!(c["status"], "pass", "{check}");
+        assert!(c["message"].is_string());
+        assert!(c["latency_ms"].is_number());
+    }
+    for key in [
+        "version",
+        "expected_pin",
+        "presented_pin",
+        "chain_len",
+        "leaf_not_after",
+        "metacert",
+    ] {
+        assert!(n["tls"].get(key).is_some(), "tls has {key}");
+    }
+    assert_eq!(n["tls"]["version"], "TLSv1.3");
+    s.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// derpMap formats (golden inputs as operator/src/plan/derpmap.rs renders them)
+
+const PIN_A: &str = "sha256-raw:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+
+const GOLDEN_JSON: &str = r#"{
+  "Regions": {
+    "900": {
+      "RegionID": 900,
+      "RegionCode": "home",
+      "RegionName": "Home",
+      "Nodes": [
+        {
+          "Name": "n1",
+          "RegionID": 900,
+          "HostName": "203.0.113.1",
+          "CertName": "sha256-raw:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+          "IPv4": "203.0.113.1",
+          "IPv6": "none",
+          "STUNPort": 3478,
+          "DERPPort": 443,
+          "CanPort80": true
+        },
+        {
+          "Name": "n2",
+          "RegionID": 900,
+          "HostName": "203.0.113.2",
+          "CertName": "sha256-raw:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb",
+          "IPv4": "203.0.113.2",
+          "IPv6": "2001:db8::2",
+          "STUNPort": -1,
+          "DERPPort": 8443
+        }
+      ]
+    }
+  },
+  "omitDefaultRegions": true
+}
+"#;
+
+const GOLDEN_POLICY: &str = r#"// DERP map generated by kubederp from DerpRegion ns/home.
+// Paste this block at the top level of your tailnet policy file.
+"derpMap": {
+  "OmitDefaultRegions": true,
+  "Regions": {
+    "900": {
+      "RegionID": 900,
+      "RegionCode": "home",
+      "RegionName": "Home",
+      "Nodes": [
+        {
+          "Name": "n1",
+          "RegionID": 900,
+          "HostName": "203.0.113.1",
+          "CertName": "sha256-raw:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+          "IPv4": "203.0.113.1",
+          "IPv6": "none",
+          "STUNPort": 3478,
+          "DERPPort": 443,
+          "CanPort80": true
+        },
+        {
+          "Name": "n2",
+          "RegionID": 900,
+          "HostName": "203.0.113.2",
+          "CertName": "sha256-raw:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb",
+          "IPv4": "203.0.113.2",
+          "IPv6": "2001:db8::2",
+          "STUNPort": -1,
+          "DERPPort": 8443
+        }
+      ]
+    }
+  }
+},
+"#;
+
+const GOLDEN_HEADSCALE: &str = "regions:
+  900:
+    regionid: 900
+    regioncode: home
+    regionname: Home
+    nodes:
+    - name: n1
+      regionid: 900
+      hostname: 203.0.113.1
+      certname: sha256-raw:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa
+      ipv4: 203.0.113.1
+      ipv6: none
+      stunport: 3478
+      derpport: 443
+      canport80: true
+    - name: n2
+      regionid: 900
+      hostname: 203.0.113.2
+      certname: sha256-raw:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb
+      ipv4: 203.0.113.2
+      ipv6: 2001:db8::2
+      stunport: -1
+      derpport: 8443
+";
+
+/// A whole tailnet policy file: comments, trailing commas, other sections.
+const FULL_POLICY: &str = r#"{
+  // tailnet policy
+  "acls": [
+    {"action": "accept", "src": ["*"], "dst": ["*:*"],}, /* allow all */
+  ],
+  "derpMap": {
+    "OmitDefaultRegions": true,
+    "Regions": {
+      "900": {
+        "RegionID": 900, "RegionCode": "home", "RegionName": "Home",
+        "Nodes": [
+          {"Name": "n1", "RegionID": 900, "HostName": "203.0.113.1",
+           "CertName": "sha256-raw:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+           "IPv4": "203.0.113.1", "IPv6": "none", "STUNPort": 3478, "DERPPort": 443,
+           "CanPort80": true,},
+          // second node
+          {"Name": "n2", "RegionID": 900, "HostName": "203.0.113.2",
+           "CertName": "sha256-raw:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb",
+           "IPv4": "203.0.113.2", "IPv6": "2001:db8::2", "STUNPort": -1, "DERPPort": 8443},
+        ],
+      },
+    },
+  },
+}
+"#;
+
+fn golden_map() -> DerpMap {
+    let n = |name: &str, v4: &str, v6: &str, c: char, stun: i64, derp: i64, p80: bool| DerpNode {
+        name: name.into(),
+        region_id: 900,
+        host_name: v4.into(),
+        cert_name: format!("sha256-raw:{}", c.to_string().repeat(64)),
+        ipv4: v4.into(),
+        ipv6: v6.into(),
+        stun_port: stun,
+        derp_port: derp,
+        can_port80: p80,
+        ..DerpNode::default()
+    };
+    let mut m = map_of(vec![
+        n("n1", "203.0.113.1", "none", 'a', 3478, 443, true),
+        n("n2", "203.0.113.2", "2001:db8::2", 'b', -1, 8443, false),
+    ]);
+    let r = m.regions.get_mut(&900).unwrap();
+    r.region_code = "home".into();
+    r.region_name = "Home".into();
+    m
+}
+
+#[test]
+fn every_published_format_parses_to_the_same_map() {
+    let want = golden_map();
+    for (text, fmt, omit) in [
+        (GOLDEN_JSON, MapFormat::Json, true),
+        (GOLDEN_POLICY, MapFormat::Policy, true),
+        (FULL_POLICY, MapFormat::Policy, true),
+        (GOLDEN_HEADSCALE, MapFormat::Headscale, false),
+    ] {
+        let (got, detected) = probe::parse_map(text, None, "golden").unwrap();
+        assert_eq!(detected, fmt, "auto-detected format");
+        let mut want = want.clone();
+        want.omit_default_regions = omit;
+        assert_eq!(got, want, "{fmt}");
+        // Forcing the right format gives the same result.
+        let (forced, _) = probe::parse_map(text, Some(fmt), "golden").unwrap();
+        assert_eq!(forced, got);
+    }
+    assert_eq!(want.regions[&900].nodes[0].cert_name, PIN_A);
+}
+
+#[test]
+fn headscale_yaml_with_indented_sequences_and_comments_parses_too() {
+    let y = "# headscale derp map\nregions:\n  900:\n    regionid: 900\n    regioncode: home\n    regionname: Home\n    nodes:\n      - name: n1\n        regionid: 900\n        hostname: 203.0.113.1\n        stunport: 0\n        derpport: 0\n";
+    let (got, f) = probe::parse_map(y, None, "x").unwrap();
+    assert_eq!(f, MapFormat::Headscale);
+    let n = &got.regions[&900].nodes[0];
+    assert_eq!((n.name.as_str(), n.derp_port, n.stun_port), ("n1", 0, 0));
+}
+
+#[test]
+fn syntax_errors_name_the_source_line_and_column() {
+    let bad = GOLDEN_JSON.replace("\"RegionCode\": \"home\",", "\"RegionCode\": home,");
+    let e = probe::parse_map(&bad, None, "maps/derpmap.json").unwrap_err();
+    assert_eq!(e.line, Some(5), "{e}");
+    let s = e.to_string();
+    assert!(s.starts_with("maps/derpmap.json:5:"), "{s}");
+
+    let bad = GOLDEN_HEADSCALE.replace("    regioncode: home", "    regioncode: [home");
+    let e = probe::parse_map(&bad, Some(MapFormat::Headscale), "hs.yaml").unwrap_err();
+    assert!(e.line.is_some(), "{e}");
+    assert!(e.to_string().starts_with("hs.yaml:"), "{e}");
+
+    let e = probe::parse_map("   \n", None, "empty.json").unwrap_err();
+    assert!(e.to_string().contains("empty"), "{e}");
+}
+
+#[test]
+fn content_errors_name_the_field_path() {
+    let bad = GOLDEN_JSON.replace("\"DERPPort\": 8443", "\"DERPPort\": \"8443\"");
+    let e = probe::parse_map(&bad, None, "m.json").unwrap_err();
+    assert_eq!(
+        e.field.as_deref(),
+        Some("Regions.900.Nodes[1].DERPPort"),
+        "{e}"
+    );
+    assert!(
+        e.to_string()
+            .contains("expected an integer, found string \"8443\""),
+        "{e}"
+    );
+
+    let bad = GOLDEN_HEADSCALE.replace("      hostname: 203.0.113.2\n", "");
+    let e = probe::parse_map(&bad, None, "hs.yaml").unwrap_err();
+    assert_eq!(
+        e.field.as_deref(),
+        Some("Regions.900.Nodes[1].HostName"),
+        "{e}"
+    );
+
+    let bad = GOLDEN_POLICY.replace(
+        "sha256-raw:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb",
+        "sha256-raw:bbbb",
+    );
+    let e = probe::parse_map(&bad, None, "p.hujson").unwrap_err();
+    assert_eq!(
+        e.field.as_deref(),
+        Some("derpMap.Regions.900.Nodes[1].CertName"),
+        "{e}"
+    );
+
+    let e = probe::parse_map("{\"acls\": []}", Some(MapFormat::Policy), "p").unwrap_err();
+    assert_eq!(e.field.as_deref(), Some("derpMap"), "{e}");
+    let e = probe::parse_map("{\"Regions\": {}}", None, "m").unwrap_err();
+    assert!(e.to_string().contains("no regions"), "{e}");
+    let e = probe::parse_map("{\"Regions\": {\"x\": {}}}", None, "m").unwrap_err();
+    assert!(e.to_string().contains("not an integer region ID"), "{e}");
+}
+
+#[test]
+fn region_filter_by_id_or_code() {
+    let mut m = golden_map();
+    let mut r2 = m.regions[&900].clone();
+    r2.region_id = 901;
+    r2.region_code = "away".into();
+    m.regions.insert(901, r2);
+    let f = m.filter_regions(&["away".into()]).unwrap();
+    assert_eq!(f.regions.keys().copied().collect::<Vec<_>>(), vec![901]);
+    let f = m.filter_regions(&["900".into()]).unwrap();
+    assert_eq!(f.regions.keys().copied().collect::<Vec<_>>(), vec![900]);
+    let e = m.filter_regions(&["nope".into()]).unwrap_err();
+    assert!(e.contains("900 (home)") && e.contains("901 (away)"), "{e}");
+}
+
+// ---------------------------------------------------------------------------------------
+// The binary
+
+const BIN: &str = env!("CARGO_BIN_EXE_derpprobe");
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+async fn run_bin(args: &[&str]) -> Out {
+    let child = tokio::process::Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(25), child.wait_with_output())
+        .await
+        .expect("derpprobe finished within 25 s")
+        .unwrap();
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn write_map(dir: &Path, file: &str, map: &DerpMap) -> PathBuf {
+    let p = dir.join(file);
+    std::fs::write(&p, serde_json::to_string_pretty(map).unwrap()).unwrap();
+    p
+}
+
+const FAST: [&str; 6] = [
+    "--timeout",
+    "3s",
+    "--stun-timeout",
+    "1500ms",
+    "--mesh-timeout",
+    "1500ms",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_prints_a_table_and_exits_zero_when_healthy() {
+    let s = server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = write_map(
+        dir.path(),
+        "derpmap.json",
+        &map_of(vec![node_for(&s, "n1")]),
+    );
+    let mut args = vec!["--derp-map", p.to_str().unwrap()];
+    args.extend(FAST);
+    let o = run_bin(&args).await;
+    assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
+    assert!(o.stdout.contains("REGION"), "{}", o.stdout);
+    assert!(o.stdout.contains("n1"));
+    assert!(o.stdout.contains("all 5 checks passed"), "{}", o.stdout);
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_json_and_exit_one_on_wrong_pin() {
+    let s = server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = node_for(&s, "n1");
+    let wrong = format!("sha256-raw:{}", "1".repeat(64));
+    node.cert_name = wrong.clone();
+    let p = write_map(dir.path(), "derpmap.json", &map_of(vec![node]));
+    let mut args = vec!["--derp-map", p.to_str().unwrap(), "--json"];
+    args.extend(FAST);
+    let o = run_bin(&args).await;
+    assert_eq!(o.code, 1, "{}\n{}", o.stdout, o.stderr);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).expect("stdout is JSON");
+    assert_eq!(v["ok"], false);
+    let tls = &v["regions"][0]["nodes"][0]["checks"]["tls"];
+    assert_eq!(tls["status"], "fail");
+    let msg = tls["message"].as_str().unwrap();
+    assert!(msg.contains(&wrong) && msg.contains(&s.pin), "{msg}");
+    // The table says the same.
+    let mut args = vec!["--derp-map", p.to_str().unwrap()];
+    args.extend(FAST);
+    let o = run_bin(&args).await;
+    assert_eq!(o.code, 1);
+    assert!(
+        o.stdout.contains(&wrong) && o.stdout.contains(&s.pin),
+        "{}",
+        o.stdout
+    );
+    assert!(o.stdout.contains("1 of 3 checks failed"), "{}", o.stdout);
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn binary_exits_two_with_a_clear_error_for_unreadable_maps() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.json");
+    let o = run_bin(&["--derp-map", missing.to_str().unwrap()]).await;
+    assert_eq!(o.code, 2);
+    assert!(o.stderr.contains(missing.to_str().unwrap()), "{}", o.stderr);
+
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, "{\n  \"Regions\": {\n    \"900\": {,\n").unwrap();
+    let o = run_bin(&["--derp-map", bad.to_str().unwrap()]).await;
+    assert_eq!(o.code, 2);
+    let want = format!("{}:3:", bad.display());
+    assert!(o.stderr.contains(&want), "{}", o.stderr);
+
+    let hs = dir.path().join("hs.yaml");
+    std::fs::write(
+        &hs,
+        GOLDEN_HEADSCALE.replace("derpport: 8443", "derpport: high"),
+    )
+    .unwrap();
+    let o = run_bin(&["--derp-map", hs.to_str().unwrap()]).await;
+    assert_eq!(o.code, 2);
+    assert!(
+        o.stderr.contains("Regions.900.Nodes[1].DERPPort"),
+        "{}",
+        o.stderr
+    );
+
+    let o = run_bin(&["--derp-map", "https://example.invalid/derpmap.json"]).await;
+    assert_eq!(o.code, 2);
+    assert!(
+        o.stderr.contains("https URLs are not supported"),
+        "{}",
+        o.stderr
+    );
+
+    let good = dir.path().join("good.yaml");
+    std::fs::write(&good, GOLDEN_HEADSCALE).unwrap();
+    let o = run_bin(&["--derp-map", good.to_str().unwrap(), "--region", "777"]).await;
+    assert_eq!(o.code, 2);
+    assert!(
+        o.stderr.contains("region \"777\" is not in the map"),
+        "{}",
+        o.stderr
+    );
+}
+
+/// A fake kubectl that prints a ConfigMap holding all three renderings.
+fn fake_kubectl(dir: &Path, map: &DerpMap) -> PathBuf {
+    let json = serde_json::to_string_pretty(map).unwrap();
+    let policy = format!("// generated\n\"derpMap\": {json},\n");
+    let node = &map.regions[&900].nodes[0];
+    let headscale = format!(
+        "regions:\n  900:\n    regionid: 900\n    regioncode: test\n    regionname: Test\n    nodes:\n    - name: {}\n      regionid: 900\n      hostname: 127.0.0.1\n      certname: {}\n      ipv4: 127.0.0.1\n      ipv6: none\n      stunport: {}\n      derpport: {}\n",
+        node.name, node.cert_name, node.stun_port, node.derp_port
+    );
+    let cm = serde_json::json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "home-derpmap", "namespace": "derp"},
+        "data": {"derpmap.json": json, "policy.hujson": policy, "headscale.yaml": headscale},
+    });
+    std::fs::write(dir.join("cm.json"), cm.to_string()).unwrap();
+    let script = dir.join("kubectl");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$@\" > {args}\nif [ \"$*\" != \"--kubeconfig /kc get configmap home-derpmap -n derp -o json\" ]; then echo 'Error from server (NotFound): configmaps not found' >&2; exit 1; fi\ncat {cm}\n",
+            args = dir.join("args").display(),
+            cm = dir.join("cm.json").display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    script
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_reads_every_key_of_the_operator_configmap_via_kubectl() {
+    let s = server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubectl = fake_kubectl(dir.path(), &map_of(vec![node_for(&s, "n1")]));
+    for format in ["auto", "json", "policy", "headscale"] {
+        let mut args = vec![
+            "--configmap",
+            "derp/home-derpmap",
+            "--kubeconfig",
+            "/kc",
+            "--kubectl",
+            kubectl.to_str().unwrap(),
+            "--format",
+            format,
+            "--no-mesh",
+        ];
+        args.extend(FAST);
+        let o = run_bin(&args).await;
+        assert_eq!(o.code, 0, "{format}: {}\n{}", o.stdout, o.stderr);
+        let key = match format {
+            "policy" => "policy.hujson",
+            "headscale" => "headscale.yaml",
+            _ => "derpmap.json",
+        };
+        assert!(
+            o.stdout
+                .contains(&format!("configmap derp/home-derpmap key {key}")),
+            "{}",
+            o.stdout
+        );
+    }
+    let o = run_bin(&[
+        "--configmap",
+        "derp/other",
+        "--kubeconfig",
+        "/kc",
+        "--kubectl",
+        kubectl.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(o.code, 2);
+    assert!(
+        o.stderr.contains("configmap derp/other: kubectl failed"),
+        "{}",
+        o.stderr
+    );
+    assert!(o.stderr.contains("NotFound"), "{}", o.stderr);
+    let o = run_bin(&["--configmap", "no-slash"]).await;
+    assert_eq!(o.code, 2);
+    assert!(o.stderr.contains("expected namespace/name"), "{}", o.stderr);
+    s.shutdown().await;
+}
+
+/// Serves `body` to every HTTP request on 127.0.0.1:0.
+async fn serve_body(body: String) -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            let body = body.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_reads_a_map_from_an_http_url() {
+    let s = server().await;
+    let body = serde_json::to_string(&map_of(vec![node_for(&s, "n1")])).unwrap();
+    let addr = serve_body(body).await;
+    let url = format!("http://{addr}/derpmap.json");
+    let mut args = vec!["--derp-map", url.as_str(), "--json"];
+    args.extend(FAST);
+    let o = run_bin(&args).await;
+    assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(v["ok"], true);
+    s.shutdown().await;
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<String> {
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.ok()?;
+    Some(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_continuous_mode_serves_prometheus_metrics() {
+    let (a, b) = (server().await, server().await);
+    let dir = tempfile::tempdir().unwrap();
+    let mut n2 = node_for(&b, "n2");
+    n2.stun_port = i64::from(closed_udp_port());
+    let p = write_map(
+        dir.path(),
+        "derpmap.json",
+        &map_of(vec![node_for(&a, "n1"), n2]),
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = tokio::process::Command::new(BIN)
+        .args([
+            "--derp-map",
+            p.to_str().unwrap(),
+            "--listen",
+            &listen,
+            "--interval",
+            "1s",
+        ])
+        .args(FAST)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = listen.parse().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        if let Some(t) = http_get(addr, "/metrics").await
+            && t.contains("derpprobe_runs_total 1")
+        {
+            break t;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no completed run in metrics"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for want in [
+        "derpprobe_check_ok{region=\"900\",node=\"n1\",check=\"tls\"} 1",
+        "derpprobe_check_ok{region=\"900\",node=\"n1\",check=\"stun\"} 1",
+        "derpprobe_check_ok{region=\"900\",node=\"n2\",check=\"stun\"} 0",
+        "derpprobe_check_ok{region=\"900\",node=\"n2\",check=\"round_trip\"} 1",
+        "derpprobe_mesh_ok{region=\"900\",from=\"n1\",to=\"n2\"} 0",
+        "derpprobe_check_latency_seconds{region=\"900\",node=\"n1\",check=\"derp\"}",
+        "derpprobe_failed_runs_total 1",
+        "derpprobe_last_run_ok 0",
+    ] {
+        assert!(text.contains(want), "missing {want}:\n{text}");
+    }
+    let ready = http_get(addr, "/readyz").await.unwrap();
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    // Stop it the way Kubernetes would.
+    let pid = child.id().unwrap();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[test]
+fn report_type_is_exported_for_the_operator() {
+    fn takes(_: &Report) {}
+    let r = Report {
+        version: probe::REPORT_VERSION,
+        ok: true,
+        regions: vec![],
+    };
+    takes(&r);
+}
