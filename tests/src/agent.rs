@@ -777,13 +777,21 @@ impl Drop for NodeAgent {
 }
 
 /// SIGKILLs every process group and waits (up to 5 s) until they are reaped.
+/// Repeats the kill until the table is empty, in case a supervisor was between its last
+/// cancellation check and `spawn` (it kills its own process once it sees the cancellation).
 fn kill_all(procs: &Mutex<HashMap<u64, ProcEntry>>) {
-    let pids: Vec<i32> = lock(procs).values().map(|p| p.pid).collect();
-    for pid in &pids {
-        signal_group(*pid, libc::SIGKILL);
-    }
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !lock(procs).is_empty() && Instant::now() < deadline {
+    loop {
+        let pids: Vec<i32> = lock(procs).values().map(|p| p.pid).collect();
+        if pids.is_empty() || Instant::now() >= deadline {
+            if !pids.is_empty() {
+                tracing::error!(?pids, "processes still running 5s after SIGKILL");
+            }
+            return;
+        }
+        for pid in &pids {
+            signal_group(*pid, libc::SIGKILL);
+        }
         std::thread::park_timeout(Duration::from_millis(20));
     }
 }
@@ -2295,7 +2303,7 @@ impl StatusReporter {
             } else {
                 "Failed"
             }
-        } else if states.iter().all(|s| s.ever_started) || any_started {
+        } else if any_started {
             "Running"
         } else {
             "Pending"
@@ -2435,6 +2443,10 @@ fn spawn_process(ctx: &PodCtx, idx: usize, launch: &Launch) -> anyhow::Result<Ru
             container: c.name.clone(),
         },
     );
+    if ctx.shared.cancel.is_cancelled() {
+        // The agent stopped while we were spawning: never leave this one behind.
+        signal_group(pid, libc::SIGKILL);
+    }
     // The blocking thread reaps the child and then forgets it, so Drop can wait on `procs`.
     let exit = tokio::task::spawn_blocking(move || {
         let status = child.wait();
@@ -2456,7 +2468,8 @@ async fn supervise(ctx: Arc<PodCtx>, idx: usize, stop: CancellationToken) {
     let mut backoff = ctx.shared.config.restart_backoff;
     let mut first = true;
     loop {
-        if stop.is_cancelled() {
+        // The agent's own token too: after `Drop` the worker is gone but this task may not be.
+        if stop.is_cancelled() || ctx.shared.cancel.is_cancelled() {
             return;
         }
         if !first {
@@ -2563,7 +2576,7 @@ async fn supervise(ctx: Arc<PodCtx>, idx: usize, stop: CancellationToken) {
             terminated["message"] = json!(m);
         }
         tracing::info!(container = %c.name, exit_code = code, "container exited");
-        let stopping = stop.is_cancelled();
+        let stopping = stop.is_cancelled() || ctx.shared.cancel.is_cancelled();
         let restart = !stopping
             && match policy.as_str() {
                 "Always" => true,

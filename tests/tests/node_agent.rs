@@ -95,6 +95,19 @@ fn condition(status: &Value, type_: &str) -> Option<String> {
         .and_then(|c| c["status"].as_str().map(str::to_owned))
 }
 
+/// Live (non-zombie) processes whose command line contains `needle`.
+fn procs_with_arg(needle: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            String::from_utf8_lossy(&cmdline).contains(needle) && proc_alive(*pid)
+        })
+        .collect()
+}
+
 fn proc_alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| !s.contains(") Z "))
@@ -600,6 +613,14 @@ async fn dropping_or_shutting_down_the_agent_leaves_no_processes() {
         assert!(
             !proc_alive(pid),
             "process {pid} survived the agent (graceful={graceful})"
+        );
+        // Longer than the restart backoff: nothing may come back either.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let needle = format!("--listen={ip}:28085");
+        assert_eq!(
+            procs_with_arg(&needle),
+            Vec::<u32>::new(),
+            "graceful={graceful}"
         );
         assert!(http_get(&addr, "/healthz").await.is_none());
         Api::<Node>::all(client.clone())
