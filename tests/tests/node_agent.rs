@@ -98,7 +98,7 @@ fn condition(status: &Value, type_: &str) -> Option<String> {
 /// Live (non-zombie) processes whose command line contains `needle`.
 fn procs_with_arg(needle: &str) -> Vec<u32> {
     std::fs::read_dir("/proc")
-        .unwrap()
+        .expect("read /proc")
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
