@@ -23,6 +23,7 @@ pub mod config;
 pub mod defaults;
 pub mod http;
 pub mod key;
+pub mod localapi;
 pub mod metrics;
 pub mod probe;
 pub mod proto;
