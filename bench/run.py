@@ -136,7 +136,7 @@ METRICS = [
 def workloads(smoke, cap_up=None):
     """(key, derp-bench subcommand, args) for phase A, or phase B when cap_up is given."""
     if cap_up is None:
-        fleet = "200" if smoke else "10000"
+        fleet = "100" if smoke else "10000"
         return [
             ("tput_1400", "throughput", ["--pairs", "8", "--size", "1400", "--window", "24"]),
             ("tput_64", "throughput", ["--pairs", "8", "--size", "64", "--window", "24"]),
@@ -160,11 +160,15 @@ def run_phase(args, relays, wls, common, results, counter):
             for relay in order:
                 counter[0] += 1
                 src_net = 2 + counter[0] % 250
-                relay.start()
+                # Full runs restart the relay for every run (§5.5); --smoke keeps one process
+                # per relay for the whole run so that it takes seconds.
+                if not args.smoke:
+                    relay.start()
                 try:
                     res = run_bench(args.bench, relay, sub, wargs, common, not args.no_pin, src_net)
                 finally:
-                    relay.stop()
+                    if not args.smoke:
+                        relay.stop()
                 res["run"] = r
                 results.setdefault(key, {}).setdefault(relay.name, []).append(res)
                 log(f"{key:9s} run {r} {relay.name:8s} " + brief(key, res))
@@ -224,9 +228,9 @@ def markdown(meta, rows):
     out = [f"# derper vs upstream derper {meta['upstream_version']}", "",
            f"Run {meta['started']} → {meta['finished']} UTC, `{meta['command']}`", "",
            f"Machine: {meta['cpu']}, {meta['cores']} cores, kernel {meta['kernel']}; "
-           f"relay pinned to cpu{SERVER_CPU}, derp-bench to cpu{CLIENT_CPU}" if meta["pinned"] else "unpinned",
-           f"; {meta['runs']} runs per relay per workload, alternating; medians. "
-           f"Load average before: {meta['loadavg_before']}, after: {meta['loadavg_after']}.", "",
+           + (f"relay pinned to cpu{SERVER_CPU}, derp-bench to cpu{CLIENT_CPU}" if meta["pinned"] else "unpinned")
+           + f"; {meta['runs']} runs per relay per workload, alternating; medians. "
+           f"Load average before: {' '.join(meta['loadavg_before'])}, after: {' '.join(meta['loadavg_after'])}.", "",
            f"Ours: derper {meta['ours_commit']}; upstream: tailscale.com/cmd/derper {meta['upstream_version']}. "
            "TLS 1.3, TLS_AES_128_GCM_SHA256, X25519, the same self-signed ECDSA P-256 certificate; "
            "one TLS record per packet from the load generator.", "",
@@ -297,7 +301,7 @@ def main():
     args = p.parse_args()
     if args.smoke:
         args.runs = min(args.runs, 1)
-        common = ["--warmup", "0.3", "--duration", "0.5"]
+        common = ["--warmup", "0.2", "--duration", "0.3"]
     else:
         common = ["--warmup", "1", "--duration", "4"]
     if os.cpu_count() < 2:
@@ -319,12 +323,20 @@ def main():
     results, counter = {}, [0]
     only = set(args.only.split(",")) if args.only else None
     wa = [w for w in workloads(args.smoke) if not only or w[0] in only]
-    run_phase(args, relays, wa, common, results, counter)
-    cap_up = median([get(x, "delivered_pps") for x in results.get("tput_1400", {}).get("upstream", [])])
-    if cap_up is None:
-        cap_up = 2000.0 if args.smoke else 50000.0
-    wb = [w for w in workloads(args.smoke, cap_up) if not only or w[0] in only]
-    run_phase(args, relays, wb, common, results, counter)
+    if args.smoke:
+        for relay in relays:
+            relay.start()
+    try:
+        run_phase(args, relays, wa, common, results, counter)
+        cap_up = median([get(x, "delivered_pps") for x in results.get("tput_1400", {}).get("upstream", [])])
+        if cap_up is None:
+            cap_up = 2000.0 if args.smoke else 50000.0
+        wb = [w for w in workloads(args.smoke, cap_up) if not only or w[0] in only]
+        run_phase(args, relays, wb, common, results, counter)
+    finally:
+        if args.smoke:
+            for relay in relays:
+                relay.stop()
     meta["finished"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
     meta["loadavg_after"] = open("/proc/loadavg").read().split()[:3]
     meta["cap_up"] = cap_up
