@@ -303,15 +303,16 @@ impl Relay {
                     self.log()
                 );
             }
-            if self.printed_node.is_null() && !self.ca_issued {
-                if let Some(node) = find_printed_node(&self.log()) {
-                    self.cert_name = node
-                        .get("CertName")
-                        .and_then(Value::as_str)
-                        .unwrap_or_default()
-                        .to_owned();
-                    self.printed_node = node;
-                }
+            if self.printed_node.is_null()
+                && !self.ca_issued
+                && let Some(node) = find_printed_node(&self.log())
+            {
+                self.cert_name = node
+                    .get("CertName")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned();
+                self.printed_node = node;
             }
             if (self.ca_issued || !self.printed_node.is_null())
                 && TcpStream::connect_timeout(
@@ -369,10 +370,10 @@ impl Relay {
             "STUNPort": self.stun_port,
             "DERPPort": self.derp_port,
         });
-        if self.ca_issued {
-            if let Some(o) = node.as_object_mut() {
-                o.remove("CertName");
-            }
+        if self.ca_issued
+            && let Some(o) = node.as_object_mut()
+        {
+            o.remove("CertName");
         }
         node
     }

@@ -9,6 +9,8 @@ import (
 	"net/netip"
 	"os"
 	"strconv"
+	"strings"
+	"sync"
 	"time"
 
 	"tailscale.com/net/netcheck"
@@ -118,9 +120,21 @@ func runNetcheck(args []string) int {
 		return fail("netcheck", "listen-udp", err)
 	}
 	defer pc.Close()
+	// netcheck only logs why an HTTPS measurement failed; keep those lines for the error.
+	var httpsErrMu sync.Mutex
+	var httpsErrs []string
+	ncLogf := func(format string, args ...any) {
+		line := fmt.Sprintf(format, args...)
+		if strings.Contains(line, "measuring HTTPS latency") {
+			httpsErrMu.Lock()
+			httpsErrs = append(httpsErrs, line)
+			httpsErrMu.Unlock()
+		}
+		logf("%s", line)
+	}
 	nc := &netcheck.Client{
 		NetMon:  netmon.NewStatic(),
-		Logf:    logf,
+		Logf:    ncLogf,
 		Verbose: *verbose,
 		SendPacket: func(b []byte, dst netip.AddrPort) (int, error) {
 			return pc.WriteToUDPAddrPort(b, dst)
@@ -160,11 +174,16 @@ func runNetcheck(args []string) int {
 		}
 		res.HTTPS = toReport(r, time.Since(t0))
 		if _, ok := res.HTTPS.RegionLatencyMs[rid]; !ok {
-			return failWith(&res, "https-report", fmt.Errorf("no HTTPS latency for region %s (see stderr for the netcheck log)", rid))
+			httpsErrMu.Lock()
+			why := strings.Join(httpsErrs, "; ")
+			httpsErrMu.Unlock()
+			if why == "" {
+				why = "see stderr for the netcheck log"
+			}
+			return failWith(&res, "https-report", fmt.Errorf("no HTTPS latency for region %s: %s", rid, why))
 		}
 	}
 	res.OK = true
 	emit(res)
 	return 0
 }
-
