@@ -1810,6 +1810,8 @@ struct PodCtx {
     dirty: Notify,
     /// Grace period for stopping the containers, set before `stop` is cancelled.
     stop_grace: Mutex<Duration>,
+    /// The latest version of the Pod (labels and annotations feed the downward API).
+    latest: Mutex<Arc<Pod>>,
 }
 
 impl PodCtx {
@@ -1858,7 +1860,8 @@ impl PodCtx {
                     .map_err(|e| Missing(format!("creating {}: {e}", dir.display())))?;
                 continue;
             }
-            let files = volume_files(&self.shared, &self.pod, &node, v)?;
+            let latest = lock(&self.latest).clone();
+            let files = volume_files(&self.shared, &latest, &node, v)?;
             if last.get(&v.name) == Some(&files) {
                 continue;
             }
@@ -1878,7 +1881,8 @@ impl PodCtx {
             .node_spec()
             .ok_or_else(|| Missing("node removed".into()))?;
         let mounts = &self.mounts[idx];
-        let mut env = container_env(&self.shared, &self.pod, &node, c, mounts)?;
+        let latest = lock(&self.latest).clone();
+        let mut env = container_env(&self.shared, &latest, &node, c, mounts)?;
         if !env.iter().any(|(k, _)| k == "PATH") {
             env.push(("PATH".into(), DEFAULT_PATH.into()));
         }
@@ -2090,6 +2094,7 @@ async fn run_pod_inner(
         exes,
         dirty: Notify::new(),
         stop_grace: Mutex::new(Duration::from_secs(2)),
+        latest: Mutex::new(pod.clone()),
     });
     let mut reporter = StatusReporter::new(start_time);
     let mut resync_rx = shared.resync.subscribe();
@@ -2156,7 +2161,12 @@ async fn run_pod_inner(
                             .unwrap_or(30);
                         break StopReason::Deleted(Duration::from_secs(u64::try_from(grace).unwrap_or(0)));
                     }
-                    PodUpdate::Pod(_) => {}
+                    PodUpdate::Pod(p) => {
+                        *lock(&ctx.latest) = p;
+                        if let Err(Missing(m)) = ctx.project_volumes(&mut last_files) {
+                            tracing::debug!(msg = %m, "volume source missing; keeping the old content");
+                        }
+                    }
                     PodUpdate::Gone => break StopReason::Deleted(Duration::ZERO),
                     PodUpdate::NodeRemoved => break StopReason::NodeRemoved,
                 }

@@ -401,6 +401,20 @@ async fn pod_runs_with_expanded_args_env_downward_api_and_live_volumes() {
     })
     .await;
 
+    // The downward-API volume follows the Pod's labels.
+    pods.patch(
+        "relay",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"extra": "yes"}}})),
+    )
+    .await
+    .unwrap();
+    wait_for("labels file updated", T, || async {
+        let text = std::fs::read_to_string(&info).ok()?;
+        (text == "app=\"agent-test\"\nextra=\"yes\"").then_some(())
+    })
+    .await;
+
     // Logs are captured.
     let log = agent.log_path(&ns.name, "relay", "main");
     let text = std::fs::read_to_string(&log).unwrap();
