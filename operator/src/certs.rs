@@ -79,6 +79,8 @@ impl CertIssuer for RcgenIssuer {
             KeyUsagePurpose, SanType, SerialNumber,
         };
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        // X.509 times have whole seconds: truncate so notAfter reads back identically
+        let not_before = not_before.replace_nanosecond(0).unwrap_or(not_before);
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, common_name);

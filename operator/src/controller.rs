@@ -20,10 +20,9 @@ use kube::{
     Api, Client, Resource, ResourceExt,
     api::ListParams,
     runtime::{
-        Controller, WatchStreamExt,
+        Controller,
         controller::{self, Action},
-        events::{Recorder, Reporter},
-        reflector::{self, ObjectRef, Store},
+        reflector::{ObjectRef, Store},
         watcher,
     },
 };
@@ -117,10 +116,9 @@ impl Default for Settings {
 /// Per-reconcile context.
 struct Context {
     client: Client,
-    nodes: Store<Node>,
     regions: Store<DerpRegion>,
     metrics: Arc<Metrics>,
-    recorder: Recorder,
+    events: status::EventPublisher,
     shared: Shared,
     issuer: Arc<dyn CertIssuer>,
 }
@@ -146,7 +144,11 @@ fn claims_for(region: &DerpRegion, all: &[Arc<DerpRegion>], nodes: &[&Node]) -> 
         }
         let ports = PortSet::of(&other.spec.ports);
         let who = precedence(other).1;
-        for n in select_nodes(&other.spec, nodes, &[]).selected {
+        // `nodes` are only this region's candidates, so the other region's maxNodes cannot be
+        // judged here: conservatively treat every node it matches as claimed
+        let mut spec = other.spec.clone();
+        spec.max_nodes = None;
+        for n in select_nodes(&spec, nodes, &[]).selected {
             out.push(PortClaim {
                 region: who.clone(),
                 node: n.name,
@@ -185,6 +187,14 @@ async fn list_children(client: &Client, ns: &str, region: &str) -> Result<Existi
     })
 }
 
+/// `k=v,k2=v2` for a label selector map (empty: everything).
+fn label_selector(sel: &BTreeMap<String, String>) -> String {
+    sel.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 fn new_psk() -> String {
     hex::encode(rand::random::<[u8; 32]>())
 }
@@ -204,12 +214,22 @@ async fn reconcile(region: Arc<DerpRegion>, ctx: Arc<Context>) -> Result<Action,
             ctx.shared.set_map(key, None);
             return Ok(Action::await_change());
         }
-        // never plan from a half-filled cache: an empty node list would prune every relay
-        let _ = ctx.nodes.wait_until_ready().await;
+        // Nodes are read with a consistent list filtered by the region's selector, not from a
+        // cache: a cache that lags behind the event that triggered this reconcile would miss
+        // the change (and an empty cache after a restart would prune every relay).
+        let node_list = Api::<Node>::all(ctx.client.clone())
+            .list(&ListParams::default().labels(&label_selector(&region.spec.node_selector)))
+            .await
+            .map_err(|source| Error::ListChildren {
+                kind: "Nodes",
+                region: name.clone(),
+                source,
+            })?;
+        let nodes: Vec<&Node> = node_list.items.iter().collect();
+        // other regions come from the controller's cache; claims only concern our nodes
         let _ = ctx.regions.wait_until_ready().await;
-        let node_arcs = ctx.nodes.state();
-        let nodes: Vec<&Node> = node_arcs.iter().map(AsRef::as_ref).collect();
         let claims = claims_for(&region, &ctx.regions.state(), &nodes);
+        debug!(nodes = nodes.len(), claims = claims.len(), "observed");
         let existing = list_children(&ctx.client, &ns, &name).await?;
         let plan = plan::plan(&Inputs {
             region: &region,
@@ -230,7 +250,9 @@ async fn reconcile(region: Arc<DerpRegion>, ctx: Arc<Context>) -> Result<Action,
         let api: Api<DerpRegion> = Api::namespaced(ctx.client.clone(), &ns);
         let status_written =
             status::patch_if_changed(&api, &region, &plan.status, &ctx.metrics).await?;
-        status::publish_events(&ctx.recorder, &region, &plan.events, &ctx.metrics).await;
+        ctx.events
+            .publish(&region, &plan.events, &ctx.metrics)
+            .await;
         ctx.shared.set_map(key, Some(plan.derp_map));
         ctx.metrics
             .reconcile_duration
@@ -271,8 +293,7 @@ fn error_policy(region: Arc<DerpRegion>, error: &Error, ctx: Arc<Context>) -> Ac
 
 /// Run the controller until `shutdown` resolves.
 ///
-/// Checks that the CRD is installed, starts a Node reflector and waits until it is synced
-/// (so a restart never plans from an empty cache), then reconciles.
+/// Checks that the CRD is installed, then reconciles.
 pub async fn run(
     client: Client,
     settings: Settings,
@@ -303,32 +324,19 @@ pub async fn run(
     let owned =
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={FIELD_MANAGER}"));
 
-    let (node_store, node_writer) = reflector::store::<Node>();
     let nodes_api: Api<Node> = Api::all(client.clone());
-    let node_task = tokio::spawn(
-        reflector::reflector(
-            node_writer,
-            watcher(nodes_api.clone(), watcher::Config::default()),
-        )
-        .default_backoff()
-        .for_each(|_| futures::future::ready(()))
-        .instrument(info_span!("node_reflector")),
-    );
-    let _ = node_store.wait_until_ready().await;
-
     let controller = Controller::new(regions, watcher::Config::default());
     let region_store = controller.store();
     let mapper_store = region_store.clone();
     let ctx = Arc::new(Context {
-        recorder: Recorder::new(
+        events: status::EventPublisher::new(
             client.clone(),
-            Reporter {
-                controller: FIELD_MANAGER.into(),
-                instance: settings.instance.clone(),
-            },
+            settings
+                .instance
+                .clone()
+                .unwrap_or_else(|| FIELD_MANAGER.to_owned()),
         ),
         client: client.clone(),
-        nodes: node_store,
         regions: region_store,
         metrics,
         shared: shared.clone(),
@@ -366,7 +374,6 @@ pub async fn run(
         })
         .await;
     shared.ready.store(false, Ordering::SeqCst);
-    node_task.abort();
     info!("controller stopped");
     Ok(())
 }

@@ -1,0 +1,909 @@
+//! The operator against a real kube-apiserver (+ kube-controller-manager for garbage
+//! collection): DerpRegion + Node objects → Secrets, relay Pods, mesh objects, the derpMap
+//! ConfigMap and status.
+//!
+//! Each test runs its own in-process controller (`derp_operator::controller::run`) limited to
+//! its own namespace, and creates cluster-scoped Nodes with a per-test label value, so tests
+//! can run in parallel on the shared control plane without seeing each other.
+//!
+//! There is no kubelet: a small "fake kubelet" task marks relay Pods Running/Ready and
+//! finishes graceful deletions (what a kubelet does once containers stopped).
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use derp_operator::{
+    certs::{RcgenIssuer, parse_cert_pem},
+    controller::{self, Settings, Shared},
+    crd::DerpRegion,
+    metrics::Metrics,
+};
+use derp_tests::k8s::{ControlPlane, TestNamespace, install_crds, wait_for, workspace_root};
+use k8s_openapi::api::{
+    core::v1::{ConfigMap, Node, Pod, Secret},
+    events::v1::Event,
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+};
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(60);
+const MANAGED: &str = "app.kubernetes.io/managed-by=derp-operator";
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// An in-process operator limited to one namespace.
+struct Operator {
+    metrics: Arc<Metrics>,
+    shared: Shared,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), derp_operator::Error>>,
+}
+
+impl Operator {
+    fn start(client: &Client, ns: &str) -> Operator {
+        let metrics = Arc::new(Metrics::default());
+        let shared = Shared::default();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(controller::run(
+            client.clone(),
+            Settings {
+                namespace: Some(ns.to_owned()),
+                concurrency: 4,
+                instance: Some(format!("test-{ns}")),
+            },
+            shared.clone(),
+            metrics.clone(),
+            Arc::new(RcgenIssuer),
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        Operator {
+            metrics,
+            shared,
+            stop: Some(tx),
+            task,
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(30), &mut self.task)
+            .await
+            .expect("operator stops within 30 s")
+            .expect("operator task does not panic")
+            .expect("operator run returns Ok");
+    }
+
+    fn writes(&self) -> u64 {
+        self.metrics.total_writes()
+    }
+
+    fn reconciles(&self) -> u64 {
+        self.metrics.reconciles.get()
+    }
+}
+
+/// Marks managed Pods Running+Ready and completes graceful deletions, like a kubelet would.
+fn fake_kubelet(client: &Client, ns: &str) -> AbortOnDrop {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    AbortOnDrop(tokio::spawn(async move {
+        loop {
+            if let Ok(list) = pods.list(&ListParams::default().labels(MANAGED)).await {
+                for p in list {
+                    let name = p.name_any();
+                    if p.metadata.deletion_timestamp.is_some() {
+                        let _ = pods
+                            .delete(&name, &DeleteParams::default().grace_period(0))
+                            .await;
+                        continue;
+                    }
+                    let ready = p
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|c| {
+                            c.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+                        });
+                    if !ready {
+                        let _ = pods
+                            .patch_status(
+                                &name,
+                                &PatchParams::default(),
+                                &Patch::Merge(json!({"status": {
+                                    "phase": "Running",
+                                    "conditions": [{"type": "Ready", "status": "True"}],
+                                }})),
+                            )
+                            .await;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }))
+}
+
+/// Cluster-scoped Nodes created by one test; deleted on drop (best effort).
+struct TestNodes {
+    client: Client,
+    names: Vec<String>,
+}
+
+impl TestNodes {
+    fn new(client: &Client) -> Self {
+        Self {
+            client: client.clone(),
+            names: Vec::new(),
+        }
+    }
+
+    async fn create(&mut self, name: &str, labels: Value, addresses: &[(&str, &str)]) {
+        let api: Api<Node> = Api::all(self.client.clone());
+        let node: Node = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "labels": labels},
+        }))
+        .expect("node");
+        api.create(&PostParams::default(), &node)
+            .await
+            .expect("create node");
+        self.names.push(name.to_owned());
+        // the apiserver taints new Nodes not-ready (TaintNodesByCondition); with no kubelet and
+        // no node-lifecycle controller, play their part and clear it
+        api.patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"taints": null}})),
+        )
+        .await
+        .expect("clear node taints");
+        set_addresses(&self.client, name, addresses).await;
+    }
+}
+
+impl Drop for TestNodes {
+    fn drop(&mut self) {
+        let api: Api<Node> = Api::all(self.client.clone());
+        let names = std::mem::take(&mut self.names);
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                for n in names {
+                    let _ = api.delete(&n, &DeleteParams::default()).await;
+                }
+            });
+        }
+    }
+}
+
+async fn set_addresses(client: &Client, node: &str, addresses: &[(&str, &str)]) {
+    let addrs: Vec<Value> = addresses
+        .iter()
+        .map(|(t, a)| json!({"type": t, "address": a}))
+        .collect();
+    Api::<Node>::all(client.clone())
+        .patch_status(
+            node,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"addresses": addrs}})),
+        )
+        .await
+        .expect("patch node addresses");
+}
+
+async fn label_node(client: &Client, node: &str, key: &str, value: Option<&str>) {
+    Api::<Node>::all(client.clone())
+        .patch(
+            node,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {key: value}}})),
+        )
+        .await
+        .expect("label node");
+}
+
+async fn setup(prefix: &str) -> (Client, TestNamespace) {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "derp_operator=info,kube=warn".into()),
+        )
+        .try_init();
+    let cp = ControlPlane::shared();
+    let client = cp.client().await;
+    install_crds(&client, &workspace_root().join("crds"))
+        .await
+        .expect("install crds");
+    let ns = TestNamespace::create(&client, prefix).await;
+    (client, ns)
+}
+
+fn tag() -> String {
+    format!("{:06x}", rand::random::<u32>() & 0xff_ffff)
+}
+
+async fn create_region(client: &Client, ns: &str, name: &str, spec: Value) -> DerpRegion {
+    let r: DerpRegion = serde_json::from_value(json!({
+        "apiVersion": "kubederp.io/v1alpha1", "kind": "DerpRegion",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": spec,
+    }))
+    .expect("region json");
+    Api::<DerpRegion>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &r)
+        .await
+        .expect("create region")
+}
+
+/// Wait until the region's status satisfies `pred`, returning the region.
+async fn wait_region(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    what: &str,
+    pred: impl Fn(&DerpRegion) -> bool,
+) -> DerpRegion {
+    let api: Api<DerpRegion> = Api::namespaced(client.clone(), ns);
+    wait_for(what, WAIT, || {
+        let api = api.clone();
+        let pred = &pred;
+        async move {
+            let r = api.get(name).await.ok()?;
+            pred(&r).then_some(r)
+        }
+    })
+    .await
+}
+
+fn cond<'a>(r: &'a DerpRegion, ty: &str) -> Option<&'a derp_operator::crd::Condition> {
+    r.status.as_ref()?.conditions.iter().find(|c| c.type_ == ty)
+}
+
+fn is_ready_with(r: &DerpRegion, nodes: &[&str]) -> bool {
+    let Some(st) = &r.status else { return false };
+    let names: Vec<&str> = st.nodes.iter().map(|n| n.name.as_str()).collect();
+    st.observed_generation == r.metadata.generation
+        && names == nodes
+        && cond(r, "Ready").is_some_and(|c| c.status == "True")
+}
+
+fn pins(r: &DerpRegion) -> BTreeMap<String, String> {
+    r.status
+        .iter()
+        .flat_map(|s| &s.nodes)
+        .map(|n| (n.name.clone(), n.cert_name.clone()))
+        .collect()
+}
+
+async fn names<K>(api: &Api<K>, region: &str) -> Vec<String>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let mut v: Vec<String> = api
+        .list(&ListParams::default().labels(&format!("kubederp.io/region={region}")))
+        .await
+        .expect("list")
+        .into_iter()
+        .filter(|o| o.meta().deletion_timestamp.is_none())
+        .map(|o| o.name_any())
+        .collect();
+    v.sort();
+    v
+}
+
+async fn derpmap_json(client: &Client, ns: &str, cm: &str) -> Value {
+    let c = Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .get(cm)
+        .await
+        .expect("derpmap configmap");
+    serde_json::from_str(&c.data.expect("data")["derpmap.json"]).expect("derpmap.json parses")
+}
+
+/// Resource versions of every managed object in `ns` plus the regions (to prove no writes).
+async fn resource_versions(client: &Client, ns: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let lp = ListParams::default().labels(MANAGED);
+    for s in Api::<Secret>::namespaced(client.clone(), ns)
+        .list(&lp)
+        .await
+        .expect("list")
+    {
+        out.insert(
+            format!("secret/{}", s.name_any()),
+            s.resource_version().unwrap_or_default(),
+        );
+    }
+    for c in Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .list(&lp)
+        .await
+        .expect("list")
+    {
+        out.insert(
+            format!("cm/{}", c.name_any()),
+            c.resource_version().unwrap_or_default(),
+        );
+    }
+    for p in Api::<Pod>::namespaced(client.clone(), ns)
+        .list(&lp)
+        .await
+        .expect("list")
+    {
+        out.insert(
+            format!("pod/{}", p.name_any()),
+            p.resource_version().unwrap_or_default(),
+        );
+    }
+    for r in Api::<DerpRegion>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .expect("list")
+    {
+        out.insert(
+            format!("region/{}", r.name_any()),
+            r.resource_version().unwrap_or_default(),
+        );
+    }
+    out
+}
+
+async fn events(client: &Client, ns: &str, reason: &str) -> Vec<String> {
+    Api::<Event>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .expect("list events")
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some(reason))
+        .filter_map(|e| e.note)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn region_lifecycle_nodes_join_leave_change_ip_restart_and_gc() {
+    let (client, ns) = setup("op-life").await;
+    let ns = ns.name.clone();
+    let t = tag();
+    let key = "kubederp.io/test-relay";
+    let n = |i: u32| format!("life-{t}-n{i}");
+    let mut nodes = TestNodes::new(&client);
+    for i in 1..=4 {
+        let labels = if i < 4 { json!({key: t}) } else { json!({}) };
+        nodes
+            .create(
+                &n(i),
+                labels,
+                &[
+                    ("InternalIP", &format!("127.0.10.{i}")),
+                    ("ExternalIP", &format!("127.0.20.{i}")),
+                ],
+            )
+            .await;
+    }
+    let _kubelet = fake_kubelet(&client, &ns);
+    let op = Operator::start(&client, &ns);
+    create_region(
+        &client,
+        &ns,
+        "home",
+        json!({"regionID": 900, "nodeSelector": {key: t}, "ports": {"derp": 8443}}),
+    )
+    .await;
+
+    // --- three nodes: Secrets, Pods, mesh, derpMap, status
+    let (n1, n2, n3, n4) = (n(1), n(2), n(3), n(4));
+    let r = wait_region(&client, &ns, "home", "region Ready over 3 nodes", |r| {
+        is_ready_with(r, &[&n1, &n2, &n3])
+    })
+    .await;
+    let st = r.status.clone().expect("status");
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    assert_eq!(
+        names(&secrets, "home").await,
+        vec![
+            format!("home-{n1}-tls"),
+            format!("home-{n2}-tls"),
+            format!("home-{n3}-tls"),
+            "home-mesh".to_owned(),
+        ]
+    );
+    assert_eq!(
+        names(&pods, "home").await,
+        vec![
+            format!("home-{n1}"),
+            format!("home-{n2}"),
+            format!("home-{n3}")
+        ]
+    );
+    assert_eq!(
+        names(&cms, "home").await,
+        vec!["home-derpmap".to_owned(), "home-mesh-peers".to_owned()]
+    );
+    for ns_node in &st.nodes {
+        let s = secrets
+            .get(&format!("home-{}-tls", ns_node.name))
+            .await
+            .expect("tls secret");
+        assert_eq!(s.type_.as_deref(), Some("kubernetes.io/tls"));
+        let parsed = parse_cert_pem(&s.data.as_ref().expect("data")["tls.crt"].0).expect("cert");
+        assert_eq!(
+            parsed.pin, ns_node.cert_name,
+            "status pin = sha256 of the stored cert"
+        );
+        let ext = ns_node.ipv4.clone().expect("ipv4");
+        assert!(ext.starts_with("127.0.20."), "ExternalIP preferred: {ext}");
+        assert_eq!(
+            parsed.ips,
+            vec![ext.parse::<std::net::IpAddr>().expect("ip")]
+        );
+        assert_eq!(
+            s.annotations().get("kubederp.io/cert-name"),
+            Some(&ns_node.cert_name)
+        );
+        let owner = &s.owner_references()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str()),
+            ("DerpRegion", "home")
+        );
+        let pod = pods
+            .get(&format!("home-{}", ns_node.name))
+            .await
+            .expect("pod");
+        let spec = pod.spec.expect("spec");
+        assert_eq!(spec.node_name.as_deref(), Some(ns_node.name.as_str()));
+        assert_eq!(spec.host_network, Some(true));
+        let args = spec.containers[0].args.clone().unwrap_or_default();
+        assert!(args.contains(&format!("--hostname={ext}")), "{args:?}");
+        assert!(args.contains(&":8443".to_owned()), "{args:?}");
+    }
+    let peers = cms.get("home-mesh-peers").await.expect("peers");
+    let peers = &peers.data.expect("data")["peers"];
+    assert_eq!(peers.lines().count(), 3);
+    assert!(peers.contains(&format!("127.0.20.1:8443 {}", st.nodes[0].cert_name)));
+    let map = derpmap_json(&client, &ns, "home-derpmap").await;
+    let region = &map["Regions"]["900"];
+    assert_eq!(region["RegionCode"], "home");
+    assert_eq!(region["Nodes"].as_array().expect("nodes").len(), 3);
+    assert_eq!(
+        region["Nodes"][0]["CertName"],
+        st.nodes[0].cert_name.as_str()
+    );
+    assert_eq!(region["Nodes"][0]["DERPPort"], 8443);
+    assert_eq!(
+        st.derp_map.as_ref().map(|d| d.config_map_name.as_str()),
+        Some("home-derpmap")
+    );
+    for c in [
+        "Ready",
+        "CertificatesReady",
+        "RelaysReady",
+        "DerpMapPublished",
+        "NodesHealthy",
+    ] {
+        let c = cond(&r, c).unwrap_or_else(|| panic!("condition {c}"));
+        assert_eq!(c.status, "True", "{c:?}");
+    }
+    assert_eq!(st.nodes_ready.as_deref(), Some("3/3"));
+    let merged: Value = serde_json::from_str(&op.shared.merged_derp_map_json()).expect("json");
+    assert_eq!(
+        merged["Regions"]["900"]["Nodes"].as_array().map(Vec::len),
+        Some(3)
+    );
+    let pins0 = pins(&r);
+
+    // --- a fourth node joins
+    label_node(&client, &n4, key, Some(&t)).await;
+    let r = wait_region(&client, &ns, "home", "4th node joins", |r| {
+        is_ready_with(r, &[&n1, &n2, &n3, &n4])
+    })
+    .await;
+    for (k, v) in &pins0 {
+        assert_eq!(
+            pins(&r).get(k),
+            Some(v),
+            "existing pins unchanged when a node joins"
+        );
+    }
+    let map = derpmap_json(&client, &ns, "home-derpmap").await;
+    assert_eq!(
+        map["Regions"]["900"]["Nodes"].as_array().map(Vec::len),
+        Some(4)
+    );
+
+    // --- one node leaves: its Pod and Secret are pruned, the map shrinks
+    label_node(&client, &n2, key, None).await;
+    wait_region(&client, &ns, "home", "n2 leaves", |r| {
+        is_ready_with(r, &[&n1, &n3, &n4])
+    })
+    .await;
+    wait_for("n2's pod and secret pruned", WAIT, || {
+        let (pods, secrets) = (pods.clone(), secrets.clone());
+        let (p, s) = (format!("home-{n2}"), format!("home-{n2}-tls"));
+        async move {
+            (pods.get_opt(&p).await.ok()?.is_none() && secrets.get_opt(&s).await.ok()?.is_none())
+                .then_some(())
+        }
+    })
+    .await;
+    let map = derpmap_json(&client, &ns, "home-derpmap").await;
+    let hosts: Vec<&str> = map["Regions"]["900"]["Nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter_map(|n| n["Name"].as_str())
+        .collect();
+    assert_eq!(hosts, [n1.as_str(), n3.as_str(), n4.as_str()]);
+
+    // --- a node's IP changes: new certificate and pin, its Pod is replaced
+    let old_pin = pins(&r)[&n3].clone();
+    set_addresses(&client, &n3, &[("ExternalIP", "127.0.30.3")]).await;
+    let r = wait_region(&client, &ns, "home", "new pin for n3", |r| {
+        is_ready_with(r, &[&n1, &n3, &n4])
+            && r.status.as_ref().is_some_and(|s| {
+                s.nodes
+                    .iter()
+                    .any(|n| n.name == n3 && n.ipv4.as_deref() == Some("127.0.30.3"))
+            })
+    })
+    .await;
+    let new_pin = pins(&r)[&n3].clone();
+    assert_ne!(new_pin, old_pin);
+    assert_eq!(pins(&r)[&n1], pins0[&n1]);
+    let pod = pods.get(&format!("home-{n3}")).await.expect("pod");
+    assert_eq!(
+        pod.annotations().get("kubederp.io/cert-name"),
+        Some(&new_pin),
+        "the relay Pod was replaced for the new certificate"
+    );
+    wait_for("CertificateIssued event for the new IP", WAIT, || {
+        let (client, ns, new_pin) = (client.clone(), ns.clone(), new_pin.clone());
+        async move {
+            let issued = events(&client, &ns, "CertificateIssued").await;
+            issued
+                .iter()
+                .any(|e| e.contains("AddressesChanged") && e.contains(&new_pin))
+                .then_some(())
+        }
+    })
+    .await;
+
+    // --- a deleted Secret is recreated; the new pin is announced
+    secrets
+        .delete(&format!("home-{n1}-tls"), &DeleteParams::default())
+        .await
+        .expect("delete secret");
+    let r = wait_region(&client, &ns, "home", "n1 re-issued", |r| {
+        is_ready_with(r, &[&n1, &n3, &n4]) && pins(r)[&n1] != pins0[&n1]
+    })
+    .await;
+    let (old1, new1) = (pins0[&n1].clone(), pins(&r)[&n1].clone());
+    wait_for(
+        "CertificateIssued event announcing the new pin",
+        WAIT,
+        || {
+            let (client, ns, old1, new1) = (client.clone(), ns.clone(), old1.clone(), new1.clone());
+            async move {
+                let issued = events(&client, &ns, "CertificateIssued").await;
+                issued
+                    .iter()
+                    .any(|e| e.contains("SecretMissing") && e.contains(&old1) && e.contains(&new1))
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+
+    // --- a conflicting edit of the derpMap is reverted
+    cms.patch(
+        "home-derpmap",
+        &PatchParams::apply("someone-else").force(),
+        &Patch::Apply(json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "home-derpmap"}, "data": {"derpmap.json": "{}"}})),
+    )
+    .await
+    .expect("foreign edit");
+    wait_for("derpMap restored", WAIT, || {
+        let cms = cms.clone();
+        async move {
+            let c = cms.get("home-derpmap").await.ok()?;
+            (c.data?.get("derpmap.json")? != "{}").then_some(())
+        }
+    })
+    .await;
+
+    // --- settle, then restart: pins unchanged and no writes at all
+    let settled = wait_region(&client, &ns, "home", "settled", |r| {
+        is_ready_with(r, &[&n1, &n3, &n4])
+    })
+    .await;
+    op.stop().await;
+    let before = resource_versions(&client, &ns).await;
+    let op2 = Operator::start(&client, &ns);
+    wait_for("restarted operator reconciled", WAIT, || {
+        let n = op2.reconciles();
+        async move { (n >= 1).then_some(()) }
+    })
+    .await;
+    // a node event triggers a second pass over the same state
+    label_node(&client, &n1, "kubederp.io/touch", Some("1")).await;
+    wait_for("second reconcile after restart", WAIT, || {
+        let n = op2.reconciles();
+        async move { (n >= 2).then_some(()) }
+    })
+    .await;
+    assert_eq!(
+        op2.writes(),
+        0,
+        "an idle reconcile after restart writes nothing"
+    );
+    assert_eq!(resource_versions(&client, &ns).await, before);
+    let r = Api::<DerpRegion>::namespaced(client.clone(), &ns)
+        .get("home")
+        .await
+        .expect("region");
+    assert_eq!(pins(&r), pins(&settled));
+
+    // --- delete the region: everything is garbage-collected
+    Api::<DerpRegion>::namespaced(client.clone(), &ns)
+        .delete("home", &DeleteParams::default())
+        .await
+        .expect("delete region");
+    wait_for("children garbage-collected", WAIT, || {
+        let (pods, secrets, cms) = (pods.clone(), secrets.clone(), cms.clone());
+        async move {
+            let empty = names(&pods, "home").await.is_empty()
+                && names(&secrets, "home").await.is_empty()
+                && names(&cms, "home").await.is_empty();
+            empty.then_some(())
+        }
+    })
+    .await;
+    op2.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_specs_are_refused_with_the_field_named() {
+    let (client, ns) = setup("op-invalid").await;
+    let api: Api<DerpRegion> = Api::namespaced(client.clone(), &ns.name);
+    let cases = [
+        (json!({"regionID": 0}), "spec.regionID"),
+        (json!({"regionID": 1000}), "spec.regionID"),
+        (
+            json!({"regionID": 900, "ports": {"derp": 70000}}),
+            "spec.ports.derp",
+        ),
+        (
+            json!({"regionID": 900, "ports": {"stun": 0}}),
+            "spec.ports.stun",
+        ),
+        (
+            json!({"regionID": 900, "ports": {"derp": 80}}),
+            "spec.ports.http",
+        ),
+        (
+            json!({"regionID": 900, "clientVerification": {"mode": "url"}}),
+            "spec.clientVerification.verifyClientURL",
+        ),
+        (
+            json!({"regionID": 900, "clientVerification": {"mode": "tailscaled"}}),
+            "spec.clientVerification.tailscaled",
+        ),
+        (
+            json!({"regionID": 900, "certificate": {"validity": "10 years"}}),
+            "spec.certificate.validity",
+        ),
+        (json!({"regionID": 900, "maxNodes": 0}), "spec.maxNodes"),
+        (
+            json!({"regionID": 900, "addresses": {"types": ["Hostname"]}}),
+            "spec.addresses.types",
+        ),
+    ];
+    for (i, (spec, field)) in cases.iter().enumerate() {
+        let obj: Value = json!({
+            "apiVersion": "kubederp.io/v1alpha1", "kind": "DerpRegion",
+            "metadata": {"name": format!("bad{i}")}, "spec": spec,
+        });
+        let r: Result<DerpRegion, _> = serde_json::from_value(obj.clone());
+        let err = match r {
+            Ok(r) => api
+                .create(&PostParams::default(), &r)
+                .await
+                .expect_err(&format!("{spec} must be refused")),
+            Err(_) => {
+                // not representable in Rust types (e.g. an unknown enum value): send raw JSON
+                let dyn_api: Api<kube::api::DynamicObject> = Api::namespaced_with(
+                    client.clone(),
+                    &ns.name,
+                    &kube::api::ApiResource::erase::<DerpRegion>(&()),
+                );
+                let d: kube::api::DynamicObject = serde_json::from_value(obj).expect("dyn");
+                dyn_api
+                    .create(&PostParams::default(), &d)
+                    .await
+                    .expect_err(&format!("{spec} must be refused"))
+            }
+        };
+        let kube::Error::Api(status) = &err else {
+            panic!("{spec}: unexpected error {err}")
+        };
+        assert_eq!(status.code, 422, "{spec}: {status:?}");
+        assert!(
+            status.message.contains(field),
+            "{spec}: {} lacks {field}",
+            status.message
+        );
+    }
+    // regionID is immutable
+    let ok = create_region(&client, &ns.name, "good", json!({"regionID": 901})).await;
+    let err = api
+        .patch(
+            &ok.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"regionID": 902}})),
+        )
+        .await
+        .expect_err("regionID change refused");
+    let kube::Error::Api(status) = &err else {
+        panic!("unexpected {err}")
+    };
+    assert!(
+        status.message.contains("spec.regionID is immutable"),
+        "{}",
+        status.message
+    );
+    // defaults are filled in by the apiserver
+    let stored = api.get("good").await.expect("get");
+    assert_eq!(stored.spec.ports.derp, 443);
+    assert_eq!(stored.spec.ports.stun, 3478);
+    assert_eq!(stored.spec.certificate.validity, "87600h");
+    assert!(stored.spec.derp_map.publish_unhealthy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_regions_on_one_node_and_port_get_a_condition_not_a_fight() {
+    let (client, ns) = setup("op-clash").await;
+    let ns = ns.name.clone();
+    let t = tag();
+    let key = "kubederp.io/test-clash";
+    let node = format!("clash-{t}-n1");
+    let mut nodes = TestNodes::new(&client);
+    nodes
+        .create(&node, json!({key: t}), &[("InternalIP", "127.0.40.1")])
+        .await;
+    let _kubelet = fake_kubelet(&client, &ns);
+    let op = Operator::start(&client, &ns);
+    create_region(
+        &client,
+        &ns,
+        "first",
+        json!({"regionID": 910, "nodeSelector": {key: t}}),
+    )
+    .await;
+    wait_region(&client, &ns, "first", "first Ready", |r| {
+        is_ready_with(r, &[&node])
+    })
+    .await;
+    create_region(
+        &client,
+        &ns,
+        "second",
+        json!({"regionID": 911, "nodeSelector": {key: t}}),
+    )
+    .await;
+    let second = wait_region(&client, &ns, "second", "second reports the clash", |r| {
+        cond(r, "NodesHealthy").is_some_and(|c| c.reason == "PortConflict")
+            && r.status
+                .as_ref()
+                .is_some_and(|s| s.observed_generation == r.metadata.generation)
+    })
+    .await;
+    let c = cond(&second, "NodesHealthy").expect("condition");
+    assert_eq!(c.status, "False");
+    assert!(c.message.contains(&format!("{ns}/first")), "{}", c.message);
+    assert!(c.message.contains("tcp/443"), "{}", c.message);
+    assert_eq!(
+        cond(&second, "Ready").map(|c| c.status.as_str()),
+        Some("False")
+    );
+    let first = wait_region(&client, &ns, "first", "first still Ready", |r| {
+        is_ready_with(r, &[&node])
+    })
+    .await;
+    assert!(cond(&first, "Ready").is_some_and(|c| c.status == "True"));
+    // no fight: further reconciles of both write nothing
+    let before = resource_versions(&client, &ns).await;
+    let (w0, r0) = (op.writes(), op.reconciles());
+    label_node(&client, &node, "kubederp.io/touch", Some("1")).await;
+    wait_for("both regions reconciled again", WAIT, || {
+        let n = op.reconciles();
+        async move { (n >= r0 + 2).then_some(()) }
+    })
+    .await;
+    assert_eq!(op.writes(), w0, "no writes when nothing changed");
+    assert_eq!(resource_versions(&client, &ns).await, before);
+    // moving the second region to other ports resolves it
+    Api::<DerpRegion>::namespaced(client.clone(), &ns)
+        .patch(
+            "second",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"spec": {"ports": {"derp": 8443, "http": 8080, "stun": 3479, "admin": 9091}}}),
+            ),
+        )
+        .await
+        .expect("patch ports");
+    wait_region(&client, &ns, "second", "second Ready on other ports", |r| {
+        is_ready_with(r, &[&node])
+    })
+    .await;
+    op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_without_usable_address_and_no_matching_nodes_are_conditions() {
+    let (client, ns) = setup("op-nodes").await;
+    let ns = ns.name.clone();
+    let t = tag();
+    let key = "kubederp.io/test-noaddr";
+    let mut nodes = TestNodes::new(&client);
+    let node = format!("noaddr-{t}-n1");
+    nodes
+        .create(&node, json!({key: t}), &[("Hostname", "noaddr")])
+        .await;
+    let op = Operator::start(&client, &ns);
+    create_region(
+        &client,
+        &ns,
+        "empty",
+        json!({"regionID": 920, "nodeSelector": {key: "nobody"}}),
+    )
+    .await;
+    create_region(
+        &client,
+        &ns,
+        "noaddr",
+        json!({"regionID": 921, "nodeSelector": {key: t}}),
+    )
+    .await;
+    let r = wait_region(&client, &ns, "empty", "NoNodes condition", |r| {
+        cond(r, "Ready").is_some_and(|c| c.reason == "NoNodes")
+    })
+    .await;
+    assert!(
+        cond(&r, "Ready")
+            .expect("ready")
+            .message
+            .contains("spec.nodeSelector")
+    );
+    let r = wait_region(&client, &ns, "noaddr", "NoUsableAddress condition", |r| {
+        cond(r, "NodesHealthy").is_some_and(|c| c.reason == "NoUsableAddress")
+    })
+    .await;
+    assert_eq!(
+        r.status.expect("status").skipped_nodes[0].name,
+        node,
+        "the skipped node is named"
+    );
+    // the operator is still alive and reconciling: fixing the node makes the region Ready
+    let _kubelet = fake_kubelet(&client, &ns);
+    set_addresses(&client, &node, &[("InternalIP", "127.0.50.1")]).await;
+    wait_region(
+        &client,
+        &ns,
+        "noaddr",
+        "Ready after the address appears",
+        |r| is_ready_with(r, &[&node]),
+    )
+    .await;
+    op.stop().await;
+}
