@@ -192,15 +192,32 @@ impl Relay {
     /// `derpinterop -ca-file`). Upstream then appends its metacert; ours decides with
     /// `--metacert` (`extra`).
     pub fn with_ca_cert(kind: ServerKind, name: &str, extra: &[&str], ca: &TestCa) -> Result<Self> {
+        Self::with_ca_cert_env(kind, name, extra, ca, &[])
+    }
+
+    /// [`Relay::with_ca_cert`] with extra environment variables (e.g. `SSL_CERT_FILE` so an
+    /// upstream derper's `--mesh-with` client trusts the test CA).
+    pub fn with_ca_cert_env(
+        kind: ServerKind,
+        name: &str,
+        extra: &[&str],
+        ca: &TestCa,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         match &kind {
             ServerKind::Ours => {
                 let mut args = vec!["--admin-addr", "127.0.0.1:0"];
                 args.extend(extra);
-                Self::start(kind.clone(), &our_derper(), name, &args, Some(ca))
+                Self::start_env(kind.clone(), &our_derper(), name, &args, Some(ca), env)
             }
-            ServerKind::Upstream(v) => {
-                Self::start(kind.clone(), &upstream_derper(v), name, extra, Some(ca))
-            }
+            ServerKind::Upstream(v) => Self::start_env(
+                kind.clone(),
+                &upstream_derper(v),
+                name,
+                extra,
+                Some(ca),
+                env,
+            ),
         }
     }
 
@@ -218,9 +235,21 @@ impl Relay {
         extra: &[&str],
         ca: Option<&TestCa>,
     ) -> Result<Self> {
+        Self::start_env(kind, bin, name, extra, ca, &[])
+    }
+
+    /// [`Relay::start`] with extra environment variables for the relay process.
+    pub fn start_env(
+        kind: ServerKind,
+        bin: &Path,
+        name: &str,
+        extra: &[&str],
+        ca: Option<&TestCa>,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let mut last_err = anyhow!("not started");
         for _ in 0..3 {
-            match Self::try_start(kind.clone(), bin, name, extra, ca) {
+            match Self::try_start(kind.clone(), bin, name, extra, ca, env) {
                 Ok(r) => return Ok(r),
                 Err(e) => last_err = e,
             }
@@ -234,6 +263,7 @@ impl Relay {
         name: &str,
         extra: &[&str],
         ca: Option<&TestCa>,
+        env: &[(&str, &str)],
     ) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("kubederp-relay-")
@@ -264,6 +294,7 @@ impl Relay {
             .arg("-c")
             .arg(dir.path().join("derper.key"))
             .args(extra)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -351,6 +382,11 @@ impl Relay {
         s
     }
 
+    /// `127.0.0.1:<derp port>`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.derp_port)
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -398,6 +434,8 @@ pub struct TestCa {
     pub leaf_pem: String,
     /// The leaf's private key (PKCS#8).
     pub leaf_key_pem: String,
+    /// `sha256-raw:` pin of the leaf (for pinned mesh peer lists).
+    pub leaf_pin: String,
 }
 
 impl TestCa {
@@ -426,6 +464,7 @@ impl TestCa {
         let leaf = leaf_params.signed_by(&leaf_key, &ca)?;
         Ok(Self {
             ca_pem: ca.pem(),
+            leaf_pin: derper::certs::pin_of(leaf.der()),
             leaf_pem: leaf.pem(),
             leaf_key_pem: leaf_key.serialize_pem(),
         })

@@ -233,6 +233,108 @@ fn ca_issued_certificate_gives_both_clients_fast_start_on_ours_and_upstream() {
 }
 
 // ---------------------------------------------------------------------------------------
+// Meshed nodes: A on one node, B on another, packets forwarded over the mesh
+
+/// 64 hex digits (spec §8.1 mesh key file).
+const MESH_KEY: &str = "6b75626564657270206d657368206b657920666f7220696e7465726f70207473";
+
+fn to_refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn mesh_files(dir: &std::path::Path) -> (String, String, String) {
+    let psk = dir.join("mesh.key");
+    std::fs::write(&psk, MESH_KEY).expect("write mesh key");
+    let (pa, pb) = (dir.join("peers-a"), dir.join("peers-b"));
+    std::fs::write(&pa, "").expect("write peers");
+    std::fs::write(&pb, "").expect("write peers");
+    let s = |p: PathBuf| p.to_str().expect("utf8").to_owned();
+    (s(psk), s(pa), s(pb))
+}
+
+#[test]
+fn ours_meshed_pair_forwards_packets_and_peergone_between_nodes() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (psk, pa, pb) = mesh_files(tmp.path());
+    let args = |peers: &str| {
+        vec![
+            "--mesh-psk-file".to_owned(),
+            psk.clone(),
+            "--mesh-peers-file".to_owned(),
+            peers.to_owned(),
+            "--mesh-peers-poll".to_owned(),
+            "100ms".to_owned(),
+        ]
+    };
+    let (args_a, args_b) = (args(&pa), args(&pb));
+    let a = Relay::ours("900a", &to_refs(&args_a)).expect("start ours a");
+    let b = Relay::ours("900b", &to_refs(&args_b)).expect("start ours b");
+    // Pins are known only once both have generated their certificates: the peers files are
+    // re-read when they change (design.md §4).
+    std::fs::write(&pa, format!("{} {}\n", b.addr(), b.cert_name)).expect("peers a");
+    std::fs::write(&pb, format!("{} {}\n", a.addr(), a.cert_name)).expect("peers b");
+    let map = map_for(&[&a, &b]);
+    let nodes = ["-node-a", "900a", "-node-b", "900b"];
+    for client in CLIENT_VERSIONS {
+        let run = run_against(client, "exchange", &map, Some("upgrade"), &nodes).expect("run");
+        assert_exchanged(&run, &format!("{client} across the mesh"), &a, "upgrade");
+        assert_eq!(run.json["a"]["node"], "900a");
+        assert_eq!(run.json["b"]["node"], "900b");
+        let run = run_against(client, "peergone", &map, Some("upgrade"), &nodes).expect("run");
+        assert_ok(&run, &format!("{client} peergone across the mesh"), &b);
+        assert_eq!(run.json["peer_gone"]["peer"], run.json["a"]["client_key"]);
+    }
+}
+
+#[test]
+fn ours_meshes_with_upstream_derper_both_ways() {
+    // Upstream's --mesh-with verifies peers with WebPKI, so both relays serve a certificate
+    // from the test CA (upstream trusts it through SSL_CERT_FILE); ours lists upstream in
+    // its pinned peers file (the metacert upstream appends is skipped, spec §2.4).
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (psk, peers, _) = mesh_files(tmp.path());
+    let ca = TestCa::loopback().expect("test CA");
+    let ca_file = ca.write_ca(tmp.path()).expect("write CA");
+    let ca_file = ca_file.to_str().expect("utf8");
+    let ours_args = [
+        "--mesh-psk-file",
+        &psk,
+        "--mesh-peers-file",
+        &peers,
+        "--mesh-peers-poll",
+        "100ms",
+    ];
+    let ours = Relay::with_ca_cert(ServerKind::Ours, "900a", &ours_args, &ca).expect("ours");
+    let up_args = ["--mesh-psk-file", &psk, "--mesh-with", &ours.addr()];
+    let up = Relay::with_ca_cert_env(
+        ServerKind::Upstream(TS_NEW.to_owned()),
+        "900b",
+        &up_args,
+        &ca,
+        &[("SSL_CERT_FILE", ca_file)],
+    )
+    .expect("upstream");
+    std::fs::write(&peers, format!("{} {}\n", up.addr(), ca.leaf_pin)).expect("peers");
+    let map = map_for(&[&ours, &up]);
+    for client in CLIENT_VERSIONS {
+        for (na, nb) in [("900a", "900b"), ("900b", "900a")] {
+            let what = format!("{client}: A on {na}, B on {nb}");
+            let extra = ["-node-a", na, "-node-b", nb, "-ca-file", ca_file];
+            let run = run_against(client, "exchange", &map, Some("fast"), &extra).expect("run");
+            assert!(
+                run.ok(),
+                "{what}: {}\n{}\nours:\n{}\nupstream:\n{}",
+                run.json,
+                run.stderr,
+                ours.log(),
+                up.log()
+            );
+            assert_exchanged(&run, &what, &ours, "fast-start");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Negative control: upstream derper in the same pinned mode
 
 #[test]
