@@ -907,3 +907,119 @@ async fn node_without_usable_address_and_no_matching_nodes_are_conditions() {
     .await;
     op.stop().await;
 }
+
+/// Run `derpinterop-<client> parsemap -file <text> -format <format>` (real `tailcfg` types).
+fn parsemap(client: &str, format: &str, text: &str) -> Value {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("map");
+    std::fs::write(&file, text).expect("write map");
+    let out = std::process::Command::new(derp_tests::interop::derpinterop(client))
+        .args([
+            "parsemap",
+            "-file",
+            file.to_str().expect("utf8"),
+            "-format",
+            format,
+        ])
+        .output()
+        .expect("run derpinterop parsemap");
+    assert!(
+        out.status.success(),
+        "{client} parsemap -format {format} refused:\n{}\n{}\n--- input ---\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("parsemap prints JSON")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_derpmap_is_read_back_by_real_tailcfg_and_headscale_yaml() {
+    let (client, ns) = setup("op-tailcfg").await;
+    let ns = ns.name.clone();
+    let t = tag();
+    let key = "kubederp.io/test-tailcfg";
+    let mut nodes = TestNodes::new(&client);
+    let (a, b) = (format!("tcfg-{t}-a"), format!("tcfg-{t}-b"));
+    nodes
+        .create(
+            &a,
+            json!({key: t}),
+            &[("ExternalIP", "127.0.60.1"), ("ExternalIP", "fd00::60:1")],
+        )
+        .await;
+    nodes
+        .create(&b, json!({key: t}), &[("InternalIP", "fd00::60:2")])
+        .await;
+    let _kubelet = fake_kubelet(&client, &ns);
+    let op = Operator::start(&client, &ns);
+    create_region(
+        &client,
+        &ns,
+        "tcfg",
+        json!({"regionID": 930, "regionName": "Tailcfg Test", "nodeSelector": {key: t},
+               "ports": {"derp": 8443, "http": 0, "stun": 3479},
+               "derpMap": {"omitDefaultRegions": true, "configMapName": "tcfg-map"}}),
+    )
+    .await;
+    let r = wait_region(&client, &ns, "tcfg", "region Ready", |r| {
+        is_ready_with(r, &[&a, &b])
+    })
+    .await;
+    let st = r.status.expect("status");
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), &ns)
+        .get("tcfg-map")
+        .await
+        .expect("derpMap ConfigMap");
+    let data = cm.data.expect("data");
+    let json_text = data["derpmap.json"].clone();
+    let yaml_text = data["headscale.yaml"].clone();
+    let policy = data["policy.hujson"].clone();
+    let policy_obj =
+        policy[policy.find('{').expect("{")..=policy.rfind('}').expect("}")].to_owned();
+    let ours: Value = serde_json::from_str(&json_text).expect("json");
+    for client_version in derp_tests::interop::CLIENT_VERSIONS {
+        let (j, y, p) = tokio::task::spawn_blocking({
+            let (j, y, p) = (json_text.clone(), yaml_text.clone(), policy_obj.clone());
+            move || {
+                (
+                    parsemap(client_version, "json", &j),
+                    parsemap(client_version, "headscale-yaml", &y),
+                    parsemap(client_version, "json", &p),
+                )
+            }
+        })
+        .await
+        .expect("parsemap task");
+        assert_eq!(
+            j, ours,
+            "{client_version}: derpmap.json round-trips through tailcfg"
+        );
+        assert_eq!(
+            y, ours,
+            "{client_version}: headscale.yaml decodes to the same DERPMap"
+        );
+        assert_eq!(
+            p, ours,
+            "{client_version}: the policy snippet holds the same DERPMap"
+        );
+        let nodes = j["Regions"]["930"]["Nodes"].as_array().expect("nodes");
+        assert_eq!(nodes.len(), 2);
+        for (n, s) in nodes.iter().zip(&st.nodes) {
+            assert_eq!(n["Name"], s.name.as_str());
+            assert_eq!(n["CertName"], s.cert_name.as_str());
+            assert_eq!(n["DERPPort"], 8443);
+            assert_eq!(n["STUNPort"], 3479);
+            assert!(
+                n.get("CanPort80").is_none(),
+                "http disabled → CanPort80 false"
+            );
+        }
+        assert_eq!(nodes[0]["HostName"], "127.0.60.1");
+        assert_eq!(nodes[0]["IPv6"], "fd00::60:1");
+        assert_eq!(nodes[1]["HostName"], "fd00::60:2");
+        assert_eq!(nodes[1]["IPv4"], "none");
+        assert_eq!(j["omitDefaultRegions"], true);
+        assert_eq!(j["Regions"]["930"]["RegionName"], "Tailcfg Test");
+    }
+    op.stop().await;
+}

@@ -122,6 +122,8 @@ pub fn render_policy(map: &DerpMap, source: &str) -> String {
 #[derive(Serialize, Deserialize, Debug, PartialEq)]
 struct HsMap {
     regions: BTreeMap<i64, HsRegion>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    omitdefaultregions: bool,
 }
 
 #[derive(Serialize, Deserialize, Debug, PartialEq)]
@@ -192,6 +194,7 @@ pub fn render_headscale(map: &DerpMap) -> String {
                 )
             })
             .collect(),
+        omitdefaultregions: map.omit_default_regions,
     };
     serde_yaml::to_string(&hs).expect("headscale map always serializes")
 }
