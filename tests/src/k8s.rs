@@ -155,9 +155,14 @@ fn spawn_with_pdeathsig(cmd: &mut Command) -> std::io::Result<Child> {
     use std::os::unix::process::CommandExt as _;
     let parent = std::process::id();
     #[allow(unsafe_code)]
-    // SAFETY: the closure only calls async-signal-safe functions (prctl, getppid, _exit).
+    // SAFETY: the closure only calls async-signal-safe functions (setpgid, prctl, getppid, _exit).
     unsafe {
         cmd.pre_exec(move || {
+            // Own process group: a Ctrl-C in the terminal reaches only the harness, which then
+            // stops the control plane in order (apiserver before etcd).
+            if libc::setpgid(0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
             }

@@ -10,3 +10,4 @@ pub mod agent;
 pub mod bins;
 pub mod interop;
 pub mod k8s;
+pub mod stack;
