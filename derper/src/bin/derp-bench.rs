@@ -34,8 +34,8 @@ use tokio::task::JoinSet;
 const HDR: usize = 16;
 /// Smallest payload the generator can send (the header must fit).
 const MIN_SIZE: usize = HDR;
-/// Upper bound on latency samples kept per receiver.
-const MAX_SAMPLES: usize = 400_000;
+/// Upper bound on latency samples kept per run.
+const MAX_SAMPLES: usize = 2_000_000;
 /// Linux `USER_HZ` (the unit of utime/stime in `/proc/<pid>/stat`); 100 on every
 /// architecture Linux supports for user space.
 const CLK_TCK: f64 = 100.0;
@@ -338,33 +338,35 @@ fn fill_payload(buf: &mut [u8], seq: u64) {
     }
 }
 
-/// Receives until `phase` is 2, counting RecvPackets; returns one-way latency samples (ns)
-/// taken while measuring, if `sample`.
+/// Receives RecvPackets until the task is aborted, counting them; while measuring (and if
+/// `sample`) appends one-way latencies (ns) to `lat`. No timer per frame: a per-recv timeout
+/// would cost the generator a timer-wheel insert and removal per packet.
 async fn receive(
     mut rx: ClientReader,
     flow: Arc<Flow>,
     phase: Arc<Phase>,
-    sample: bool,
-) -> Vec<u64> {
-    let mut lat = Vec::new();
-    while phase.get() < 2 {
-        match rx.recv_timeout(Duration::from_millis(50)).await {
-            Ok(ServerFrame::RecvPacket { packet, .. }) => {
-                flow.recv.fetch_add(1, Ordering::Relaxed);
-                flow.progress.notify_one();
-                if sample && phase.get() == 1 && lat.len() < MAX_SAMPLES {
-                    let ts = packet
-                        .get(8..HDR)
-                        .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                        .map_or(0, u64::from_le_bytes);
-                    lat.push(now_ns().saturating_sub(ts));
+    lat: Option<Arc<Mutex<Vec<u64>>>>,
+) {
+    while let Ok(f) = rx.recv().await {
+        if let ServerFrame::RecvPacket { packet, .. } = f {
+            flow.recv.fetch_add(1, Ordering::Relaxed);
+            flow.progress.notify_one();
+            if let Some(lat) = &lat
+                && phase.get() == 1
+            {
+                let ts = packet
+                    .get(8..HDR)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map_or(0, u64::from_le_bytes);
+                let d = now_ns().saturating_sub(ts);
+                if let Ok(mut l) = lat.lock()
+                    && l.len() < MAX_SAMPLES
+                {
+                    l.push(d);
                 }
             }
-            Ok(_) | Err(derper::client::ClientError::Timeout) => {}
-            Err(_) => break,
         }
     }
-    lat
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -480,10 +482,10 @@ async fn run_flows(
     let phase = Arc::new(Phase::default());
     let flows: Vec<Arc<Flow>> = pairs.iter().map(|_| Arc::new(Flow::default())).collect();
     let mut senders = JoinSet::new();
-    let mut receivers = Vec::new();
-    let sample = matches!(mode, Mode::Rate(_));
+    let mut receivers = JoinSet::new();
+    let lat = matches!(mode, Mode::Rate(_)).then(|| Arc::new(Mutex::new(Vec::new())));
     for ((s, rx), f) in pairs.into_iter().zip(&flows) {
-        receivers.push(tokio::spawn(receive(rx, f.clone(), phase.clone(), sample)));
+        receivers.spawn(receive(rx, f.clone(), phase.clone(), lat.clone()));
         senders.spawn(send(s, size, mode, f.clone(), phase.clone()));
     }
     let snap = |fl: &[Arc<Flow>]| -> (Vec<u64>, Vec<u64>) {
@@ -504,12 +506,10 @@ async fn run_flows(
     tokio::time::sleep(Duration::from_millis(300)).await;
     phase.set(2);
     let (st, rt) = snap(&flows);
-    let mut lat = Vec::new();
-    for r in receivers {
-        if let Ok(v) = r.await {
-            lat.extend(v);
-        }
-    }
+    receivers.abort_all();
+    let lat = lat
+        .and_then(|l| l.lock().ok().map(|mut v| std::mem::take(&mut *v)))
+        .unwrap_or_default();
     FlowResult {
         win_sent: s1.iter().zip(&s0).map(|(x, y)| x - y).collect(),
         win_recv: r1.iter().zip(&r0).map(|(x, y)| x - y).collect(),
