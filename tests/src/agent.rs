@@ -2131,7 +2131,12 @@ async fn run_pod_inner(
 
     let stop = CancellationToken::new();
     let supervisors: Vec<JoinHandle<()>> = (0..containers.len())
-        .map(|i| tokio::spawn(supervise(ctx.clone(), i, stop.clone())))
+        .map(|i| {
+            tokio::spawn(tracing::Instrument::instrument(
+                supervise(ctx.clone(), i, stop.clone()),
+                tracing::Span::current(),
+            ))
+        })
         .collect();
     tracing::info!(containers = containers.len(), "pod started");
 
@@ -2193,6 +2198,8 @@ async fn run_pod_inner(
         let _ = s.await;
     }
     if matches!(stop_reason, StopReason::AgentShutdown) {
+        // Containers are terminated and not ready; the next agent on this node runs them again.
+        reporter.report(&ctx, &pods_api).await;
         return;
     }
     // Final status with terminated containers is useless once the Pod is deleted; delete it.
