@@ -603,6 +603,52 @@ pub fn run_derpinterop(version: &str, args: &[&str], timeout: Duration) -> Resul
     })
 }
 
+/// Outcome of `derpinterop parsemap`.
+#[derive(Debug, Clone)]
+pub struct ParsedMap {
+    /// Exit status 0.
+    pub success: bool,
+    /// On success the canonical `tailcfg.DERPMap` JSON; on failure the error document.
+    pub json: Value,
+    /// Logs.
+    pub stderr: String,
+}
+
+/// Read `file` into the real `tailcfg.DERPMap` of client `version` and print it back:
+/// `format` is `json` (strict: unknown fields rejected) or `headscale-yaml` (headscale's
+/// yaml.v3 load, lower-case keys; unknown keys rejected unless `lenient`). This is how the
+/// operator's `derpmap.json` / `headscale.yaml` are proven readable by the real types.
+pub fn parse_derp_map(
+    version: &str,
+    file: &Path,
+    format: &str,
+    lenient: bool,
+) -> Result<ParsedMap> {
+    let bin = derpinterop(version);
+    let mut cmd = Command::new(&bin);
+    cmd.arg("parsemap")
+        .arg("-file")
+        .arg(file)
+        .arg("-format")
+        .arg(format)
+        .stdin(Stdio::null());
+    if lenient {
+        cmd.arg("-lenient");
+    }
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {}", bin.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let json = serde_json::from_str(&stdout)
+        .with_context(|| format!("parsemap printed no JSON:\n{stdout}\n{stderr}"))?;
+    Ok(ParsedMap {
+        success: out.status.success(),
+        json,
+        stderr,
+    })
+}
+
 /// Run `derpinterop <sub> -derpmap <map> [-mode <mode>] <extra…>` for client `version`.
 pub fn run_against(
     version: &str,

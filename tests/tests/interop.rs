@@ -18,8 +18,8 @@
 use std::path::PathBuf;
 
 use derp_tests::interop::{
-    CLIENT_VERSIONS, Relay, Run, ServerKind, TS_NEW, TS_OLD, TestCa, derp_map, run_against,
-    write_derp_map,
+    CLIENT_VERSIONS, Relay, Run, ServerKind, TS_NEW, TS_OLD, TestCa, derp_map, parse_derp_map,
+    run_against, write_derp_map,
 };
 use serde_json::{Value, json};
 
@@ -479,23 +479,9 @@ fn parsemap(client: &str, format: &str, text: &str, extra: &[&str]) -> (bool, St
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("map");
     std::fs::write(&file, text).expect("write");
-    let bin = derp_tests::interop::derpinterop(client);
-    let out = std::process::Command::new(bin)
-        .args([
-            "parsemap",
-            "-file",
-            file.to_str().expect("utf8"),
-            "-format",
-            format,
-        ])
-        .args(extra)
-        .output()
-        .expect("run parsemap");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let lenient = extra.contains(&"-lenient");
+    let p = parse_derp_map(client, &file, format, lenient).expect("run parsemap");
+    (p.success, p.json.to_string(), p.stderr)
 }
 
 #[test]
