@@ -971,3 +971,70 @@ async fn wait_until_ready(pods: &Api<Pod>, name: &str) -> Option<()> {
     })
     .await
 }
+
+#[tokio::test]
+async fn two_containers_share_an_empty_dir_and_both_gate_readiness() {
+    let client = ControlPlane::shared().client().await;
+    let ns = TestNamespace::create(&client, "agent-multi").await;
+    let node = unique("agent-multi");
+    let ip = Ipv4Addr::new(127, 0, 29, 1);
+    let (agent, _dir) = start_agent(&client, vec![NodeSpec::new(&node, ip)]).await;
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns.name);
+    let container = |name: &str, port: u16, file: &str| {
+        json!({
+            "name": name, "image": IMAGE,
+            "args": [format!("--listen=:{port}"), format!("--ready-file=/shared/{file}")],
+            "readinessProbe": {"httpGet": {"path": "/ready", "port": port}, "periodSeconds": 1},
+            "volumeMounts": [{"name": "shared", "mountPath": "/shared"}],
+        })
+    };
+    let p = pod(
+        "pair",
+        &node,
+        json!({"spec": {
+            "containers": [container("relay", 28091, "relay-ready"), container("sidecar", 28092, "sidecar-ready")],
+            "volumes": [{"name": "shared", "emptyDir": {}}],
+        }}),
+    );
+    pods.create(&PostParams::default(), &p).await.unwrap();
+    let (_, args) = wait_for("relay HTTP", T, || http_get("127.0.29.1:28091", "/args")).await;
+    wait_for("sidecar HTTP", T, || {
+        http_get("127.0.29.1:28092", "/healthz")
+    })
+    .await;
+    let relay_ready = PathBuf::from(
+        args.lines()
+            .find_map(|l| l.strip_prefix("--ready-file="))
+            .unwrap(),
+    );
+    let shared = relay_ready.parent().unwrap().to_owned();
+    assert!(agent.container_pid(&ns.name, "pair", "relay").is_some());
+    assert!(agent.container_pid(&ns.name, "pair", "sidecar").is_some());
+
+    // Only one container ready: the Pod is not.
+    std::fs::write(&relay_ready, "").unwrap();
+    let s = wait_for("relay container ready", T, || async {
+        let s = pod_status(&pods, "pair").await?;
+        let cs = s["containerStatuses"].as_array()?;
+        cs.iter()
+            .any(|c| c["name"] == "relay" && c["ready"] == true)
+            .then_some(s)
+    })
+    .await;
+    assert_eq!(condition(&s, "ContainersReady").as_deref(), Some("False"));
+    assert_eq!(condition(&s, "Ready").as_deref(), Some("False"));
+    // The sidecar sees the same directory.
+    std::fs::write(shared.join("sidecar-ready"), "").unwrap();
+    wait_for("pod Ready with both containers", T, || async {
+        let s = pod_status(&pods, "pair").await?;
+        (condition(&s, "ContainersReady").as_deref() == Some("True")
+            && condition(&s, "Ready").as_deref() == Some("True"))
+        .then_some(())
+    })
+    .await;
+    agent.shutdown().await;
+    Api::<Node>::all(client.clone())
+        .delete(&node, &DeleteParams::default())
+        .await
+        .unwrap();
+}
