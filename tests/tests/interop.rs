@@ -412,18 +412,51 @@ fn cell(run: &Run) -> String {
 
 #[test]
 fn client_server_matrix() {
-    let servers: Vec<(String, Relay, bool)> = vec![
-        (format!("upstream derper {TS_OLD}"), upstream(TS_OLD), true),
-        (format!("upstream derper {TS_NEW}"), upstream(TS_NEW), true),
+    // (label, relay, fails for pinned v1.82.x, client args)
+    let ca = TestCa::loopback().expect("test CA");
+    let ca_dir = tempfile::tempdir().expect("tempdir");
+    let ca_file = ca.write_ca(ca_dir.path()).expect("write CA");
+    let ca_args = vec![
+        "-ca-file".to_owned(),
+        ca_file.to_str().expect("utf8").to_owned(),
+    ];
+    let with_ca = |kind: ServerKind| Relay::with_ca_cert(kind, "900a", &[], &ca).expect("start");
+    let servers: Vec<(String, Relay, bool, Vec<String>)> = vec![
+        (
+            format!("upstream derper {TS_OLD}"),
+            upstream(TS_OLD),
+            true,
+            vec![],
+        ),
+        (
+            format!("upstream derper {TS_NEW}"),
+            upstream(TS_NEW),
+            true,
+            vec![],
+        ),
         (
             "kubederp derper (pinned, default)".to_owned(),
             ours(),
             false,
+            vec![],
         ),
         (
             "kubederp derper `--metacert on`".to_owned(),
             Relay::ours("900a", OUR_METACERT_FLAGS).expect("start ours with metacert"),
             true,
+            vec![],
+        ),
+        (
+            format!("upstream derper {TS_OLD}, CA-issued cert, no pin"),
+            with_ca(ServerKind::Upstream(TS_OLD.to_owned())),
+            false,
+            ca_args.clone(),
+        ),
+        (
+            "kubederp derper, CA-issued cert, no pin".to_owned(),
+            with_ca(ServerKind::Ours),
+            false,
+            ca_args.clone(),
         ),
     ];
     let mut table = String::from(
@@ -432,10 +465,11 @@ fn client_server_matrix() {
     );
     let mut failures = Vec::new();
     for client in CLIENT_VERSIONS {
-        for (label, relay, sends_metacert) in &servers {
+        for (label, relay, sends_metacert, client_args) in &servers {
             let map = map_for(&[relay]);
+            let extra: Vec<&str> = client_args.iter().map(String::as_str).collect();
             let run = |sub: &str, mode: Option<&str>| {
-                run_against(client, sub, &map, mode, &[]).expect("run derpinterop")
+                run_against(client, sub, &map, mode, &extra).expect("run derpinterop")
             };
             let cells = [
                 run("exchange", Some("auto")),
