@@ -10,10 +10,12 @@ use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use crate::controller::Shared;
+
+/// The Prometheus registry type served by [`serve`] (re-exported for embedders and tests).
+pub use prometheus_client::registry::Registry as PromRegistry;
 
 mod bytes_body {
     pub(super) use http_body_util::Full;
@@ -89,12 +91,12 @@ fn route(req: &Request<Incoming>, shared: &Shared, registry: &Registry) -> Respo
     }
 }
 
-/// Bind `addr` and serve until `cancel` fires. Returns the bound address and the task.
+/// Bind `addr` and serve until `shutdown` resolves. Returns the bound address and the task.
 pub async fn serve(
     addr: SocketAddr,
     shared: Shared,
     registry: Arc<Registry>,
-    cancel: CancellationToken,
+    shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), AdminError> {
     let listener = TcpListener::bind(addr)
         .await
@@ -102,9 +104,10 @@ pub async fn serve(
     let local = listener.local_addr().unwrap_or(addr);
     info!(addr = %local, "admin server listening");
     let task = tokio::spawn(async move {
+        let mut shutdown = std::pin::pin!(shutdown);
         loop {
             let (stream, peer) = tokio::select! {
-                () = cancel.cancelled() => break,
+                () = &mut shutdown => break,
                 r = listener.accept() => match r {
                     Ok(s) => s,
                     Err(error) => {

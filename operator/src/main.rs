@@ -57,7 +57,7 @@ async fn main() -> anyhow::Result<()> {
         config.admin_addr,
         shared.clone(),
         Arc::new(registry),
-        cancel.clone(),
+        cancel.clone().cancelled_owned(),
     )
     .await?;
 

@@ -28,6 +28,8 @@ use kube::{
 };
 use serde_json::{Value, json};
 
+use derp_operator::admin::PromRegistry;
+
 const WAIT: Duration = Duration::from_secs(60);
 const MANAGED: &str = "app.kubernetes.io/managed-by=derp-operator";
 
@@ -42,6 +44,7 @@ impl Drop for AbortOnDrop {
 /// An in-process operator limited to one namespace.
 struct Operator {
     metrics: Arc<Metrics>,
+    registry: Arc<PromRegistry>,
     shared: Shared,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), derp_operator::Error>>,
@@ -49,7 +52,9 @@ struct Operator {
 
 impl Operator {
     fn start(client: &Client, ns: &str) -> Operator {
-        let metrics = Arc::new(Metrics::default());
+        let mut registry = PromRegistry::default();
+        let metrics = Arc::new(Metrics::new(&mut registry));
+        let registry = Arc::new(registry);
         let shared = Shared::default();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(controller::run(
@@ -68,6 +73,7 @@ impl Operator {
         ));
         Operator {
             metrics,
+            registry,
             shared,
             stop: Some(tx),
             task,
@@ -1021,5 +1027,104 @@ async fn published_derpmap_is_read_back_by_real_tailcfg_and_headscale_yaml() {
         assert_eq!(j["omitDefaultRegions"], true);
         assert_eq!(j["Regions"]["930"]["RegionName"], "Tailcfg Test");
     }
+
+    // the admin server: merged derpMap (headscale derp.urls form), metrics, probes
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let (addr, admin) = derp_operator::admin::serve(
+        "127.0.0.1:0".parse().expect("addr"),
+        op.shared.clone(),
+        op.registry.clone(),
+        async move {
+            let _ = rx.await;
+        },
+    )
+    .await
+    .expect("admin server");
+    let get = |path: &'static str| {
+        tokio::task::spawn_blocking(move || {
+            use std::io::{Read as _, Write as _};
+            let mut s = std::net::TcpStream::connect(addr).expect("connect admin");
+            s.set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            write!(
+                s,
+                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            .expect("write");
+            let mut buf = String::new();
+            s.read_to_string(&mut buf).expect("read");
+            let (head, body) = buf.split_once("\r\n\r\n").expect("http response");
+            (
+                head.lines().next().unwrap_or_default().to_owned(),
+                body.to_owned(),
+            )
+        })
+    };
+    let (status, body) = get("/derpmap.json").await.expect("get");
+    assert!(status.contains("200"), "{status}");
+    let merged: Value = serde_json::from_str(&body).expect("merged derpmap json");
+    assert_eq!(merged["Regions"]["930"], ours["Regions"]["930"]);
+    let (status, body) = get("/metrics").await.expect("get");
+    assert!(status.contains("200"), "{status}");
+    assert!(body.contains("derp_operator_reconciles_total"), "{body}");
+    assert!(body.contains("derp_operator_writes_total"), "{body}");
+    assert!(get("/readyz").await.expect("get").0.contains("200"));
+    assert!(get("/healthz").await.expect("get").0.contains("200"));
+    assert!(get("/nope").await.expect("get").0.contains("404"));
+    let _ = tx.send(());
+    admin.await.expect("admin task");
     op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_leader_election_hands_over_on_release() {
+    use derp_operator::leader::{LeaderElector, LeaseConfig};
+    let (client, ns) = setup("op-lease").await;
+    let cfg = |id: &str| LeaseConfig {
+        name: "derp-operator".into(),
+        namespace: ns.name.clone(),
+        identity: id.into(),
+        lease_duration: Duration::from_secs(3),
+        renew_deadline: Duration::from_secs(2),
+        retry_period: Duration::from_millis(200),
+    };
+    let a = LeaderElector::new(client.clone(), cfg("a"));
+    let b = LeaderElector::new(client.clone(), cfg("b"));
+    let lead_a = tokio::time::timeout(WAIT, a.acquire())
+        .await
+        .expect("a leads");
+    // b cannot take a renewed lease, even after more than one lease duration
+    assert!(
+        tokio::time::timeout(Duration::from_secs(4), b.acquire())
+            .await
+            .is_err(),
+        "b must not lead while a renews"
+    );
+    let lease =
+        Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), &ns.name)
+            .get("derp-operator")
+            .await
+            .expect("lease");
+    assert_eq!(
+        lease.spec.expect("spec").holder_identity.as_deref(),
+        Some("a")
+    );
+    lead_a.release().await.expect("release");
+    let started = std::time::Instant::now();
+    let lead_b = tokio::time::timeout(WAIT, b.acquire())
+        .await
+        .expect("b leads");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "a released lease is taken at once"
+    );
+    let lease =
+        Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), &ns.name)
+            .get("derp-operator")
+            .await
+            .expect("lease");
+    let spec = lease.spec.expect("spec");
+    assert_eq!(spec.holder_identity.as_deref(), Some("b"));
+    assert_eq!(spec.lease_transitions, Some(1));
+    lead_b.release().await.expect("release");
 }
