@@ -501,6 +501,26 @@ struct Shared {
 impl NodeAgent {
     /// Starts the agent: registers `nodes`, waits for the Pod/Secret/ConfigMap caches, and
     /// runs every Pod bound to one of its nodes until shut down.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> anyhow::Result<()> {
+    /// use derp_tests::agent::{AgentConfig, NodeAgent, NodeSpec};
+    /// use derp_tests::k8s::ControlPlane;
+    ///
+    /// let client = ControlPlane::shared().client().await;
+    /// let nodes = (1..=3)
+    ///     .map(|i| {
+    ///         NodeSpec::new(format!("node-{i}"), std::net::Ipv4Addr::new(127, 0, 0, 1 + i))
+    ///             .label("kubederp.io/relay", "true")
+    ///     })
+    ///     .collect();
+    /// // `…/derper` images run this workspace's derper; add `.image(prefix, path)` for others.
+    /// let agent = NodeAgent::start(client, AgentConfig::new("/tmp/kubederp-agent"), nodes).await?;
+    /// println!("relay log: {}", agent.log_path("derp", "home-node-1", "derper").display());
+    /// agent.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn start(
         client: kube::Client,
         config: AgentConfig,
@@ -2553,14 +2573,19 @@ async fn supervise(ctx: Arc<PodCtx>, idx: usize, stop: CancellationToken) {
             }
             Why::Liveness(msg) => {
                 tracing::warn!(container = %c.name, %msg, "liveness probe failed; restarting");
-                let grace = ctx
-                    .pod
-                    .spec
+                // The probe's own grace period wins over the Pod's, as in the kubelet.
+                let grace = c
+                    .liveness_probe
                     .as_ref()
-                    .and_then(|s| s.termination_grace_period_seconds)
+                    .and_then(|p| p.termination_grace_period_seconds)
+                    .or_else(|| {
+                        ctx.pod
+                            .spec
+                            .as_ref()
+                            .and_then(|s| s.termination_grace_period_seconds)
+                    })
                     .and_then(|g| u64::try_from(g).ok())
-                    .unwrap_or(30)
-                    .min(5);
+                    .unwrap_or(30);
                 (
                     terminate(&mut running, Duration::from_secs(grace)).await,
                     Some("Error"),
