@@ -35,7 +35,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest as _, Sha256};
 use tokio::net::{TcpStream, UdpSocket};
@@ -160,7 +160,7 @@ impl DerpMap {
 // derpMap parsing
 
 /// The three published renderings of a derpMap (design §4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MapFormat {
     /// `derpmap.json`: `tailcfg.DERPMap` JSON.
@@ -791,7 +791,7 @@ pub async fn stun_probe(
 // Result types
 
 /// Outcome of one check.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     /// Worked.
@@ -803,7 +803,7 @@ pub enum Status {
 }
 
 /// One check: pass/fail/skip, a message a person can act on, and its latency.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Check {
     /// Outcome.
     pub status: Status,
@@ -848,7 +848,7 @@ impl Check {
 }
 
 /// The per-node checks, in the order they run.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeChecks {
     /// TCP connect to the DERP port.
     pub tcp: Check,
@@ -876,7 +876,7 @@ impl NodeChecks {
 }
 
 /// A metacert seen in the presented chain (spec §2).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MetacertInfo {
     /// Its subject CN (`derpkey<64 hex>`).
     pub common_name: String,
@@ -887,7 +887,7 @@ pub struct MetacertInfo {
 }
 
 /// What the TLS handshake showed.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TlsInfo {
     /// Negotiated version, e.g. `TLSv1.3`.
     pub version: String,
@@ -904,7 +904,7 @@ pub struct TlsInfo {
 }
 
 /// Result for one node.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeReport {
     /// Node name.
     pub name: String,
@@ -933,7 +933,7 @@ pub struct NodeReport {
 }
 
 /// One direction of the cross-node check.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MeshCheck {
     /// Node the sending probe client is connected to.
     pub from: String,
@@ -945,7 +945,7 @@ pub struct MeshCheck {
 }
 
 /// Result for one region.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RegionReport {
     /// Region ID.
     pub region_id: i64,
@@ -962,7 +962,7 @@ pub struct RegionReport {
 }
 
 /// Result for a whole map.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     /// Schema version of this JSON document.
     pub version: u32,

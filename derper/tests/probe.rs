@@ -348,6 +348,8 @@ async fn report_json_schema() {
         assert!(n["tls"].get(key).is_some(), "tls has {key}");
     }
     assert_eq!(n["tls"]["version"], "TLSv1.3");
+    let back: Report = serde_json::from_value(v).unwrap();
+    assert_eq!(back, report, "the JSON reads back into the same Report");
     s.shutdown().await;
 }
 
@@ -871,8 +873,9 @@ async fn binary_reads_a_map_from_an_http_url() {
     args.extend(FAST);
     let o = run_bin(&args).await;
     assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
-    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
-    assert_eq!(v["ok"], true);
+    let r: Report = serde_json::from_str(&o.stdout).unwrap();
+    assert!(r.ok);
+    assert_eq!(r.regions[0].nodes[0].name, "n1");
     s.shutdown().await;
 }
 

@@ -40,9 +40,14 @@ const EXIT_MAP: u8 = 2;
 /// Limit for fetching a map over HTTP or running kubectl.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Probe every node of a derpMap like a Tailscale client would.
+/// Probe every node of a derpMap like a Tailscale client would: TCP, TLS with the
+/// sha256-raw pin, DERP handshake, a packet round trip, packets across every mesh pair, STUN.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(
+    version,
+    after_help = "Exit status: 0 every check passed, 1 a check failed, 2 the map could not be read or the command line is wrong.\n\
+                  Map formats: derpmap.json (tailcfg JSON), policy.hujson (\"derpMap\" block or whole policy file), headscale.yaml."
+)]
 struct Args {
     /// derpMap file, or an http:// URL (e.g. the operator's /derpmap.json).
     #[arg(
