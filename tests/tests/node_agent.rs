@@ -14,7 +14,7 @@ use std::time::Duration;
 use derp_tests::agent::{AddressType, AgentConfig, NodeAgent, NodeSpec};
 use derp_tests::k8s::{ControlPlane, TestNamespace, wait_for};
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, LogParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -420,6 +420,21 @@ async fn pod_runs_with_expanded_args_env_downward_api_and_live_volumes() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("kubederp-test-container started"), "{text}");
     assert!(text.contains("arg: --listen=127.0.22.1:28082"), "{text}");
+    // …and served to `kubectl logs` through the apiserver (the agent's kubelet endpoint).
+    let logs = pods.logs("relay", &LogParams::default()).await.unwrap();
+    assert!(logs.contains("kubederp-test-container started"), "{logs}");
+    assert!(!logs.contains("=== kubederp-node-agent"), "{logs}");
+    let tail = pods
+        .logs(
+            "relay",
+            &LogParams {
+                tail_lines: Some(1),
+                ..LogParams::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(tail.lines().count(), 1, "{tail}");
 
     // Deletion: the process goes away and the Pod object is removed.
     let pid = agent.container_pid(&ns.name, "relay", "main").unwrap();
@@ -459,8 +474,31 @@ async fn crashed_container_is_restarted_and_counted() {
     pods.create(&PostParams::default(), &p).await.unwrap();
     let addr = "127.0.23.1:28083";
     let (_, pid1) = wait_for("container HTTP", T, || http_get(addr, "/pid")).await;
+    // `kubectl logs -f` follows the file as the container writes to it.
+    let follow = pods
+        .log_stream(
+            "crashy",
+            &LogParams {
+                follow: true,
+                ..LogParams::default()
+            },
+        )
+        .await
+        .unwrap();
     let (code, _) = http_get(addr, "/exit?code=3").await.unwrap();
     assert_eq!(code, 200);
+    let mut lines = futures::AsyncBufReadExt::lines(follow);
+    let followed = tokio::time::timeout(T, async {
+        while let Some(line) = futures::StreamExt::next(&mut lines).await {
+            if line.unwrap().contains("exiting with 3 on request") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(followed, Ok(true), "followed log shows the exit");
+    drop(lines);
     let status = wait_for("restarted", T, || async {
         let s = pod_status(&pods, "crashy").await?;
         let cs = &s["containerStatuses"][0];
@@ -472,6 +510,18 @@ async fn crashed_container_is_restarted_and_counted() {
     assert_eq!(cs["lastState"]["terminated"]["reason"], "Error");
     let (_, pid2) = wait_for("container HTTP again", T, || http_get(addr, "/pid")).await;
     assert_ne!(pid1, pid2);
+    // `kubectl logs --previous` shows the run that exited.
+    let previous = pods
+        .logs(
+            "crashy",
+            &LogParams {
+                previous: true,
+                ..LogParams::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(previous.contains("exiting with 3 on request"), "{previous}");
     let _ = http_get(addr, "/exit?code=0").await;
     wait_for("second restart", T, || async {
         let s = pod_status(&pods, "crashy").await?;
