@@ -6,18 +6,31 @@
 //! note the metacert together with the client versions it breaks (v1.82.x with a pin, spec
 //! §2.4 / §11 P1). No skipping: a missing upstream binary is a loud failure (see
 //! `derp_tests::interop`).
+//!
+//! The cross-node check against a real mesh: two upstream derpers with test-CA certificates
+//! (derpprobe verifies them with `--ca-file`), where only B dials A with `--mesh-with` (A's
+//! port is the only one known in advance). B forwards to clients on A, A has no route to
+//! clients on B: derpprobe must pass B -> A and fail A -> B, then fail both directions once
+//! B is stopped.
 #![allow(clippy::unwrap_used)]
 
 use std::process::Stdio;
 use std::time::Duration;
 
-use derp_tests::interop::{Relay, TS_OLD, derp_map, write_derp_map};
+use derp_tests::interop::{Relay, ServerKind, TS_OLD, TestCa, derp_map, write_derp_map};
 use serde_json::Value;
 
 async fn run(bin: &std::path::Path, args: &[&str]) -> (i32, String) {
     let child = tokio::process::Command::new(bin)
         .args(args)
-        .args(["--timeout", "5s", "--stun-timeout", "3s"])
+        .args([
+            "--timeout",
+            "5s",
+            "--stun-timeout",
+            "3s",
+            "--mesh-timeout",
+            "6s",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -92,4 +105,94 @@ async fn derpprobe_passes_upstream_derper_v1_82_5_and_notes_its_metacert() {
     assert!(table.contains("metacert presented"), "{table}");
     assert!(table.contains("v1.82.0–v1.82.5"), "{table}");
     assert!(table.contains("all 5 checks passed"), "{table}");
+}
+
+/// 64 hex digits (spec §6.10 mesh key file).
+const MESH_KEY: &str = "6465727070726f6265206d657368206b657920666f72207570737472656d2121";
+
+#[tokio::test]
+async fn derpprobe_cross_node_check_follows_a_real_upstream_mesh() {
+    let tmp = tempfile::tempdir().unwrap();
+    let psk = tmp.path().join("mesh.key");
+    std::fs::write(&psk, MESH_KEY).unwrap();
+    let psk = psk.to_str().unwrap().to_owned();
+    let ca = TestCa::loopback().unwrap();
+    let ca_file = ca.write_ca(tmp.path()).unwrap();
+    let ca_file = ca_file.to_str().unwrap().to_owned();
+    let (psk2, ca2, ca_file2) = (psk.clone(), ca.clone(), ca_file.clone());
+    let (a, b, bin) = tokio::task::spawn_blocking(move || {
+        let bin = derp_tests::bins::workspace_bin("derpprobe");
+        let kind = ServerKind::Upstream(TS_OLD.to_owned());
+        let a = Relay::with_ca_cert(kind.clone(), "900a", &["--mesh-psk-file", &psk2], &ca2)
+            .expect("start upstream a");
+        let b = Relay::with_ca_cert_env(
+            kind,
+            "900b",
+            &["--mesh-psk-file", &psk2, "--mesh-with", &a.addr()],
+            &ca2,
+            &[("SSL_CERT_FILE", ca_file2.as_str())],
+        )
+        .expect("start upstream b");
+        (a, b, bin)
+    })
+    .await
+    .unwrap();
+    let map = write_derp_map(tmp.path(), "derpmap.json", &derp_map(&[a.node(), b.node()])).unwrap();
+    let map = map.to_str().unwrap().to_owned();
+    let args = [
+        "--derp-map",
+        map.as_str(),
+        "--json",
+        "--ca-file",
+        ca_file.as_str(),
+    ];
+
+    let (code, stdout) = run(&bin, &args).await;
+    assert_eq!(code, 1, "A -> B must fail:\n{stdout}");
+    let v: Value = serde_json::from_str(&stdout).unwrap();
+    let r = &v["regions"][0];
+    for n in r["nodes"].as_array().unwrap() {
+        assert_eq!(n["ok"], true, "each node alone passes: {n}");
+        let tls = n["checks"]["tls"]["message"].as_str().unwrap();
+        assert!(tls.contains("chain verified"), "{tls}");
+    }
+    let mesh = r["mesh"].as_array().unwrap();
+    let dir = |from: &str, to: &str| {
+        mesh.iter()
+            .find(|m| m["from"] == from && m["to"] == to)
+            .unwrap_or_else(|| panic!("no {from}->{to} in {r}"))
+            .clone()
+    };
+    assert_eq!(
+        dir("900b", "900a")["status"],
+        "pass",
+        "B dials A: B forwards to A's clients\n{r}\nB log:\n{}",
+        b.log()
+    );
+    let ab = dir("900a", "900b");
+    assert_eq!(ab["status"], "fail", "{r}");
+    assert!(
+        ab["message"].as_str().unwrap().contains("not meshed"),
+        "{ab}"
+    );
+
+    // Stop B: its node checks fail and so do both directions of the pair.
+    drop(b);
+    let (code, stdout) = run(&bin, &args).await;
+    assert_eq!(code, 1);
+    let v: Value = serde_json::from_str(&stdout).unwrap();
+    let r = &v["regions"][0];
+    assert_eq!(r["nodes"][0]["ok"], true);
+    assert_eq!(r["nodes"][1]["checks"]["tcp"]["status"], "fail");
+    for m in r["mesh"].as_array().unwrap() {
+        assert_eq!(m["status"], "fail", "{m}");
+        assert!(
+            m["message"]
+                .as_str()
+                .unwrap()
+                .contains("no working probe clients on 900b"),
+            "{m}"
+        );
+    }
+    drop(a);
 }
