@@ -104,9 +104,20 @@ pub struct Args {
     #[arg(long, env = "DERPER_MESH_PSK_FILE")]
     pub mesh_psk_file: Option<PathBuf>,
 
-    /// Comma-separated mesh peers (not supported yet).
+    /// Comma-separated mesh peers (upstream): `host`, `host:port` or `host/dialhost`;
+    /// certificates verified against the system CA roots for `host`. May include this
+    /// server (detected and ignored).
     #[arg(long, env = "DERPER_MESH_WITH", default_value = "")]
     pub mesh_with: String,
+
+    /// Mesh peers file: one `host:port sha256-raw:<hex>` per line (`#` comments), pinned
+    /// certificates; re-read when it changes, so peers come and go without a restart.
+    #[arg(long, env = "DERPER_MESH_PEERS_FILE")]
+    pub mesh_peers_file: Option<PathBuf>,
+
+    /// How often to check --mesh-peers-file for changes (Go duration).
+    #[arg(long, env = "DERPER_MESH_PEERS_POLL", default_value = "2s")]
+    pub mesh_peers_poll: String,
 
     /// Names published on /bootstrap-dns (not supported yet).
     #[arg(long, env = "DERPER_BOOTSTRAP_DNS_NAMES", default_value = "")]
@@ -124,7 +135,7 @@ pub struct Args {
     #[arg(long, env = "DERPER_VERIFY_CLIENTS")]
     pub verify_clients: bool,
 
-    /// Admission webhook URL (not supported yet).
+    /// Admission webhook URL (http://): POST {"NodePublic","Source"} → {"Allow":bool}.
     #[arg(long, env = "DERPER_VERIFY_CLIENT_URL", default_value = "")]
     pub verify_client_url: String,
 
@@ -136,15 +147,16 @@ pub struct Args {
     #[arg(long, env = "DERPER_SOCKET", default_value = "")]
     pub socket: String,
 
-    /// Accepted TLS connections per second (not supported yet; default +Inf).
+    /// Accepted connections per second on the main listener (default +Inf = unlimited).
     #[arg(long, env = "DERPER_ACCEPT_CONNECTION_LIMIT", default_value_t = f64::INFINITY)]
     pub accept_connection_limit: f64,
 
-    /// Burst for --accept-connection-limit (not supported yet).
+    /// Burst for --accept-connection-limit.
     #[arg(long, env = "DERPER_ACCEPT_CONNECTION_BURST", default_value_t = i64::MAX)]
     pub accept_connection_burst: i64,
 
-    /// Per-client receive rate limit config file (not supported yet).
+    /// Per-client receive rate limit JSON file (upstream):
+    /// {"PerClientRateLimitBytesPerSec": N, "PerClientRateBurstBytes": M}; read at start.
     #[arg(long, env = "DERPER_RATE_CONFIG", default_value = "")]
     pub rate_config: String,
 
@@ -207,6 +219,8 @@ const GO_LONG_FLAGS: &[&str] = &[
     "home",
     "mesh-psk-file",
     "mesh-with",
+    "mesh-peers-file",
+    "mesh-peers-poll",
     "bootstrap-dns-names",
     "unpublished-bootstrap-dns-names",
     "verify-clients",

@@ -319,6 +319,22 @@ impl ClientWriter {
         self.flush_buf().await
     }
 
+    /// Queues ForwardPacket without flushing (call [`Self::flush`]); used by the mesh
+    /// forwarder to batch frames.
+    pub fn queue_forward_packet(
+        &mut self,
+        src: &NodePublicKey,
+        dst: &NodePublicKey,
+        packet: &[u8],
+    ) {
+        codec::write_forward_packet(&mut self.buf, src, dst, packet);
+    }
+
+    /// Bytes queued and not yet flushed.
+    pub fn queued_len(&self) -> usize {
+        self.buf.len()
+    }
+
     /// Writes arbitrary bytes (tests of malformed input).
     pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
         self.buf.extend_from_slice(bytes);

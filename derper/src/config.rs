@@ -77,6 +77,10 @@ pub struct Config {
     pub dev: bool,
     /// The hostname (also used without TLS for messages).
     pub hostname: String,
+    /// Mesh peers to dial (`--mesh-with`, `--mesh-peers-file`).
+    pub mesh: Option<crate::mesh::MeshConfig>,
+    /// Accept rate limit (per second, burst).
+    pub accept_limit: Option<(f64, f64)>,
 }
 
 /// Parses `-a`: `:port`, `host:port`, `[v6]:port`. An empty host binds all interfaces.
@@ -140,11 +144,13 @@ impl TryFrom<Args> for Config {
             home,
             mesh_psk_file,
             mesh_with,
+            mesh_peers_file,
+            mesh_peers_poll,
             bootstrap_dns_names,
             unpublished_bootstrap_dns_names,
             verify_clients,
             verify_client_url,
-            verify_client_url_fail_open: _,
+            verify_client_url_fail_open,
             socket,
             accept_connection_limit,
             accept_connection_burst,
@@ -162,13 +168,15 @@ impl TryFrom<Args> for Config {
             log_format,
         } = args;
 
-        if !mesh_with.trim().is_empty() {
-            if mesh_psk_file.is_none() {
-                return Err(ConfigError::Combination(
-                    "--mesh-with requires --mesh-psk-file".into(),
-                ));
-            }
-            return Err(ConfigError::NotSupported("--mesh-with (mesh peering)"));
+        if !mesh_with.trim().is_empty() && mesh_psk_file.is_none() {
+            return Err(ConfigError::Combination(
+                "--mesh-with requires --mesh-psk-file".into(),
+            ));
+        }
+        if mesh_peers_file.is_some() && mesh_psk_file.is_none() {
+            return Err(ConfigError::Combination(
+                "--mesh-peers-file requires --mesh-psk-file".into(),
+            ));
         }
         if !bootstrap_dns_names.is_empty() || !unpublished_bootstrap_dns_names.is_empty() {
             return Err(ConfigError::NotSupported("--bootstrap-dns-names"));
@@ -176,17 +184,31 @@ impl TryFrom<Args> for Config {
         if verify_clients || !socket.is_empty() {
             return Err(ConfigError::NotSupported("--verify-clients"));
         }
+        let mut admission: Vec<std::sync::Arc<dyn crate::admission::Admit>> = Vec::new();
         if !verify_client_url.is_empty() {
-            return Err(ConfigError::NotSupported("--verify-client-url"));
+            let v =
+                crate::admission::VerifyUrl::new(&verify_client_url, verify_client_url_fail_open)
+                    .map_err(|e| invalid("verify-client-url", e))?;
+            admission.push(std::sync::Arc::new(v));
         }
-        if accept_connection_limit.is_finite() || accept_connection_burst != i64::MAX {
-            return Err(ConfigError::NotSupported(
-                "--accept-connection-limit/--accept-connection-burst",
-            ));
+        if accept_connection_limit.is_nan() || accept_connection_limit < 0.0 {
+            return Err(invalid("accept-connection-limit", "must be ≥ 0"));
         }
-        if !rate_config.is_empty() {
-            return Err(ConfigError::NotSupported("--rate-config"));
+        if accept_connection_burst < 1 {
+            return Err(invalid("accept-connection-burst", "must be ≥ 1"));
         }
+        #[allow(clippy::cast_precision_loss)]
+        let accept_limit = accept_connection_limit
+            .is_finite()
+            .then_some((accept_connection_limit, accept_connection_burst as f64));
+        let recv_rate = if rate_config.is_empty() {
+            None
+        } else {
+            let text = std::fs::read_to_string(&rate_config)
+                .map_err(|e| invalid("rate-config", format!("{rate_config}: {e}")))?;
+            crate::ratelimit::RecvRateLimit::parse_json(&text)
+                .map_err(|e| invalid("rate-config", format!("{rate_config}: {e}")))?
+        };
         if acme_ip_certs && certmode != CertMode::Letsencrypt {
             return Err(ConfigError::Combination(
                 "--acme-ip-certs requires --certmode=letsencrypt".into(),
@@ -299,9 +321,29 @@ impl TryFrom<Args> for Config {
             }
         };
         let write_timeout = duration("tcp-write-timeout", &tcp_write_timeout)?;
+        let mesh = match &mesh_key {
+            Some(k) if !mesh_with.trim().is_empty() || mesh_peers_file.is_some() => {
+                let roots = if mesh_with.trim().is_empty() {
+                    Vec::new()
+                } else {
+                    crate::mesh::system_roots()
+                };
+                Some(crate::mesh::MeshConfig {
+                    mesh_key: k.clone(),
+                    peers: crate::mesh::parse_mesh_with(&mesh_with, &roots)
+                        .map_err(|e| invalid("mesh-with", e))?,
+                    peers_file: mesh_peers_file,
+                    poll: duration("mesh-peers-poll", &mesh_peers_poll)?
+                        .max(Duration::from_millis(50)),
+                })
+            }
+            _ => None,
+        };
         let server = ServerOptions {
             write_timeout: (!write_timeout.is_zero()).then_some(write_timeout),
             mesh_key,
+            admission,
+            recv_rate,
             ..ServerOptions::default()
         };
         let ka = duration("tcp-keepalive-time", &tcp_keepalive_time)?;
@@ -325,6 +367,8 @@ impl TryFrom<Args> for Config {
             log_format,
             dev,
             hostname,
+            mesh,
+            accept_limit,
         })
     }
 }
@@ -384,16 +428,37 @@ mod tests {
 
     #[test]
     fn unsupported_features_fail_clearly() {
-        let e = cfg(&["-a", ":8080", "-c", "k", "--verify-client-url", "http://x"]).unwrap_err();
-        assert!(e.to_string().contains("not supported yet"), "{e}");
+        let e = cfg(&["-a", ":8080", "-c", "k", "--verify-client-url", "https://x"]).unwrap_err();
+        assert!(e.to_string().contains("https"), "{e}");
+        assert_eq!(
+            cfg(&["-a", ":8080", "-c", "k", "--verify-client-url", "http://x/"])
+                .unwrap()
+                .server
+                .admission
+                .len(),
+            1
+        );
         let e = cfg(&["-a", ":8080", "-c", "k", "--mesh-with", "a,b"]).unwrap_err();
         assert!(e.to_string().contains("requires --mesh-psk-file"), "{e}");
         let e = cfg(&["-a", ":443", "-c", "k"]).unwrap_err();
         assert!(e.to_string().contains("letsencrypt"), "{e}");
         let e = cfg(&["-a", ":8080", "-c", "k", "--home", "weird"]).unwrap_err();
         assert!(e.to_string().contains("home"), "{e}");
-        let e = cfg(&["-a", ":8080", "-c", "k", "--accept-connection-limit", "5"]).unwrap_err();
-        assert!(e.to_string().contains("not supported yet"), "{e}");
+        let c = cfg(&[
+            "-a",
+            ":8080",
+            "-c",
+            "k",
+            "--accept-connection-limit",
+            "5",
+            "--accept-connection-burst",
+            "2",
+        ])
+        .unwrap();
+        assert_eq!(c.accept_limit, Some((5.0, 2.0)));
+        assert_eq!(cfg(&["-a", ":8080", "-c", "k"]).unwrap().accept_limit, None);
+        let e = cfg(&["-a", ":8080", "-c", "k", "--mesh-peers-file", "/x"]).unwrap_err();
+        assert!(e.to_string().contains("requires --mesh-psk-file"), "{e}");
     }
 
     #[test]

@@ -117,6 +117,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         admin_addr: cfg.admin_addr,
         http: cfg.http.clone(),
         tcp: cfg.tcp,
+        accept_limit: cfg.accept_limit,
     };
     let running = derper::server::spawn(server, serve, Arc::new(registry), Some(stun)).await?;
     info!(
@@ -126,6 +127,11 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         running.addr,
         if cfg.tls.is_some() { " with TLS" } else { "" }
     );
+
+    let _mesh = cfg.mesh.clone().map(|m| {
+        info!(static_peers = m.peers.len(), peers_file = ?m.peers_file, "starting mesh");
+        derper::mesh::spawn(&running.server, m)
+    });
 
     if let Some((hostname, pin, generated)) = notice {
         // spec §3.2: printed at every start for an IP hostname, after "serving on".

@@ -102,6 +102,27 @@ pub struct Metrics {
     dropped_bytes: [[Counter; 2]; 7],
     /// ForwardPacket frames accepted from mesh peers.
     pub packets_forwarded_in: Counter,
+    /// ForwardPacket frames queued to mesh peers.
+    pub packets_forwarded_out: Counter,
+    /// Packets for remote keys dropped because the mesh peer's queue was full or closed.
+    pub mesh_forward_drops: Counter,
+    /// Distinct keys known only through mesh peers.
+    pub clients_remote: Gauge,
+    /// Outbound mesh connections currently up (watching).
+    pub mesh_peers_up: Gauge,
+    /// Configured mesh peers (excluding ourselves once detected).
+    pub mesh_peers_configured: Gauge,
+    /// Successful outbound mesh connections (including reconnects).
+    pub mesh_connects: Counter,
+    /// Outbound mesh connection attempts that failed or were refused.
+    pub mesh_connect_failures: Counter,
+    /// Clients that presented a mesh key that does not match ours (no privileges).
+    pub mesh_key_mismatches: Counter,
+    /// Connections closed by the accept rate limit.
+    pub accept_rejected: Counter,
+    /// Frames for which a connection waited on its receive rate limit.
+    pub rate_limit_waited: Counter,
+    admission_rejections: Family<Labels, Counter>,
     /// PeerGone(Disconnected) frames written.
     pub peer_gone_disconnected_frames: Counter,
     /// PeerGone(NotHere) frames written.
@@ -191,7 +212,52 @@ impl Metrics {
             "HTTP requests on the public listeners, by endpoint",
             http_requests.clone(),
         );
+        let admission_rejections = Family::default();
+        r.register(
+            "admission_rejections",
+            "Clients refused by admission (--verify-clients, --verify-client-url), by reason",
+            admission_rejections.clone(),
+        );
         Arc::new(Self {
+            packets_forwarded_out: counter(
+                r,
+                "packets_forwarded_out",
+                "ForwardPacket frames queued to mesh peers",
+            ),
+            mesh_forward_drops: counter(
+                r,
+                "mesh_forward_drops",
+                "Packets for remote keys dropped (mesh peer queue full or closed)",
+            ),
+            clients_remote: gauge(
+                r,
+                "clients_remote",
+                "Distinct client keys known only through mesh peers",
+            ),
+            mesh_peers_up: gauge(r, "mesh_peers_up", "Outbound mesh connections up"),
+            mesh_peers_configured: gauge(r, "mesh_peers_configured", "Configured mesh peers"),
+            mesh_connects: counter(r, "mesh_connects", "Successful outbound mesh connections"),
+            mesh_connect_failures: counter(
+                r,
+                "mesh_connect_failures",
+                "Outbound mesh connection attempts that failed or were refused",
+            ),
+            mesh_key_mismatches: counter(
+                r,
+                "mesh_key_mismatches",
+                "Clients that presented a wrong mesh key (treated as regular clients)",
+            ),
+            accept_rejected: counter(
+                r,
+                "accept_rejected_connections",
+                "TCP connections closed by the accept rate limit",
+            ),
+            rate_limit_waited: counter(
+                r,
+                "rate_limit_waited",
+                "Frames for which a connection waited on its receive rate limit",
+            ),
+            admission_rejections,
             accepts: counter(r, "accepts", "DERP handshakes started"),
             disconnects: counter(r, "disconnects", "Registered DERP connections that ended"),
             current_connections: gauge(
@@ -358,6 +424,20 @@ impl Metrics {
     /// Disconnects for a reason.
     pub fn disconnects_for(&self, reason: &'static str) -> u64 {
         self.disconnect_reasons
+            .get_or_create(&vec![("reason", reason)])
+            .get()
+    }
+
+    /// Counts an admission rejection by reason.
+    pub fn admission_rejection(&self, reason: &'static str) {
+        self.admission_rejections
+            .get_or_create(&vec![("reason", reason)])
+            .inc();
+    }
+
+    /// Admission rejections for a reason.
+    pub fn admission_rejections(&self, reason: &'static str) -> u64 {
+        self.admission_rejections
             .get_or_create(&vec![("reason", reason)])
             .get()
     }

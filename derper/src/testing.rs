@@ -38,6 +38,15 @@ pub struct TestServerOptions {
     /// Serve through [`crate::tls::CertResolver`] with the metacert appended (as for a
     /// CA-issued certificate), so TLS 1.3 clients in `Auto` mode use fast start.
     pub metacert: bool,
+    /// Address to bind every listener to (default 127.0.0.1; 127.0.0.2… work on Linux).
+    pub ip: std::net::IpAddr,
+    /// Main listener port (0 = ephemeral; a fixed port lets a test restart a node).
+    pub port: u16,
+    /// Certificate and PKCS#8 key (DER) to serve instead of a fresh one (stable pin across
+    /// restarts).
+    pub cert: Option<(Vec<u8>, Vec<u8>)>,
+    /// Accept rate limit on the main listener (per second, burst).
+    pub accept_limit: Option<(f64, f64)>,
 }
 
 impl Default for TestServerOptions {
@@ -51,6 +60,10 @@ impl Default for TestServerOptions {
             stun: true,
             key: None,
             metacert: false,
+            ip: std::net::IpAddr::from([127, 0, 0, 1]),
+            port: 0,
+            cert: None,
+            accept_limit: None,
         }
     }
 }
@@ -70,6 +83,8 @@ pub struct TestServer {
     pub pin: String,
     /// The served certificate (DER).
     pub cert_der: Vec<u8>,
+    /// The served certificate's PKCS#8 key (DER), to restart with the same pin.
+    pub key_der: Vec<u8>,
     /// The server's public key.
     pub server_key: NodePublicKey,
     /// The Prometheus registry served on the admin listener.
@@ -79,17 +94,18 @@ pub struct TestServer {
 
 /// Generates a self-signed certificate for 127.0.0.1; returns (cert DER, PKCS#8 key DER).
 pub fn self_signed_localhost() -> (Vec<u8>, Vec<u8>) {
+    self_signed_for(std::net::IpAddr::from([127, 0, 0, 1]))
+}
+
+/// Generates a self-signed certificate for `ip`; returns (cert DER, PKCS#8 key DER).
+pub fn self_signed_for(ip: std::net::IpAddr) -> (Vec<u8>, Vec<u8>) {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
         .expect("P-256 key generation does not fail");
     let mut params =
         rcgen::CertificateParams::new(Vec::<String>::new()).expect("empty SAN list is valid");
-    params
-        .subject_alt_names
-        .push(rcgen::SanType::IpAddress(std::net::IpAddr::from([
-            127, 0, 0, 1,
-        ])));
+    params.subject_alt_names.push(rcgen::SanType::IpAddress(ip));
     let mut dn = rcgen::DistinguishedName::new();
-    dn.push(rcgen::DnType::CommonName, "127.0.0.1");
+    dn.push(rcgen::DnType::CommonName, ip.to_string());
     params.distinguished_name = dn;
     let cert = params
         .self_signed(&key)
@@ -121,8 +137,12 @@ pub async fn start(opts: TestServerOptions) -> TestServer {
     let server = Server::new(key, opts.server.clone(), metrics);
     let server_key = server.public_key();
     let (tls, pin, cert_der) = if opts.tls {
-        let (cert, k) = self_signed_localhost();
+        let (cert, k) = opts
+            .cert
+            .clone()
+            .unwrap_or_else(|| self_signed_for(opts.ip));
         let pin = format!("sha256-raw:{}", hex::encode(Sha256::digest(&cert)));
+        let key_der = k.clone();
         let config = if opts.metacert {
             let loaded = crate::certs::LoadedCert {
                 chain: vec![CertificateDer::from(cert.clone())],
@@ -137,19 +157,21 @@ pub async fn start(opts: TestServerOptions) -> TestServer {
         } else {
             server_tls_config(cert.clone(), k)
         };
-        (Some(config), pin, cert)
+        (Some(config), pin, (cert, key_der))
     } else {
-        (None, String::new(), Vec::new())
+        (None, String::new(), (Vec::new(), Vec::new()))
     };
-    let any: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 0));
+    let (cert_der, key_der) = cert_der;
+    let any: SocketAddr = SocketAddr::new(opts.ip, 0);
     let cfg = ServeConfig {
-        addr: any,
+        addr: SocketAddr::new(opts.ip, opts.port),
         tls,
         http_addr: opts.http_port.then_some(any),
         stun_addr: opts.stun.then_some(any),
         admin_addr: opts.admin.then_some(any),
         http: opts.http.clone(),
         tcp: TcpOptions::default(),
+        accept_limit: opts.accept_limit,
     };
     let stun_metrics = crate::stun::StunMetrics::register(&mut reg);
     let stun: crate::server::StunServeFn =
@@ -157,7 +179,7 @@ pub async fn start(opts: TestServerOptions) -> TestServer {
     let registry = Arc::new(reg);
     let running = crate::server::spawn(server, cfg, registry.clone(), Some(stun))
         .await
-        .expect("binding 127.0.0.1:0 succeeds");
+        .expect("binding the test listeners succeeds");
     TestServer {
         addr: running.addr,
         http_addr: running.http_addr,
@@ -165,6 +187,7 @@ pub async fn start(opts: TestServerOptions) -> TestServer {
         stun_addr: running.stun_addr,
         pin,
         cert_der,
+        key_der,
         server_key,
         registry,
         running,
@@ -185,7 +208,7 @@ impl TestServer {
     /// A client config for this server (pinned TLS when TLS is on).
     pub fn client_config(&self, upgrade: UpgradeMode) -> ClientConfig {
         let mut c = ClientConfig::new(self.addr);
-        c.host = "127.0.0.1".into();
+        c.host = self.addr.ip().to_string();
         c.tls = if self.pin.is_empty() {
             TlsMode::Plain
         } else {

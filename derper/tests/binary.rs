@@ -190,7 +190,7 @@ async fn binary_rejects_unsupported_and_invalid_flags_clearly() {
                 "-c",
                 "/tmp/k",
                 "--verify-client-url",
-                "http://x",
+                "https://x",
             ],
             "not supported yet",
         ),

@@ -17,9 +17,10 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, WriteHalf};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument as _, Span, debug, trace};
+use tracing::{Instrument as _, Span, debug, trace, warn};
 
 use super::Server;
+use super::registry::Lookup;
 use crate::key::NodePublicKey;
 use crate::metrics::{DropReason, Metrics};
 use crate::proto::codec::{self, ClientFrame, FrameReader, ReadError, ReadPolicy};
@@ -177,6 +178,8 @@ impl ReadCounters {
 #[derive(Debug, Default)]
 struct SentTo {
     last: Option<NodePublicKey>,
+    /// Last (remote src, dst) pair of a forwarded packet (mesh connections only).
+    last_fwd: Option<(NodePublicKey, NodePublicKey)>,
     seen: HashSet<NodePublicKey>,
 }
 
@@ -290,15 +293,58 @@ where
             return;
         }
     };
-    run_registered(server, reader, wr, key, client_info, info, cancel).await;
+    let can_mesh = match (&opts.mesh_key, &client_info.mesh_key) {
+        (Some(mk), Some(theirs)) => mk.matches_hex(theirs),
+        _ => false,
+    };
+    if client_info.mesh_key.is_some() && !can_mesh {
+        // Treated as a regular client (no privileges, admission applies), as upstream.
+        m.mesh_key_mismatches.inc();
+        if let Some(suppressed) = MESH_MISMATCH_LOG.check() {
+            warn!(
+                remote = ?info.remote,
+                suppressed,
+                "client presented a mesh key that does not match ours (or we have none); \
+                 treating it as a regular client without mesh privileges"
+            );
+        }
+    }
+    if !can_mesh && !opts.admission.is_empty() {
+        let source = info.remote.map(|a| a.ip());
+        let decision = tokio::select! {
+            _ = cancel.cancelled() => return,
+            d = crate::admission::check_all(&opts.admission, &key, source) => d,
+        };
+        if let crate::admission::Decision::Reject { reason, detail } = decision {
+            m.admission_rejection(reason);
+            if let Some(suppressed) = ADMISSION_LOG.check() {
+                warn!(
+                    remote = ?info.remote,
+                    client = %key.to_nodekey_string(),
+                    reason,
+                    suppressed,
+                    "client rejected: {detail}"
+                );
+            }
+            return;
+        }
+    }
+    run_registered(server, reader, wr, key, client_info, can_mesh, info, cancel).await;
 }
 
+static MESH_MISMATCH_LOG: std::sync::LazyLock<crate::ratelimit::LogLimiter> =
+    std::sync::LazyLock::new(|| crate::ratelimit::LogLimiter::new(Duration::from_secs(5)));
+static ADMISSION_LOG: std::sync::LazyLock<crate::ratelimit::LogLimiter> =
+    std::sync::LazyLock::new(|| crate::ratelimit::LogLimiter::new(Duration::from_secs(1)));
+
+#[allow(clippy::too_many_arguments)]
 async fn run_registered<S>(
     server: Server,
     mut reader: FrameReader<tokio::io::ReadHalf<S>>,
     mut wr: WriteHalf<S>,
     key: NodePublicKey,
     client_info: ClientInfo,
+    can_mesh: bool,
     info: ConnInfo,
     cancel: CancellationToken,
 ) where
@@ -306,10 +352,6 @@ async fn run_registered<S>(
 {
     let m = server.metrics().clone();
     let opts = server.options().clone();
-    let can_mesh = match (&opts.mesh_key, &client_info.mesh_key) {
-        (Some(mk), Some(theirs)) => mk.matches_hex(theirs),
-        _ => false,
-    };
     let mut flags = 0;
     if can_mesh {
         flags |= PEER_PRESENT_IS_MESH_PEER;
@@ -419,6 +461,12 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let mut preferred = false;
     let connected_at = Instant::now();
     let mut since_yield = 0u32;
+    // Per-client receive limit (spec §6.8): mesh peers are exempt.
+    let mut recv_bucket = if can_mesh {
+        None
+    } else {
+        server.options().recv_rate.map(|r| r.bucket())
+    };
     let reason = loop {
         if reader.buffer_is_empty() {
             counters.flush(m);
@@ -446,6 +494,20 @@ async fn read_loop<R: AsyncRead + Unpin>(
             Err(ReadError::UnexpectedEof) => break "truncated_frame",
             Err(ReadError::Io(_)) => break "read_error",
         };
+        if let Some(b) = &mut recv_bucket {
+            #[allow(clippy::cast_precision_loss)]
+            let n = raw.payload.len().min(65_568) as f64;
+            let wait = b.take(n);
+            if !wait.is_zero() {
+                // Not reading while waiting pushes back on the sender through TCP.
+                m.rate_limit_waited.inc();
+                tokio::select! {
+                    biased;
+                    _ = conn.cancel.cancelled() => {}
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
         if conn.dup.load(Ordering::Relaxed) {
             registry.note_heard(conn);
         }
@@ -553,23 +615,37 @@ fn deliver(
 ) {
     let m = server.metrics();
     let len = packet.len();
-    match server
-        .registry()
-        .with_active(&dst, |c| c.enqueue(src, packet, disco))
-    {
-        crate::server::registry::Lookup::Found(Enqueued::Queued) => {}
-        crate::server::registry::Lookup::Found(Enqueued::QueuedHeadDrop(n)) => {
+    let forwarded = unknown_reason == DropReason::UnknownDestOnFwd;
+    let mut pkt = Some(packet);
+    let lookup = server.registry().with_active(&dst, |c| match pkt.take() {
+        Some(p) => c.enqueue(src, p, disco),
+        None => Enqueued::Gone,
+    });
+    match lookup {
+        Lookup::Found(Enqueued::Queued) => {}
+        Lookup::Found(Enqueued::QueuedHeadDrop(n)) => {
             m.drop_packet(DropReason::QueueHead, disco, n);
         }
-        crate::server::registry::Lookup::Found(Enqueued::Gone) => {
+        Lookup::Found(Enqueued::Gone) => {
             m.drop_packet(DropReason::GoneDisconnected, disco, len);
             return;
         }
-        crate::server::registry::Lookup::NoActive => {
+        Lookup::NoActive => {
             m.drop_packet(DropReason::DupClient, disco, len);
             return;
         }
-        crate::server::registry::Lookup::Unknown => {
+        // Forwarded packets are never forwarded again (spec §6.10: one hop, no loops).
+        Lookup::Remote(fwd) if !forwarded => {
+            if let Some(p) = pkt.take()
+                && fwd.forward(src, dst, p)
+            {
+                m.packets_forwarded_out.inc();
+            } else {
+                m.mesh_forward_drops.inc();
+            }
+            return;
+        }
+        Lookup::Remote(_) | Lookup::Unknown => {
             m.drop_packet(unknown_reason, disco, len);
             if disco && not_here.allow() {
                 conn.push_ctrl(Ctrl::PeerGone(dst, PeerGoneReason::NotHere));
@@ -577,7 +653,14 @@ fn deliver(
             return;
         }
     }
-    if src == conn.key && sent_to.last != Some(dst) {
+    if forwarded {
+        // Remember who received from the remote sender, so they get PeerGone when it
+        // leaves the region (spec §6.5). One-entry fast path per (src, dst) stream.
+        if sent_to.last_fwd != Some((src, dst)) {
+            sent_to.last_fwd = Some((src, dst));
+            server.registry().note_sent_to(&src, dst);
+        }
+    } else if src == conn.key && sent_to.last != Some(dst) {
         sent_to.last = Some(dst);
         if sent_to.seen.insert(dst) {
             server.registry().note_sent_to(&src, dst);

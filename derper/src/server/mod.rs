@@ -47,6 +47,11 @@ pub struct ServerOptions {
     pub client_info_timeout: Duration,
     /// Mesh pre-shared key; clients presenting it get mesh privileges.
     pub mesh_key: Option<MeshKey>,
+    /// Admission checks run after ClientInfo, before registering (spec §6.9); all must
+    /// admit. Mesh-key holders skip them.
+    pub admission: Vec<Arc<dyn crate::admission::Admit>>,
+    /// Per-client receive rate limit (spec §6.8); mesh-key holders are exempt.
+    pub recv_rate: Option<crate::ratelimit::RecvRateLimit>,
 }
 
 impl Default for ServerOptions {
@@ -61,6 +66,8 @@ impl Default for ServerOptions {
             server_key_timeout: defaults::SERVER_KEY_TIMEOUT,
             client_info_timeout: defaults::CLIENT_INFO_TIMEOUT,
             mesh_key: None,
+            admission: Vec::new(),
+            recv_rate: None,
         }
     }
 }
@@ -189,6 +196,9 @@ pub struct ServeConfig {
     pub http: HttpOptions,
     /// TCP socket options for accepted connections.
     pub tcp: TcpOptions,
+    /// Accept rate limit on the main listener: (connections per second, burst)
+    /// (`--accept-connection-limit`, `--accept-connection-burst`); `None` = unlimited.
+    pub accept_limit: Option<(f64, f64)>,
 }
 
 /// TCP socket options (spec §1.1).
@@ -332,6 +342,7 @@ pub async fn spawn(
         http.clone(),
         ListenerKind::Main,
         cfg.tcp,
+        cfg.accept_limit,
         listeners.clone(),
     ));
     if let (Some(l), Some(a)) = (http_listener, http_addr) {
@@ -343,6 +354,7 @@ pub async fn spawn(
             http.clone(),
             ListenerKind::Port80,
             cfg.tcp,
+            None,
             listeners.clone(),
         ));
     }
@@ -418,6 +430,7 @@ fn apply_tcp_options(stream: &TcpStream, opts: TcpOptions) {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn accept_loop(
     listener: TcpListener,
     server: Server,
@@ -425,9 +438,12 @@ async fn accept_loop(
     http: Arc<HttpOptions>,
     kind: ListenerKind,
     tcp: TcpOptions,
+    accept_limit: Option<(f64, f64)>,
     cancel: CancellationToken,
 ) {
     let m = server.metrics().clone();
+    let mut limiter =
+        accept_limit.map(|(rate, burst)| crate::ratelimit::TokenBucket::new(rate, burst));
     let server_cancel = server.cancel_token();
     loop {
         let (stream, remote) = tokio::select! {
@@ -444,6 +460,14 @@ async fn accept_loop(
             },
         };
         m.tcp_accepts.inc();
+        if let Some(l) = &mut limiter
+            && !l.allow()
+        {
+            // Over the accept rate: close right away (upstream's rate-limited listener).
+            m.accept_rejected.inc();
+            drop(stream);
+            continue;
+        }
         apply_tcp_options(&stream, tcp);
         let server2 = server.clone();
         let http = http.clone();

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::conn::{ConnShared, Ctrl};
 use crate::key::NodePublicKey;
+use crate::mesh::Forwarder;
 use crate::metrics::Metrics;
 use crate::proto::PeerGoneReason;
 
@@ -22,6 +23,9 @@ struct KeyEntry {
     conns: Vec<Arc<ConnShared>>,
     /// Keys that received packets from this key (spec §6.5).
     recipients: HashSet<NodePublicKey>,
+    /// Mesh peers that announced this key, in registration order; the first one is used
+    /// when there is no local connection (spec §6.10).
+    fwd: Vec<Arc<Forwarder>>,
 }
 
 type Shard = Mutex<HashMap<NodePublicKey, KeyEntry>>;
@@ -53,6 +57,8 @@ pub(crate) enum Lookup<R> {
     Found(R),
     /// The key has connections but none is active (never with our policy).
     NoActive,
+    /// The key is not connected here but a mesh peer announced it.
+    Remote(Arc<Forwarder>),
     /// The key is unknown.
     Unknown,
 }
@@ -86,6 +92,9 @@ impl Registry {
             let n = entry.conns.len();
             if n == 1 {
                 m.clients_local.inc();
+                if !entry.fwd.is_empty() {
+                    m.clients_remote.dec();
+                }
             } else {
                 m.total_dup_client_conns.inc();
                 if n == 2 {
@@ -124,9 +133,15 @@ impl Registry {
             entry.conns.remove(pos);
             let n = entry.conns.len();
             if n == 0 {
-                let e = shard.remove(&conn.key);
                 m.clients_local.dec();
-                e.map(|e| e.recipients)
+                if entry.fwd.is_empty() {
+                    shard.remove(&conn.key).map(|e| Some(e.recipients))
+                } else {
+                    // Still reachable through a mesh peer: watchers hear PeerGone, but
+                    // its recipients keep their route (spec §6.1).
+                    m.clients_remote.inc();
+                    Some(None)
+                }
             } else {
                 if n == 1 {
                     m.current_dup_client_keys.dec();
@@ -151,11 +166,68 @@ impl Registry {
                 w.push_ctrl(Ctrl::PeerGone(conn.key, PeerGoneReason::Disconnected));
             }
         }
+        if let Some(recipients) = recipients {
+            self.notify_recipients(&conn.key, recipients);
+        }
+    }
+
+    /// Sends PeerGone(Disconnected) for `gone` to every local recipient (spec §6.5).
+    fn notify_recipients(&self, gone: &NodePublicKey, recipients: HashSet<NodePublicKey>) {
         for r in recipients {
-            let _ = self.with_active(&r, |c| {
-                c.push_ctrl(Ctrl::PeerGone(conn.key, PeerGoneReason::Disconnected))
+            let _ = self.with_local(&r, |c| {
+                c.push_ctrl(Ctrl::PeerGone(*gone, PeerGoneReason::Disconnected))
             });
         }
+    }
+
+    /// Registers `fwd` as a forwarder for the remote key `key` (PeerPresent from a mesh
+    /// peer). The first registered forwarder stays in use (spec §6.10).
+    pub(crate) fn add_forwarder(&self, key: NodePublicKey, fwd: &Arc<Forwarder>) {
+        let m = &self.inner.metrics;
+        let mut shard = lock(self.shard(&key));
+        let entry = shard.entry(key).or_default();
+        if entry.fwd.iter().any(|f| Arc::ptr_eq(f, fwd)) {
+            return;
+        }
+        entry.fwd.push(fwd.clone());
+        if entry.fwd.len() == 1 && entry.conns.is_empty() {
+            m.clients_remote.inc();
+        }
+    }
+
+    /// Removes `fwd` for `key` (PeerGone from the mesh peer, or its connection was lost).
+    /// When the key is then unknown region-wide, its recipients get PeerGone (spec §6.5).
+    pub(crate) fn remove_forwarder(&self, key: &NodePublicKey, fwd: &Arc<Forwarder>) {
+        let m = &self.inner.metrics;
+        let recipients = {
+            let mut shard = lock(self.shard(key));
+            let Some(entry) = shard.get_mut(key) else {
+                return;
+            };
+            let before = entry.fwd.len();
+            entry.fwd.retain(|f| !Arc::ptr_eq(f, fwd));
+            if entry.fwd.len() == before || !entry.fwd.is_empty() {
+                return;
+            }
+            if !entry.conns.is_empty() {
+                return;
+            }
+            m.clients_remote.dec();
+            shard.remove(key).map(|e| e.recipients)
+        };
+        if let Some(r) = recipients {
+            self.notify_recipients(key, r);
+        }
+    }
+
+    /// Runs `f` on the active local connection of `key`, ignoring mesh forwarders.
+    pub(crate) fn with_local<R>(
+        &self,
+        key: &NodePublicKey,
+        f: impl FnOnce(&Arc<ConnShared>) -> R,
+    ) -> Option<R> {
+        let shard = lock(self.shard(key));
+        shard.get(key).and_then(|e| e.conns.last()).map(f)
     }
 
     /// Marks `conn` as the most recently heard-from connection of its key, making it the
@@ -182,15 +254,17 @@ impl Registry {
     ) -> Lookup<R> {
         let shard = lock(self.shard(key));
         match shard.get(key) {
-            Some(e) => match e.conns.last() {
-                Some(c) => Lookup::Found(f(c)),
-                None => Lookup::NoActive,
+            Some(e) => match (e.conns.last(), e.fwd.first()) {
+                (Some(c), _) => Lookup::Found(f(c)),
+                (None, Some(fw)) => Lookup::Remote(fw.clone()),
+                (None, None) => Lookup::NoActive,
             },
             None => Lookup::Unknown,
         }
     }
 
-    /// Records that `src` delivered a packet to `dst` (spec §6.5).
+    /// Records that `src` delivered a packet to `dst` (spec §6.5). `src` may be a remote
+    /// key (forwarded packets): its entry exists while a mesh peer announces it.
     pub(crate) fn note_sent_to(&self, src: &NodePublicKey, dst: NodePublicKey) {
         let mut shard = lock(self.shard(src));
         if let Some(e) = shard.get_mut(src) {
@@ -223,6 +297,7 @@ impl Registry {
         for shard in self.inner.shards.iter() {
             let shard = lock(shard);
             for (k, e) in shard.iter() {
+                // Only locally connected keys (never re-announce remote ones: no loops).
                 if let Some(c) = e.conns.last() {
                     w.push_ctrl(Ctrl::PeerPresent {
                         key: *k,
