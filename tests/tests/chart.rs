@@ -1,0 +1,1260 @@
+//! The Helm chart (`charts/kubederp`) and the plain manifests (`deploy/`) on a real
+//! kube-apiserver: lint, values-schema rejections, install / upgrade / uninstall, a server-side
+//! apply of `deploy/operator.yaml` and the examples, and the operator run end to end under the
+//! chart's own ServiceAccount.
+//!
+//! The end-to-end test is the RBAC proof. There is no kubelet, so the chart's Deployment never
+//! runs; the `derp-operator` binary runs as a local process instead, with exactly the arguments
+//! the chart renders, and a kubeconfig holding a TokenRequest token of the chart's
+//! ServiceAccount (not the admin). Its API traffic goes through a recording loopback proxy that
+//! forwards the request, Authorization header included, to the apiserver. The test then checks
+//! both directions of least privilege: every request the operator made is granted by the
+//! chart (a missing rule shows up as a 403 and a failed scenario), and every
+//! (apiGroup, resource, verb) the chart grants was used by the scenario.
+//!
+//! Helm runs with private, empty config/cache/data directories: no repositories, no OCI
+//! registry, nothing fetched.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use derp_operator::crd::DerpRegion;
+use derp_tests::bins::workspace_bin;
+use derp_tests::k8s::{
+    ControlPlane, TestNamespace, free_port, install_crds, wait_until, workspace_root,
+};
+use http_body_util::BodyExt as _;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::{Value, json};
+
+/// Bound for every wait in this file (each test must finish well within 60 s).
+const WAIT: Duration = Duration::from_secs(40);
+/// Label every operator-managed child carries.
+const MANAGED: &str = "app.kubernetes.io/managed-by=derp-operator";
+
+// ---------------------------------------------------------------------------------------------
+// helm / kubectl plumbing
+
+fn chart_dir() -> PathBuf {
+    workspace_root().join("charts/kubederp")
+}
+
+/// Empty helm home (config, cache, data) shared by the tests of this binary.
+fn helm_home() -> &'static Path {
+    static HOME: OnceLock<tempfile::TempDir> = OnceLock::new();
+    HOME.get_or_init(|| tempfile::tempdir().expect("helm home tempdir"))
+        .path()
+}
+
+/// `helm` pointed at the shared control plane, with no repositories or registries configured.
+fn helm(cp: &ControlPlane) -> Command {
+    let home = helm_home();
+    let mut cmd = Command::new(cp.bin_dir().join("helm"));
+    cmd.env("KUBECONFIG", cp.kubeconfig())
+        .env("HELM_CONFIG_HOME", home.join("config"))
+        .env("HELM_CACHE_HOME", home.join("cache"))
+        .env("HELM_DATA_HOME", home.join("data"))
+        .env("HELM_REGISTRY_CONFIG", home.join("registry.json"))
+        .env("HELM_REPOSITORY_CONFIG", home.join("repositories.yaml"))
+        .stdin(Stdio::null());
+    cmd
+}
+
+async fn output(cmd: Command) -> Output {
+    let desc = format!("{cmd:?}");
+    tokio::process::Command::from(cmd)
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("running {desc}: {e}"))
+}
+
+/// Runs `cmd`, panics with its stderr unless it succeeds, returns stdout.
+async fn ok(cmd: Command) -> String {
+    let desc = format!("{:?}", cmd.get_args().collect::<Vec<_>>());
+    let out = output(cmd).await;
+    assert!(
+        out.status.success(),
+        "{desc} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `cmd`, panics if it succeeds, returns stdout + stderr.
+async fn fails(cmd: Command) -> String {
+    let desc = format!("{:?}", cmd.get_args().collect::<Vec<_>>());
+    let out = output(cmd).await;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{desc} should have failed:\n{text}");
+    text
+}
+
+/// `helm template` with `sets`, parsed into one JSON value per document.
+async fn render(cp: &ControlPlane, release: &str, ns: &str, sets: &[&str]) -> Vec<Value> {
+    let mut cmd = helm(cp);
+    cmd.args(["template", release])
+        .arg(chart_dir())
+        .args(["--namespace", ns]);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    parse_docs(&ok(cmd).await)
+}
+
+fn parse_docs(yaml: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .filter_map(|d| {
+            let v = <Value as serde::Deserialize>::deserialize(d).expect("rendered YAML parses");
+            (!v.is_null()).then_some(v)
+        })
+        .collect()
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} rendered"))
+}
+
+fn kinds(docs: &[Value]) -> Vec<String> {
+    let mut k: Vec<String> = docs
+        .iter()
+        .map(|d| {
+            format!(
+                "{}/{}",
+                d["kind"].as_str().unwrap_or_default(),
+                d["metadata"]["name"].as_str().unwrap_or_default()
+            )
+        })
+        .collect();
+    k.sort();
+    k
+}
+
+fn tag() -> String {
+    format!("{:06x}", rand::random::<u32>() & 0xff_ffff)
+}
+
+async fn setup(prefix: &str) -> (&'static ControlPlane, Client, TestNamespace) {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .try_init();
+    let cp = ControlPlane::shared();
+    let client = cp.client().await;
+    // Every chart test installs the chart's CRD itself first (idempotent server-side apply), so
+    // concurrent `helm install`s all find it present and skip it.
+    install_crds(&client, &chart_dir().join("crds"))
+        .await
+        .expect("install the chart's CRD");
+    let ns = TestNamespace::create(&client, prefix).await;
+    (cp, client, ns)
+}
+
+// ---------------------------------------------------------------------------------------------
+// static checks (helm only)
+
+#[tokio::test]
+async fn chart_lints_clean_with_default_and_non_default_values() {
+    let cp = ControlPlane::shared();
+    let mut cmd = helm(cp);
+    cmd.args(["lint", "--strict"]).arg(chart_dir());
+    ok(cmd).await;
+    let mut cmd = helm(cp);
+    cmd.args(["lint", "--strict"]).arg(chart_dir()).args([
+        "--set",
+        "serviceMonitor.enabled=true",
+        "--set",
+        "watchNamespaces={derp}",
+        "--set",
+        "leaderElection.enabled=false",
+        "--set",
+        "image.digest=sha256:0000000000000000000000000000000000000000000000000000000000000000",
+    ]);
+    ok(cmd).await;
+}
+
+#[tokio::test]
+async fn rendered_deployment_is_hardened_and_probes_the_admin_port() {
+    let cp = ControlPlane::shared();
+    let docs = render(cp, "kubederp", "kubederp", &[]).await;
+    let d = find(&docs, "Deployment", "kubederp");
+    let pod = &d["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], "kubederp");
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    let c = &pod["containers"][0];
+    assert_eq!(c["image"], "ghcr.io/kubederp/derp-operator:0.1.0");
+    let sc = &c["securityContext"];
+    assert_eq!(sc["runAsNonRoot"], true, "{sc}");
+    assert_eq!(sc["readOnlyRootFilesystem"], true, "{sc}");
+    assert_eq!(sc["allowPrivilegeEscalation"], false, "{sc}");
+    assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]), "{sc}");
+    assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault", "{sc}");
+    assert!(
+        pod["securityContext"]["runAsUser"].as_i64().unwrap_or(0) > 0,
+        "numeric non-root user"
+    );
+    assert!(c["resources"]["requests"]["memory"].is_string(), "{c}");
+    assert!(c["resources"]["limits"]["memory"].is_string(), "{c}");
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for want in [
+        "--admin-addr=0.0.0.0:8080",
+        "--log-format=json",
+        "--log-filter=info",
+        "--leader-election=true",
+        "--lease-name=kubederp",
+        "--lease-namespace=kubederp",
+    ] {
+        assert!(args.contains(&want), "{want} missing from {args:?}");
+    }
+    assert!(
+        !args.iter().any(|a| a.starts_with("--namespace")),
+        "all namespaces by default: {args:?}"
+    );
+    assert_eq!(c["ports"][0]["name"], "http-admin");
+    assert_eq!(c["ports"][0]["containerPort"], 8080);
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(c["readinessProbe"]["httpGet"]["port"], "http-admin");
+    // readiness = leadership: a rolling update would wait forever on a new Pod that cannot lead
+    assert_eq!(d["spec"]["strategy"]["type"], "Recreate");
+
+    let svc = find(&docs, "Service", "kubederp");
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], "http-admin");
+    assert_eq!(
+        svc["spec"]["selector"], d["spec"]["selector"]["matchLabels"],
+        "the Service selects the operator Pods"
+    );
+
+    // ServiceMonitor only when enabled
+    assert!(!docs.iter().any(|d| d["kind"] == "ServiceMonitor"));
+    let docs = render(cp, "kubederp", "kubederp", &["serviceMonitor.enabled=true"]).await;
+    let sm = find(&docs, "ServiceMonitor", "kubederp");
+    assert_eq!(sm["spec"]["endpoints"][0]["port"], "http-admin");
+    assert_eq!(sm["spec"]["endpoints"][0]["path"], "/metrics");
+}
+
+#[tokio::test]
+async fn rbac_is_namespaced_when_a_namespace_is_watched_and_never_uses_wildcards() {
+    let cp = ControlPlane::shared();
+    let all = render(cp, "kubederp", "kubederp", &[]).await;
+    assert_eq!(
+        kinds(&all),
+        [
+            "ClusterRole/kubederp-nodes",
+            "ClusterRole/kubederp-regions",
+            "ClusterRoleBinding/kubederp-nodes",
+            "ClusterRoleBinding/kubederp-regions",
+            "Deployment/kubederp",
+            "Role/kubederp-leader-election",
+            "RoleBinding/kubederp-leader-election",
+            "Service/kubederp",
+            "ServiceAccount/kubederp",
+        ]
+    );
+    let one = render(cp, "kubederp", "kubederp", &["watchNamespaces={derp}"]).await;
+    assert_eq!(
+        kinds(&one),
+        [
+            "ClusterRole/kubederp-nodes",
+            "ClusterRoleBinding/kubederp-nodes",
+            "Deployment/kubederp",
+            "Role/kubederp-leader-election",
+            "Role/kubederp-regions",
+            "RoleBinding/kubederp-leader-election",
+            "RoleBinding/kubederp-regions",
+            "Service/kubederp",
+            "ServiceAccount/kubederp",
+        ]
+    );
+    let role = find(&one, "Role", "kubederp-regions");
+    assert_eq!(role["metadata"]["namespace"], "derp");
+    let args =
+        &find(&one, "Deployment", "kubederp")["spec"]["template"]["spec"]["containers"][0]["args"];
+    assert!(
+        args.as_array()
+            .expect("args")
+            .contains(&json!("--namespace=derp")),
+        "{args}"
+    );
+    // The only cluster-wide grant then is reading Nodes.
+    let nodes = find(&one, "ClusterRole", "kubederp-nodes");
+    assert_eq!(
+        nodes["rules"],
+        json!([{"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]}])
+    );
+    for docs in [&all, &one] {
+        for d in docs
+            .iter()
+            .filter(|d| d["kind"] == "Role" || d["kind"] == "ClusterRole")
+        {
+            let text = d["rules"].to_string();
+            assert!(!text.contains('*'), "wildcard in {}: {text}", d["metadata"]);
+        }
+    }
+    // The Lease Role can read and renew its own Lease only.
+    let lease = find(&all, "Role", "kubederp-leader-election");
+    assert_eq!(lease["rules"][1]["resourceNames"], json!(["kubederp"]));
+    // No leader election: no Lease Role.
+    let solo = render(
+        cp,
+        "kubederp",
+        "kubederp",
+        &["leaderElection.enabled=false"],
+    )
+    .await;
+    assert!(!kinds(&solo).iter().any(|k| k.contains("leader-election")));
+}
+
+// ---------------------------------------------------------------------------------------------
+// install, upgrade, uninstall on the apiserver
+
+#[tokio::test]
+async fn values_schema_rejects_bad_values_at_install_with_a_clear_message() {
+    let (cp, _client, ns) = setup("chart-schema").await;
+    let release = format!("bad-{}", tag());
+    let cases: &[(&[&str], &[&str])] = &[
+        (&["log.format=xml"], &["/log/format", "json", "plain"]),
+        (&["replicas=-1"], &["/replicas", "minimum"]),
+        (&["replicaCount=2"], &["replicaCount", "not allowed"]),
+        (&["image.pullPolicy=Sometimes"], &["/image/pullPolicy"]),
+        (&["admin.port=80"], &["/admin/port", "minimum"]),
+        (
+            &["watchNamespaces={a,b}"],
+            &["/watchNamespaces", "maxItems"],
+        ),
+        (&["watchNamespaces={Not_A_Name}"], &["/watchNamespaces/0"]),
+        (
+            &["resources.limits.memory=lots"],
+            &["/resources/limits/memory"],
+        ),
+        (
+            &["replicas=2", "leaderElection.enabled=false"],
+            &["replicas=2 needs leaderElection.enabled=true"],
+        ),
+    ];
+    for (sets, needles) in cases {
+        let mut cmd = helm(cp);
+        cmd.args(["install", &release])
+            .arg(chart_dir())
+            .args(["--namespace", &ns.name]);
+        for s in *sets {
+            cmd.args(["--set", s]);
+        }
+        let text = fails(cmd).await;
+        for n in *needles {
+            assert!(text.contains(n), "{sets:?}: expected {n:?} in:\n{text}");
+        }
+    }
+    // nothing was installed
+    let mut cmd = helm(cp);
+    cmd.args(["status", &release, "--namespace", &ns.name]);
+    let text = fails(cmd).await;
+    assert!(text.contains("not found"), "{text}");
+}
+
+#[tokio::test]
+async fn helm_install_upgrade_and_uninstall_on_a_real_apiserver() {
+    let (cp, client, ns) = setup("chart-install").await;
+    let watched = TestNamespace::create(&client, "chart-watched").await;
+    let release = format!("kd-{}", tag());
+    let full = format!("{release}-kubederp");
+
+    let mut cmd = helm(cp);
+    cmd.args(["install", &release]).arg(chart_dir()).args([
+        "--namespace",
+        &ns.name,
+        "--timeout",
+        "30s",
+    ]);
+    let notes = ok(cmd).await;
+    assert!(
+        notes.contains("policy\\.hujson") && notes.contains("kind: DerpRegion"),
+        "NOTES tell how to create a region and read its derpMap:\n{notes}"
+    );
+
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let d = deploys.get(&full).await.expect("Deployment created");
+    assert_eq!(d.spec.as_ref().and_then(|s| s.replicas), Some(1));
+    Api::<ServiceAccount>::namespaced(client.clone(), &ns.name)
+        .get(&full)
+        .await
+        .expect("ServiceAccount created");
+    Api::<Service>::namespaced(client.clone(), &ns.name)
+        .get(&full)
+        .await
+        .expect("Service created");
+    let croles: Api<ClusterRole> = Api::all(client.clone());
+    let cbindings: Api<ClusterRoleBinding> = Api::all(client.clone());
+    for n in [format!("{full}-nodes"), format!("{full}-regions")] {
+        croles.get(&n).await.expect("ClusterRole created");
+        cbindings.get(&n).await.expect("ClusterRoleBinding created");
+    }
+    Api::<Role>::namespaced(client.clone(), &ns.name)
+        .get(&format!("{full}-leader-election"))
+        .await
+        .expect("Lease Role created");
+    Api::<RoleBinding>::namespaced(client.clone(), &ns.name)
+        .get(&format!("{full}-leader-election"))
+        .await
+        .expect("Lease RoleBinding created");
+
+    // upgrade: watch one namespace, debug logs → region RBAC moves from cluster-wide to a Role
+    let mut cmd = helm(cp);
+    cmd.args(["upgrade", &release])
+        .arg(chart_dir())
+        .args(["--namespace", &ns.name, "--timeout", "30s"])
+        .args(["--set", &format!("watchNamespaces={{{}}}", watched.name)])
+        .args(["--set", "log.level=debug"]);
+    ok(cmd).await;
+    assert!(
+        croles
+            .get_opt(&format!("{full}-regions"))
+            .await
+            .expect("get")
+            .is_none(),
+        "cluster-wide region rules removed on upgrade"
+    );
+    assert!(
+        cbindings
+            .get_opt(&format!("{full}-regions"))
+            .await
+            .expect("get")
+            .is_none()
+    );
+    Api::<Role>::namespaced(client.clone(), &watched.name)
+        .get(&format!("{full}-regions"))
+        .await
+        .expect("Role in the watched namespace");
+    Api::<RoleBinding>::namespaced(client.clone(), &watched.name)
+        .get(&format!("{full}-regions"))
+        .await
+        .expect("RoleBinding in the watched namespace");
+    let d = deploys.get(&full).await.expect("Deployment");
+    let args = d
+        .spec
+        .expect("spec")
+        .template
+        .spec
+        .expect("pod spec")
+        .containers[0]
+        .args
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        args.contains(&format!("--namespace={}", watched.name)),
+        "{args:?}"
+    );
+    assert!(args.contains(&"--log-filter=debug".to_owned()), "{args:?}");
+
+    // a bad upgrade is refused and leaves the release as it was
+    let mut cmd = helm(cp);
+    cmd.args(["upgrade", &release])
+        .arg(chart_dir())
+        .args(["--namespace", &ns.name, "--reuse-values"])
+        .args(["--set", "log.format=xml"]);
+    let text = fails(cmd).await;
+    assert!(text.contains("/log/format"), "{text}");
+    let mut cmd = helm(cp);
+    cmd.args(["status", &release, "--namespace", &ns.name, "-o", "json"]);
+    let status: Value = serde_json::from_str(&ok(cmd).await).expect("status json");
+    assert_eq!(status["version"], 2, "{status}");
+    assert_eq!(status["info"]["status"], "deployed", "{status}");
+
+    // uninstall removes every object it made (the CRD stays, as Helm does for crds/)
+    let mut cmd = helm(cp);
+    cmd.args(["uninstall", &release, "--namespace", &ns.name, "--wait"])
+        .args(["--timeout", "30s"]);
+    ok(cmd).await;
+    assert!(deploys.get_opt(&full).await.expect("get").is_none());
+    assert!(
+        Api::<ServiceAccount>::namespaced(client.clone(), &ns.name)
+            .get_opt(&full)
+            .await
+            .expect("get")
+            .is_none()
+    );
+    assert!(
+        croles
+            .get_opt(&format!("{full}-nodes"))
+            .await
+            .expect("get")
+            .is_none()
+    );
+    assert!(
+        Api::<Role>::namespaced(client.clone(), &watched.name)
+            .get_opt(&format!("{full}-regions"))
+            .await
+            .expect("get")
+            .is_none()
+    );
+    Api::<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>::all(client.clone())
+        .get("derpregions.kubederp.io")
+        .await
+        .expect("CRD kept after uninstall");
+}
+
+#[tokio::test]
+async fn deploy_manifests_match_the_chart_and_apply_on_the_apiserver() {
+    let (cp, client, ns) = setup("chart-deploy").await;
+    // deploy/operator.yaml is `helm template` with default values (scripts/generate)
+    let mut cmd = helm(cp);
+    cmd.args(["template", "kubederp"]).arg(chart_dir()).args([
+        "--namespace",
+        "kubederp",
+        "--include-crds",
+    ]);
+    let rendered = ok(cmd).await;
+    let committed = std::fs::read_to_string(workspace_root().join("deploy/operator.yaml"))
+        .expect("deploy/operator.yaml");
+    assert!(
+        rendered == committed,
+        "deploy/operator.yaml is out of date: run scripts/generate"
+    );
+
+    // plain manifests, as a platform team applies them
+    let _ = Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "kubederp"}}),
+            )
+            .expect("namespace"),
+        )
+        .await;
+    let file = workspace_root().join("deploy/operator.yaml");
+    let mut cmd = cp.kubectl();
+    cmd.args([
+        "apply",
+        "--server-side",
+        "--dry-run=server",
+        "--validate=strict",
+        "-f",
+    ])
+    .arg(&file);
+    ok(cmd).await;
+    let mut cmd = cp.kubectl();
+    cmd.args(["apply", "--server-side", "--validate=strict", "-f"])
+        .arg(&file);
+    let out = ok(cmd).await;
+    assert!(
+        out.contains("deployment.apps/kubederp serverside-applied"),
+        "{out}"
+    );
+    Api::<Deployment>::namespaced(client.clone(), "kubederp")
+        .get("kubederp")
+        .await
+        .expect("Deployment from deploy/operator.yaml");
+
+    // the examples use valid field names (strict validation rejects unknown fields)
+    for ex in ["derpregion-one-node.yaml", "derpregion-three-nodes.yaml"] {
+        let mut cmd = cp.kubectl();
+        cmd.args([
+            "apply",
+            "--server-side",
+            "--validate=strict",
+            "-n",
+            &ns.name,
+            "-f",
+        ])
+        .arg(workspace_root().join("deploy/examples").join(ex));
+        ok(cmd).await;
+    }
+    let home: DerpRegion = Api::namespaced(client.clone(), &ns.name)
+        .get("home")
+        .await
+        .expect("example region");
+    assert_eq!(home.spec.region_id, 900);
+    assert_eq!(
+        home.spec
+            .node_selector
+            .get("kubederp.io/relay")
+            .map(String::as_str),
+        Some("true")
+    );
+    // an unknown field is refused, so the check above means something
+    let bad = tempfile::NamedTempFile::new().expect("tmp");
+    std::fs::write(
+        bad.path(),
+        "apiVersion: kubederp.io/v1alpha1\nkind: DerpRegion\nmetadata: {name: bad}\n\
+         spec: {regionID: 902, nodeSelektor: {a: b}}\n",
+    )
+    .expect("write");
+    let mut cmd = cp.kubectl();
+    cmd.args([
+        "apply",
+        "--server-side",
+        "--dry-run=server",
+        "--validate=strict",
+        "-n",
+        &ns.name,
+        "-f",
+    ])
+    .arg(bad.path());
+    let text = fails(cmd).await;
+    assert!(text.contains("nodeSelektor"), "{text}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// end to end under the chart's ServiceAccount
+
+/// One request the operator made, as seen by the recording proxy.
+#[derive(Debug, Clone)]
+struct Seen {
+    method: String,
+    path: String,
+    query: String,
+    status: u16,
+}
+
+/// What RBAC checks for a request: API group, resource (with `/subresource`), verb, and the
+/// namespace (`None` for cluster-scoped or all-namespaces requests).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Access {
+    group: String,
+    resource: String,
+    verb: String,
+    namespace: Option<String>,
+}
+
+impl Seen {
+    /// The RBAC checks this request passed: one, or two for a server-side apply that created
+    /// its object (201), which the apiserver authorizes as both `patch` and `create`.
+    fn accesses(&self) -> Vec<Access> {
+        let Some(a) = self.access() else {
+            return Vec::new();
+        };
+        if a.verb == "patch" && self.status == 201 {
+            let create = Access {
+                verb: "create".to_owned(),
+                ..a.clone()
+            };
+            return vec![a, create];
+        }
+        vec![a]
+    }
+
+    fn access(&self) -> Option<Access> {
+        let segs: Vec<&str> = self.path.trim_matches('/').split('/').collect();
+        let (group, rest) = match segs.as_slice() {
+            ["api", "v1", rest @ ..] => ("", rest),
+            ["apis", g, _version, rest @ ..] => (*g, rest),
+            _ => return None, // discovery and other non-resource URLs
+        };
+        let (namespace, rest) = match rest {
+            ["namespaces", ns, r @ ..] if !r.is_empty() => (Some((*ns).to_owned()), r),
+            r => (None, r),
+        };
+        let (resource, named) = match rest {
+            [r] => ((*r).to_owned(), false),
+            [r, _name] => ((*r).to_owned(), true),
+            [r, _name, sub] => (format!("{r}/{sub}"), true),
+            _ => return None,
+        };
+        let watch = self
+            .query
+            .split('&')
+            .any(|kv| kv == "watch=true" || kv == "watch=1");
+        let verb = match (self.method.as_str(), named) {
+            ("GET", _) if watch => "watch",
+            ("GET", true) => "get",
+            ("GET", false) => "list",
+            ("POST", _) => "create",
+            ("PUT", _) => "update",
+            ("PATCH", _) => "patch",
+            ("DELETE", true) => "delete",
+            ("DELETE", false) => "deletecollection",
+            (m, _) => m,
+        };
+        Some(Access {
+            group: group.to_owned(),
+            resource,
+            verb: verb.to_owned(),
+            namespace,
+        })
+    }
+}
+
+/// A loopback HTTP proxy that forwards every request (Authorization header included) to the
+/// apiserver and records it.
+struct RecordingProxy {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RecordingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl RecordingProxy {
+    /// `upstream` must carry no credentials of its own: the caller's token is forwarded.
+    async fn start(upstream: Client) -> RecordingProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        forward(upstream.clone(), log.clone(), req)
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        RecordingProxy { addr, seen, task }
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().expect("proxy log").clone()
+    }
+}
+
+async fn forward(
+    upstream: Client,
+    log: Arc<Mutex<Vec<Seen>>>,
+    req: http::Request<hyper::body::Incoming>,
+) -> Result<http::Response<kube::client::Body>, Infallible> {
+    let (mut parts, body) = req.into_parts();
+    let bytes = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes().to_vec())
+        .unwrap_or_default();
+    parts.headers.remove(http::header::HOST);
+    let method = parts.method.to_string();
+    let path = parts.uri.path().to_owned();
+    let query = parts.uri.query().unwrap_or_default().to_owned();
+    let resp = match upstream
+        .send(http::Request::from_parts(parts, bytes.into()))
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            let mut r = http::Response::new(format!("proxy: {e}").into_bytes().into());
+            *r.status_mut() = http::StatusCode::BAD_GATEWAY;
+            r
+        }
+    };
+    log.lock().expect("proxy log").push(Seen {
+        method,
+        path,
+        query,
+        status: resp.status().as_u16(),
+    });
+    Ok(resp)
+}
+
+/// The apiserver's CA file, read from the admin kubeconfig the harness wrote.
+fn apiserver_ca(cp: &ControlPlane) -> String {
+    let kc: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(cp.kubeconfig()).expect("read admin kubeconfig"),
+    )
+    .expect("kubeconfig yaml");
+    kc["clusters"][0]["cluster"]["certificate-authority"]
+        .as_str()
+        .expect("certificate-authority path")
+        .to_owned()
+}
+
+fn kubeconfig(server: &str, ca: Option<&str>, token: Option<&str>) -> String {
+    let cluster = match ca {
+        Some(ca) => json!({"server": server, "certificate-authority": ca}),
+        None => json!({"server": server}),
+    };
+    let user = match token {
+        Some(t) => json!({"token": t}),
+        None => json!({}),
+    };
+    serde_yaml::to_string(&json!({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": "c", "cluster": cluster}],
+        "users": [{"name": "u", "user": user}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+        "current-context": "c",
+    }))
+    .expect("kubeconfig yaml")
+}
+
+/// `GET http://127.0.0.1:{port}{path}` over HTTP/1.0: status and body.
+async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split(' ').nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+    Some((status, body))
+}
+
+/// Cluster-scoped Nodes made by a test; deleted when dropped.
+struct TestNodes {
+    client: Client,
+    names: Vec<String>,
+}
+
+impl TestNodes {
+    async fn create(&mut self, name: &str, labels: Value, ip: &str) {
+        let api: Api<Node> = Api::all(self.client.clone());
+        let node: Node = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels},
+        }))
+        .expect("node");
+        api.create(&PostParams::default(), &node)
+            .await
+            .expect("create node");
+        self.names.push(name.to_owned());
+        // no kubelet and no node-lifecycle controller: clear the not-ready taint ourselves
+        api.patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"taints": null}})),
+        )
+        .await
+        .expect("clear taints");
+        api.patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"status": {"addresses": [{"type": "InternalIP", "address": ip}]}}),
+            ),
+        )
+        .await
+        .expect("node address");
+    }
+}
+
+impl Drop for TestNodes {
+    fn drop(&mut self) {
+        let api: Api<Node> = Api::all(self.client.clone());
+        let names = std::mem::take(&mut self.names);
+        if let Ok(h) = tokio::runtime::Handle::try_current() {
+            h.spawn(async move {
+                for n in names {
+                    let _ = api.delete(&n, &DeleteParams::default()).await;
+                }
+            });
+        }
+    }
+}
+
+/// Marks the operator's relay Pods Ready and finishes their graceful deletion, as a kubelet
+/// would (admin credentials: this is not the operator's traffic).
+fn fake_kubelet(client: &Client, ns: &str) -> tokio::task::JoinHandle<()> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    tokio::spawn(async move {
+        loop {
+            if let Ok(list) = pods.list(&ListParams::default().labels(MANAGED)).await {
+                for p in list {
+                    let name = p.name_any();
+                    if p.metadata.deletion_timestamp.is_some() {
+                        let _ = pods
+                            .delete(&name, &DeleteParams::default().grace_period(0))
+                            .await;
+                    } else if p.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Running")
+                    {
+                        let _ = pods
+                            .patch_status(
+                                &name,
+                                &PatchParams::default(),
+                                &Patch::Merge(json!({"status": {
+                                    "phase": "Running",
+                                    "conditions": [{"type": "Ready", "status": "True"}],
+                                }})),
+                            )
+                            .await;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+}
+
+/// The operator binary as a local process; killed on drop.
+struct OperatorProcess {
+    child: tokio::process::Child,
+    log: PathBuf,
+}
+
+impl OperatorProcess {
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// SIGTERM, then the exit status (it releases the Lease on the way out).
+    async fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("operator pid").to_string();
+        let status = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill -TERM");
+        assert!(status.success());
+        match tokio::time::timeout(Duration::from_secs(15), self.child.wait()).await {
+            Ok(s) => s.expect("wait operator"),
+            Err(_) => panic!(
+                "operator did not stop within 15 s of SIGTERM\n{}",
+                self.log_tail()
+            ),
+        }
+    }
+}
+
+fn granted(docs: &[Value]) -> BTreeSet<(String, String, String)> {
+    let mut out = BTreeSet::new();
+    for d in docs
+        .iter()
+        .filter(|d| d["kind"] == "Role" || d["kind"] == "ClusterRole")
+    {
+        for rule in d["rules"].as_array().expect("rules") {
+            for g in rule["apiGroups"].as_array().expect("apiGroups") {
+                for r in rule["resources"].as_array().expect("resources") {
+                    for v in rule["verbs"].as_array().expect("verbs") {
+                        out.insert((
+                            g.as_str().expect("group").to_owned(),
+                            r.as_str().expect("resource").to_owned(),
+                            v.as_str().expect("verb").to_owned(),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_runs_under_the_chart_service_account_and_needs_every_rule() {
+    let (cp, client, op_ns) = setup("chart-op").await;
+    let regions_ns = TestNamespace::create(&client, "chart-regions").await;
+    let operator_bin = workspace_bin("derp-operator");
+    let release = format!("e2e-{}", tag());
+    let full = format!("{release}-kubederp");
+    let watch = format!("watchNamespaces={{{}}}", regions_ns.name);
+    let sets = [watch.as_str()];
+
+    // 1. install the chart; its rendered RBAC and Deployment are what we test against
+    let mut cmd = helm(cp);
+    cmd.args(["install", &release]).arg(chart_dir()).args([
+        "--namespace",
+        &op_ns.name,
+        "--set",
+        &watch,
+    ]);
+    ok(cmd).await;
+    let docs = render(cp, &release, &op_ns.name, &sets).await;
+    let deployment = find(&docs, "Deployment", &full);
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let admin_port = free_port();
+    let mut replaced = false;
+    let args: Vec<String> = container["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .map(|a| {
+            let a = a.as_str().expect("string arg");
+            if a.starts_with("--admin-addr=") {
+                replaced = true;
+                format!("--admin-addr=127.0.0.1:{admin_port}")
+            } else {
+                a.to_owned()
+            }
+        })
+        .collect();
+    assert!(replaced, "the chart sets --admin-addr: {args:?}");
+    let sa = deployment["spec"]["template"]["spec"]["serviceAccountName"]
+        .as_str()
+        .expect("serviceAccountName")
+        .to_owned();
+
+    // 2. a TokenRequest token for the chart's ServiceAccount
+    let mut cmd = cp.kubectl();
+    cmd.args(["create", "token", &sa, "-n", &op_ns.name, "--duration=1h"]);
+    let token = ok(cmd).await.trim().to_owned();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = apiserver_ca(cp);
+    let direct = dir.path().join("sa-direct.kubeconfig");
+    std::fs::write(&direct, kubeconfig(cp.server(), Some(&ca), Some(&token))).expect("write");
+    let mut cmd = cp.kubectl();
+    cmd.env("KUBECONFIG", &direct).args([
+        "auth",
+        "whoami",
+        "-o",
+        "jsonpath={.status.userInfo.username}",
+    ]);
+    assert_eq!(
+        ok(cmd).await,
+        format!("system:serviceaccount:{}:{sa}", op_ns.name),
+        "the operator runs as the chart's ServiceAccount, not the admin"
+    );
+    let mut cmd = cp.kubectl();
+    cmd.env("KUBECONFIG", &direct)
+        .args(["auth", "can-i", "list", "secrets", "-n", &op_ns.name]);
+    assert_eq!(
+        output(cmd).await.stdout.trim_ascii(),
+        b"no",
+        "no Secret access outside the watched namespace"
+    );
+
+    // 3. the recording proxy, carrying the ServiceAccount token through
+    let upstream_kc = dir.path().join("upstream.kubeconfig");
+    std::fs::write(&upstream_kc, kubeconfig(cp.server(), Some(&ca), None)).expect("write");
+    let upstream = derp_tests::k8s::client_from(&upstream_kc)
+        .await
+        .expect("upstream client");
+    let proxy = RecordingProxy::start(upstream).await;
+    let via_proxy = dir.path().join("sa-proxy.kubeconfig");
+    std::fs::write(
+        &via_proxy,
+        kubeconfig(&format!("http://{}", proxy.addr), None, Some(&token)),
+    )
+    .expect("write");
+
+    // 4. two relay nodes and a region in the watched namespace
+    let t = tag();
+    let mut nodes = TestNodes {
+        client: client.clone(),
+        names: Vec::new(),
+    };
+    let labels = json!({"kubederp.io/relay": "true", "chart-test": t});
+    let (n1, n2) = (format!("chart-{t}-a"), format!("chart-{t}-b"));
+    nodes.create(&n1, labels.clone(), "127.0.0.61").await;
+    nodes.create(&n2, labels, "127.0.0.62").await;
+    let regions: Api<DerpRegion> = Api::namespaced(client.clone(), &regions_ns.name);
+    let region: DerpRegion = serde_json::from_value(json!({
+        "apiVersion": "kubederp.io/v1alpha1", "kind": "DerpRegion",
+        "metadata": {"name": "home"},
+        "spec": {
+            "regionID": 950, "regionCode": "home",
+            "nodeSelector": {"kubederp.io/relay": "true", "chart-test": t},
+        },
+    }))
+    .expect("region");
+    regions
+        .create(&PostParams::default(), &region)
+        .await
+        .expect("create region");
+    let _kubelet = AbortOnDropTask(fake_kubelet(&client, &regions_ns.name));
+
+    // 5. the operator, with the chart's arguments and the ServiceAccount's kubeconfig
+    let log = dir.path().join("operator.log");
+    let logf = std::fs::File::create(&log).expect("log file");
+    let child = tokio::process::Command::new(&operator_bin)
+        .args(&args)
+        .env_clear()
+        .env("KUBECONFIG", &via_proxy)
+        .env("POD_NAME", format!("{full}-6d5f7c9b8-x2x4z"))
+        .stdin(Stdio::null())
+        .stdout(logf.try_clone().expect("dup"))
+        .stderr(logf)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start derp-operator");
+    let op = OperatorProcess { child, log };
+
+    let ready = wait_until(WAIT, || async {
+        (http_get(admin_port, "/readyz").await?.0 == 200).then_some(())
+    })
+    .await;
+    assert!(
+        ready.is_some(),
+        "operator not ready (leader + caches) within {}s under the chart's RBAC\n{}",
+        WAIT.as_secs(),
+        op.log_tail()
+    );
+    let lease = Api::<Lease>::namespaced(client.clone(), &op_ns.name)
+        .get(&full)
+        .await
+        .expect("the chart's Lease");
+    assert_eq!(
+        lease.spec.and_then(|s| s.holder_identity).as_deref(),
+        Some(format!("{full}-6d5f7c9b8-x2x4z").as_str())
+    );
+
+    let ready_region = wait_until(WAIT, || async {
+        let r = regions.get("home").await.ok()?;
+        let st = r.status.as_ref()?;
+        (st.nodes.len() == 2
+            && st
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True"))
+        .then_some(r)
+    })
+    .await;
+    assert!(
+        ready_region.is_some(),
+        "region not Ready with 2 nodes: {:?}\n{}",
+        regions.get("home").await.ok().and_then(|r| r.status),
+        op.log_tail()
+    );
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &regions_ns.name);
+    let dm = cms.get("home-derpmap").await.expect("derpMap ConfigMap");
+    let policy = dm
+        .data
+        .as_ref()
+        .and_then(|d| d.get("policy.hujson"))
+        .expect("policy.hujson");
+    assert!(policy.contains("sha256-raw:"), "{policy}");
+    let (code, body) = http_get(admin_port, "/derpmap.json")
+        .await
+        .expect("GET /derpmap.json");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"950\""), "{body}");
+    let (code, metrics) = http_get(admin_port, "/metrics").await.expect("metrics");
+    assert_eq!(code, 200);
+    assert!(metrics.contains("derp_operator_"), "{metrics}");
+
+    // 6. a node leaves: its Pod and Secret are pruned, and the mesh objects go with one node
+    Api::<Node>::all(client.clone())
+        .patch(
+            &n2,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"kubederp.io/relay": null}}})),
+        )
+        .await
+        .expect("unlabel node");
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &regions_ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &regions_ns.name);
+    let pruned = wait_until(WAIT, || async {
+        let r = regions.get("home").await.ok()?;
+        let one = r.status.as_ref()?.nodes.len() == 1;
+        let pods = pods
+            .list(&ListParams::default().labels(MANAGED))
+            .await
+            .ok()?;
+        let secrets = secrets
+            .list(&ListParams::default().labels(MANAGED))
+            .await
+            .ok()?;
+        (one && pods.items.len() == 1 && secrets.items.len() == 1).then_some(())
+    })
+    .await;
+    assert!(
+        pruned.is_some(),
+        "node removal not pruned\n{}",
+        op.log_tail()
+    );
+    let events: Api<Event> = Api::namespaced(client.clone(), &regions_ns.name);
+    let reasons: BTreeSet<String> = events
+        .list(&ListParams::default())
+        .await
+        .expect("events")
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    assert!(reasons.contains("NodeAdded"), "{reasons:?}");
+
+    // 7. stop: SIGTERM, clean exit, Lease handed back
+    let log_text = op.log_tail();
+    let status = op.terminate().await;
+    assert!(status.success(), "operator exit {status}\n{log_text}");
+    let lease = Api::<Lease>::namespaced(client.clone(), &op_ns.name)
+        .get(&full)
+        .await
+        .expect("Lease");
+    assert_eq!(
+        lease.spec.and_then(|s| s.holder_identity),
+        None,
+        "Lease released on SIGTERM"
+    );
+
+    // 8. least privilege, both ways
+    let seen = proxy.seen();
+    let denied: Vec<&Seen> = seen.iter().filter(|s| s.status == 403).collect();
+    assert!(
+        denied.is_empty(),
+        "requests the chart's RBAC refused: {denied:#?}"
+    );
+    let accesses: Vec<Access> = seen.iter().flat_map(Seen::accesses).collect();
+    let mut used: BTreeMap<(String, String, String), BTreeSet<Option<String>>> = BTreeMap::new();
+    for a in &accesses {
+        used.entry((a.group.clone(), a.resource.clone(), a.verb.clone()))
+            .or_default()
+            .insert(a.namespace.clone());
+    }
+    let granted = granted(&docs);
+    let used_keys: BTreeSet<_> = used.keys().cloned().collect();
+    let not_granted: Vec<_> = used_keys.difference(&granted).collect();
+    assert!(
+        not_granted.is_empty(),
+        "the operator used access the chart does not grant: {not_granted:?}"
+    );
+    let unused: Vec<_> = granted.difference(&used_keys).collect();
+    assert!(
+        unused.is_empty(),
+        "the chart grants access no test needs (remove it, or cover it): {unused:?}\nused: {used:#?}"
+    );
+    // namespaced access stays in the watched namespace (regions, children, Events) or the
+    // release namespace (the Lease); only Nodes are read cluster-wide
+    for ((group, resource, verb), namespaces) in &used {
+        for ns in namespaces {
+            let want = match resource.as_str() {
+                "nodes" => None,
+                "leases" => Some(op_ns.name.clone()),
+                _ => Some(regions_ns.name.clone()),
+            };
+            assert_eq!(
+                ns, &want,
+                "{group}/{resource} {verb} outside its expected namespace"
+            );
+        }
+    }
+    drop(nodes);
+}
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDropTask(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDropTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
