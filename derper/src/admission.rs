@@ -217,6 +217,30 @@ impl<L: NodeKeyLookup> Admit for VerifyTailscaled<L> {
     }
 }
 
+/// The production [`NodeKeyLookup`]: tailscaled's LocalAPI whois over its Unix socket
+/// ([`crate::localapi::node_key_in_tailnet`]).
+#[derive(Debug, Clone)]
+pub struct LocalApiLookup {
+    /// tailscaled's socket (`--socket`).
+    pub socket: std::path::PathBuf,
+}
+
+impl NodeKeyLookup for LocalApiLookup {
+    fn in_tailnet<'a>(&'a self, key: &'a NodePublicKey) -> BoxFuture<'a, Result<bool, String>> {
+        Box::pin(async move {
+            crate::localapi::node_key_in_tailnet(&self.socket, key)
+                .await
+                .map_err(|e| {
+                    if e.is_tailscaled_too_old() {
+                        format!("tailscaled version is too old: {e}")
+                    } else {
+                        e.to_string()
+                    }
+                })
+        })
+    }
+}
+
 /// Runs every check in order; the first rejection wins.
 pub async fn check_all(
     checks: &[std::sync::Arc<dyn Admit>],

@@ -131,7 +131,7 @@ pub struct Args {
     )]
     pub unpublished_bootstrap_dns_names: String,
 
-    /// Admit only clients known to the local tailscaled (not supported yet).
+    /// Admit only clients known to the local tailscaled (LocalAPI whois over --socket).
     #[arg(long, env = "DERPER_VERIFY_CLIENTS")]
     pub verify_clients: bool,
 
@@ -143,7 +143,7 @@ pub struct Args {
     #[arg(long, env = "DERPER_VERIFY_CLIENT_URL_FAIL_OPEN", default_value_t = true, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub verify_client_url_fail_open: bool,
 
-    /// tailscaled socket for --verify-clients (not supported yet).
+    /// tailscaled socket for --verify-clients ("" = /var/run/tailscale/tailscaled.sock).
     #[arg(long, env = "DERPER_SOCKET", default_value = "")]
     pub socket: String,
 

@@ -181,10 +181,20 @@ impl TryFrom<Args> for Config {
         if !bootstrap_dns_names.is_empty() || !unpublished_bootstrap_dns_names.is_empty() {
             return Err(ConfigError::NotSupported("--bootstrap-dns-names"));
         }
-        if verify_clients || !socket.is_empty() {
-            return Err(ConfigError::NotSupported("--verify-clients"));
-        }
         let mut admission: Vec<std::sync::Arc<dyn crate::admission::Admit>> = Vec::new();
+        if verify_clients {
+            // Upstream order (spec §6.9): tailscaled first, then the URL.
+            let socket = if socket.is_empty() {
+                PathBuf::from(crate::localapi::DEFAULT_SOCKET)
+            } else {
+                PathBuf::from(&socket)
+            };
+            admission.push(std::sync::Arc::new(
+                crate::admission::VerifyTailscaled::new(crate::admission::LocalApiLookup {
+                    socket,
+                }),
+            ));
+        }
         if !verify_client_url.is_empty() {
             let v =
                 crate::admission::VerifyUrl::new(&verify_client_url, verify_client_url_fail_open)
