@@ -16,8 +16,11 @@ use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
-/// Largest frame payload we emit per write call.
-const MAX_OUT_FRAME: usize = 1 << 20;
+/// Largest WebSocket message payload we emit per write call. Tailscale's Go clients (and
+/// upstream derper) read WebSocket messages with coder/websocket's default limit of 32 KiB and
+/// drop the connection on a bigger one; message boundaries carry no meaning in the DERP byte
+/// stream, so a 64 KiB DERP frame simply goes out as several messages.
+const MAX_OUT_FRAME: usize = 32 << 10;
 
 /// Which side of the connection we are (clients must mask their frames).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -109,6 +109,30 @@ fn ours_exchange_all_transports(client: &str) {
     assert_exchanged(&run, &format!("{client} websocket"), &relay, "websocket");
 }
 
+/// A 65,536-byte packet (derp.MaxPacketSize) crosses the WebSocket transport: the relay splits
+/// frames into messages within the clients' 32 KiB WebSocket read limit.
+#[test]
+fn maximum_size_packets_cross_websocket_for_both_client_versions() {
+    let relay = ours();
+    let map = map_for(&[&relay]);
+    for client in [TS_OLD, TS_NEW] {
+        let run = run_against(
+            client,
+            "exchange",
+            &map,
+            Some("websocket"),
+            &["-max-size", "65536", "-count", "4"],
+        )
+        .expect("run derpinterop");
+        assert_exchanged(
+            &run,
+            &format!("{client} websocket 64 KiB"),
+            &relay,
+            "websocket",
+        );
+    }
+}
+
 #[test]
 fn ours_exchanges_both_ways_over_upgrade_tls12_and_websocket_with_v1_82_5() {
     ours_exchange_all_transports(TS_OLD);
