@@ -875,6 +875,34 @@ impl NodeChecks {
     }
 }
 
+/// The checks repeated over a node's second address family (IPv6 when both IPv4 and IPv6
+/// literals are published).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FamilyChecks {
+    /// The DERP address dialled.
+    pub address: String,
+    /// TCP connect.
+    pub tcp: Check,
+    /// TLS and pin.
+    pub tls: Check,
+    /// DERP handshake.
+    pub derp: Check,
+    /// STUN binding.
+    pub stun: Check,
+}
+
+impl FamilyChecks {
+    /// `(name, check)` pairs in order.
+    pub fn iter(&self) -> [(&'static str, &Check); 4] {
+        [
+            ("tcp", &self.tcp),
+            ("tls", &self.tls),
+            ("derp", &self.derp),
+            ("stun", &self.stun),
+        ]
+    }
+}
+
 /// A metacert seen in the presented chain (spec §2).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MetacertInfo {
@@ -928,6 +956,9 @@ pub struct NodeReport {
     pub tls: Option<TlsInfo>,
     /// The address STUN reported for us.
     pub stun_mapped_address: Option<String>,
+    /// The same checks over IPv6 when the node publishes both an IPv4 and an IPv6 literal
+    /// (the main checks then use IPv4).
+    pub ipv6: Option<FamilyChecks>,
     /// Observations that are not failures (metacert, SAN, expiry soon…).
     pub notes: Vec<String>,
 }
@@ -987,6 +1018,14 @@ impl Report {
                 for (name, c) in n.checks.iter() {
                     if c.status == Status::Fail {
                         out.push(format!("{}/{} {name}: {}", r.region_id, n.name, c.message));
+                    }
+                }
+                for (name, c) in n.ipv6.iter().flat_map(|f| f.iter()) {
+                    if c.status == Status::Fail {
+                        out.push(format!(
+                            "{}/{} ipv6 {name}: {}",
+                            r.region_id, n.name, c.message
+                        ));
                     }
                 }
             }
@@ -1505,6 +1544,16 @@ struct Dialed {
 }
 
 async fn dial(node: &DerpNode, opts: &ProbeOptions, with_notes: bool) -> Dialed {
+    dial_at(node, None, opts, with_notes).await
+}
+
+/// [`dial`] to `at` instead of the address [`resolve`] picks.
+async fn dial_at(
+    node: &DerpNode,
+    at: Option<SocketAddr>,
+    opts: &ProbeOptions,
+    with_notes: bool,
+) -> Dialed {
     let mut d = Dialed {
         tcp: Check::skip("not reached"),
         tls: Check::skip("not reached"),
@@ -1515,7 +1564,11 @@ async fn dial(node: &DerpNode, opts: &ProbeOptions, with_notes: bool) -> Dialed 
         client: None,
     };
     let port = derp_port(node);
-    let addr = match resolve(node, "", port).await {
+    let resolved = match at {
+        Some(a) => Ok(a),
+        None => resolve(node, "", port).await,
+    };
+    let addr = match resolved {
         Ok(a) => a,
         Err(e) => {
             d.tcp = Check::fail(e);
@@ -1661,7 +1714,7 @@ async fn probe_node_inner(
     node: &DerpNode,
     opts: &ProbeOptions,
 ) -> (NodeReport, Option<NodeClients>) {
-    let stun_fut = probe_stun(node, opts);
+    let stun_fut = probe_stun(node, None, opts);
     let derp_fut = async {
         if node.stun_only {
             return None;
@@ -1669,7 +1722,13 @@ async fn probe_node_inner(
         let a = dial(node, opts, true).await;
         Some(a)
     };
-    let ((stun, stun_address, mapped), a) = tokio::join!(stun_fut, derp_fut);
+    let v6_fut = async {
+        match second_family(node) {
+            Some(v6) => Some(Box::pin(probe_ipv6(node, v6, opts)).await),
+            None => None,
+        }
+    };
+    let ((stun, stun_address, mapped), a, ipv6) = tokio::join!(stun_fut, derp_fut, v6_fut);
     let mut report = NodeReport {
         name: node.name.clone(),
         region_id: node.region_id,
@@ -1688,6 +1747,7 @@ async fn probe_node_inner(
         fast_start: None,
         tls: None,
         stun_mapped_address: mapped,
+        ipv6,
         notes: Vec::new(),
     };
     let mut clients = None;
@@ -1751,13 +1811,18 @@ async fn probe_node_inner(
             }
         }
     }
-    report.ok = report.checks.iter().iter().all(|(_, c)| c.ok());
+    report.ok = report.checks.iter().iter().all(|(_, c)| c.ok())
+        && report
+            .ipv6
+            .as_ref()
+            .is_none_or(|f| f.iter().iter().all(|(_, c)| c.ok()));
     (report, clients)
 }
 
 /// Runs the STUN check; returns (check, probed address, mapped address).
 async fn probe_stun(
     node: &DerpNode,
+    at: Option<IpAddr>,
     opts: &ProbeOptions,
 ) -> (Check, Option<String>, Option<String>) {
     let port = match node.stun_port {
@@ -1774,7 +1839,11 @@ async fn probe_stun(
             }
         },
     };
-    let target = match resolve(node, &node.stun_test_ip, port).await {
+    let resolved = match at {
+        Some(ip) => Ok(SocketAddr::new(ip, port)),
+        None => resolve(node, &node.stun_test_ip, port).await,
+    };
+    let target = match resolved {
         Ok(t) => t,
         Err(e) => return (Check::fail(e), None, None),
     };
@@ -1788,9 +1857,50 @@ async fn probe_stun(
     }
 }
 
+/// The node's IPv6 literal when the primary checks used its IPv4 literal (both families
+/// published, spec §9.3): clients use either, so both are checked.
+fn second_family(node: &DerpNode) -> Option<std::net::Ipv6Addr> {
+    node.ipv4.parse::<std::net::Ipv4Addr>().ok()?;
+    node.ipv6.parse().ok()
+}
+
+/// TCP, TLS, DERP handshake and STUN over the node's IPv6 address.
+async fn probe_ipv6(node: &DerpNode, v6: std::net::Ipv6Addr, opts: &ProbeOptions) -> FamilyChecks {
+    let addr = SocketAddr::new(v6.into(), derp_port(node));
+    let derp_fut = async {
+        if node.stun_only {
+            return None;
+        }
+        Some(dial_at(node, Some(addr), opts, false).await)
+    };
+    let stun_fut = async {
+        if node.stun_test_ip.is_empty() {
+            probe_stun(node, Some(v6.into()), opts).await.0
+        } else {
+            Check::skip("STUNTestIP overrides the STUN target")
+        }
+    };
+    let (d, stun) = tokio::join!(derp_fut, stun_fut);
+    let (tcp, tls, derp) = match d {
+        Some(d) => (d.tcp, d.tls, d.derp),
+        None => (
+            Check::skip("STUNOnly node"),
+            Check::skip("STUNOnly node"),
+            Check::skip("STUNOnly node"),
+        ),
+    };
+    FamilyChecks {
+        address: addr.to_string(),
+        tcp,
+        tls,
+        derp,
+        stun,
+    }
+}
+
 /// Probes one node (all checks except the cross-node ones) and closes its clients.
 pub async fn probe_node(node: &DerpNode, opts: &ProbeOptions) -> NodeReport {
-    probe_node_inner(node, opts).await.0
+    Box::pin(probe_node_inner(node, opts)).await.0
 }
 
 /// Probes every node of a region concurrently, then (with `opts.mesh` and more than one

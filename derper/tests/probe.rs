@@ -303,6 +303,90 @@ async fn mesh_checks_can_be_turned_off() {
     b.shutdown().await;
 }
 
+/// Forwards TCP on [::1]:`port` to `to` and UDP on [::1]:`stun_port` to `stun_to`, so a
+/// 127.0.0.1-only test relay is also reachable over IPv6 on the same port numbers.
+async fn ipv6_forwarder(
+    port: u16,
+    to: std::net::SocketAddr,
+    stun_port: u16,
+    stun_to: std::net::SocketAddr,
+) {
+    let l = tokio::net::TcpListener::bind(("::1", port)).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = l.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut u) = tokio::net::TcpStream::connect(to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                }
+            });
+        }
+    });
+    let front = tokio::net::UdpSocket::bind(("::1", stun_port))
+        .await
+        .unwrap();
+    let back = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, from)) = front.recv_from(&mut buf).await {
+            let _ = back.send_to(&buf[..n], stun_to).await;
+            if let Ok(Ok(m)) =
+                tokio::time::timeout(Duration::from_secs(1), back.recv(&mut buf)).await
+            {
+                let _ = front.send_to(&buf[..m], from).await;
+            }
+        }
+    });
+}
+
+#[tokio::test]
+async fn dual_stack_node_is_checked_over_both_families() {
+    let s = server().await;
+    let mut node = node_for(&s, "n1");
+    node.ipv6 = "::1".into();
+    ipv6_forwarder(
+        s.addr.port(),
+        s.addr,
+        s.stun_addr.unwrap().port(),
+        s.stun_addr.unwrap(),
+    )
+    .await;
+    let report = bounded(probe::probe_map(&map_of(vec![node]), &opts())).await;
+    assert!(report.ok, "{:?}", report.failures());
+    let n = &report.regions[0].nodes[0];
+    assert!(n.address.as_deref().unwrap().starts_with("127.0.0.1:"));
+    let v6 = n.ipv6.as_ref().expect("IPv6 checked too");
+    assert_eq!(v6.address, format!("[::1]:{}", s.addr.port()));
+    for (name, c) in v6.iter() {
+        assert_eq!(c.status, Status::Pass, "ipv6 {name}: {}", c.message);
+    }
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_dead_ipv6_path_fails_only_the_ipv6_checks() {
+    let s = server().await;
+    let mut node = node_for(&s, "n1");
+    node.ipv6 = "::1".into(); // nothing listens on [::1]
+    let report = bounded(probe::probe_map(&map_of(vec![node]), &opts())).await;
+    assert!(!report.ok);
+    let n = &report.regions[0].nodes[0];
+    for (name, c) in n.checks.iter() {
+        assert_eq!(c.status, Status::Pass, "{name}: {}", c.message);
+    }
+    let v6 = n.ipv6.as_ref().unwrap();
+    assert_eq!(v6.tcp.status, Status::Fail);
+    assert_eq!(v6.tls.status, Status::Skip);
+    assert_eq!(v6.stun.status, Status::Fail);
+    let f = report.failures();
+    assert!(
+        f.iter()
+            .any(|x| x.starts_with("900/n1 ipv6 tcp: connecting to [::1]:")),
+        "{f:?}"
+    );
+    assert_eq!(f.len(), 2, "{f:?}");
+    s.shutdown().await;
+}
+
 #[tokio::test]
 async fn report_json_schema() {
     let s = server().await;

@@ -460,6 +460,21 @@ fn render_table(report: &Report, source: &str, format: MapFormat) -> String {
             row.extend(n.checks.iter().iter().map(|(_, c)| cell(c)));
             row.push(n.stun_mapped_address.clone().unwrap_or_else(|| "-".into()));
             rows.push(row);
+            if let Some(f) = &n.ipv6 {
+                rows.push(vec![
+                    format!("{} {}", r.region_id, r.region_code)
+                        .trim()
+                        .to_owned(),
+                    format!("{} (v6)", n.name),
+                    f.address.clone(),
+                    cell(&f.tcp),
+                    cell(&f.tls),
+                    cell(&f.derp),
+                    "-".to_owned(),
+                    cell(&f.stun),
+                    "-".to_owned(),
+                ]);
+            }
         }
     }
     let ncol = rows[0].len();
@@ -519,6 +534,13 @@ fn render_table(report: &Report, source: &str, format: MapFormat) -> String {
                     n.checks
                         .iter()
                         .iter()
+                        .chain(
+                            n.ipv6
+                                .iter()
+                                .flat_map(|f| f.iter())
+                                .collect::<Vec<_>>()
+                                .iter(),
+                        )
                         .filter(|(_, c)| c.status != Status::Skip)
                         .count()
                 })
@@ -567,7 +589,8 @@ impl Metrics {
         r.register(
             "check_ok",
             "1 when the last probe of this node's check passed, 0 when it failed (not set when \
-             skipped); check = tcp|tls|derp|round_trip|stun",
+             skipped); check = tcp|tls|derp|round_trip|stun, ipv6_tcp|ipv6_tls|ipv6_derp|ipv6_stun \
+             for the IPv6 address of dual-stack nodes",
             m.check_ok.clone(),
         );
         r.register(
@@ -621,14 +644,25 @@ impl Metrics {
         self.mesh_latency.clear();
         for r in &report.regions {
             for n in &r.nodes {
-                for (check, c) in n.checks.iter() {
+                let v6 = n
+                    .ipv6
+                    .iter()
+                    .flat_map(|f| f.iter())
+                    .map(|(name, c)| (format!("ipv6_{name}"), c));
+                for (check, c) in n
+                    .checks
+                    .iter()
+                    .into_iter()
+                    .map(|(name, c)| (name.to_owned(), c))
+                    .chain(v6)
+                {
                     if c.status == Status::Skip {
                         continue;
                     }
                     let labels = vec![
                         ("region".to_owned(), r.region_id.to_string()),
                         ("node".to_owned(), n.name.clone()),
-                        ("check".to_owned(), check.to_owned()),
+                        ("check".to_owned(), check),
                     ];
                     self.check_ok
                         .get_or_create(&labels)
