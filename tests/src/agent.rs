@@ -738,6 +738,17 @@ impl NodeAgent {
         apply_node(&self.shared.client, &spec).await
     }
 
+    /// Replaces the node's taints (`spec.taints`).
+    pub async fn set_taints(&self, name: &str, taints: Vec<Taint>) -> anyhow::Result<()> {
+        let spec = {
+            let mut nodes = write_lock(&self.shared.nodes);
+            let entry = nodes.get_mut(name).context("unknown node")?;
+            entry.spec.taints = taints;
+            entry.spec.clone()
+        };
+        apply_node(&self.shared.client, &spec).await
+    }
+
     /// Changes the node's addresses (status.addresses; running Pods' hostIP/podIP follow).
     pub async fn set_addresses(
         &self,

@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 const IMAGE: &str = "kubederp.test/test-container:dev";
-const T: Duration = Duration::from_secs(15);
+const T: Duration = Duration::from_secs(20);
 
 fn unique(prefix: &str) -> String {
     format!("{prefix}-{:06x}", rand::random::<u32>() & 0xff_ffff)
@@ -182,6 +182,20 @@ async fn nodes_are_registered_ready_with_addresses_and_can_change_at_run_time() 
         .unwrap();
     let labels = nodes.get(&n1).await.unwrap().metadata.labels.unwrap();
     assert_eq!(labels.get("tier").map(String::as_str), Some("b"));
+    agent
+        .set_taints(
+            &n1,
+            vec![k8s_openapi::api::core::v1::Taint {
+                key: "dedicated".into(),
+                value: Some("derp".into()),
+                effect: "NoSchedule".into(),
+                time_added: None,
+            }],
+        )
+        .await
+        .unwrap();
+    let taints = nodes.get(&n1).await.unwrap().spec.unwrap().taints.unwrap();
+    assert_eq!(taints[0].key, "dedicated");
     assert!(
         !labels.contains_key("kubederp.io/relay"),
         "old label removed: {labels:?}"
