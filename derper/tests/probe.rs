@@ -26,9 +26,9 @@ fn node_for(s: &TestServer, name: &str) -> DerpNode {
     DerpNode {
         name: name.into(),
         region_id: 900,
-        host_name: "127.0.0.1".into(),
+        host_name: s.addr.ip().to_string(),
         cert_name: s.pin.clone(),
-        ipv4: "127.0.0.1".into(),
+        ipv4: s.addr.ip().to_string(),
         ipv6: "none".into(),
         stun_port: i64::from(s.stun_addr.expect("stun on").port()),
         derp_port: i64::from(s.addr.port()),
@@ -257,6 +257,91 @@ async fn unmeshed_nodes_fail_the_cross_node_check_in_both_directions() {
     let f = report.failures();
     assert_eq!(f.len(), 2, "{f:?}");
     assert!(f[0].starts_with("900/n1->n2 mesh:"), "{f:?}");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// A relay on 127.0.0.`octet` with mesh key `mk` (STUN on).
+async fn mesh_node(octet: u8, mk: &derper::key::MeshKey) -> TestServer {
+    testing::start(TestServerOptions {
+        ip: std::net::IpAddr::from([127, 0, 0, octet]),
+        server: derper::server::ServerOptions {
+            mesh_key: Some(mk.clone()),
+            ..Default::default()
+        },
+        ..TestServerOptions::default()
+    })
+    .await
+}
+
+fn spawn_mesh(
+    ts: &TestServer,
+    mk: &derper::key::MeshKey,
+    peers: &Path,
+) -> derper::mesh::MeshHandle {
+    derper::mesh::spawn(
+        ts.server(),
+        derper::mesh::MeshConfig {
+            mesh_key: mk.clone(),
+            peers: Vec::new(),
+            peers_file: Some(peers.to_path_buf()),
+            poll: Duration::from_millis(100),
+        },
+    )
+}
+
+#[tokio::test]
+async fn meshed_nodes_pass_the_cross_node_check_and_a_dropped_link_fails_its_direction() {
+    let mk = derper::key::MeshKey::from_bytes([0x5a; 32]);
+    let (a, b) = (mesh_node(1, &mk).await, mesh_node(2, &mk).await);
+    let dir = tempfile::tempdir().unwrap();
+    let peers = dir.path().join("peers");
+    std::fs::write(
+        &peers,
+        format!("{} {}\n{} {}\n", a.addr, a.pin, b.addr, b.pin),
+    )
+    .unwrap();
+    let _ma = spawn_mesh(&a, &mk, &peers);
+    let mb = spawn_mesh(&b, &mk, &peers);
+    let map = map_of(vec![node_for(&a, "n1"), node_for(&b, "n2")]);
+    let o = ProbeOptions {
+        mesh_timeout: Duration::from_secs(5),
+        ..opts()
+    };
+    let report = bounded(probe::probe_map(&map, &o)).await;
+    assert!(report.ok, "{:?}", report.failures());
+    let r = &report.regions[0];
+    assert_eq!(r.mesh.len(), 2);
+    for m in &r.mesh {
+        assert_eq!(
+            m.check.status,
+            Status::Pass,
+            "{}->{}: {}",
+            m.from,
+            m.to,
+            m.check.message
+        );
+        assert!(m.check.latency_ms.is_some());
+    }
+    // n2 stops dialling n1: n2 can no longer forward to clients on n1; n1 -> n2 still works
+    // (n1's own link to n2 is up).
+    mb.stop();
+    let report = bounded(probe::probe_map(&map, &o)).await;
+    let r = &report.regions[0];
+    let get = |from: &str| r.mesh.iter().find(|m| m.from == from).unwrap();
+    assert_eq!(
+        get("n1").check.status,
+        Status::Pass,
+        "{}",
+        get("n1").check.message
+    );
+    assert_eq!(get("n2").check.status, Status::Fail);
+    assert!(
+        get("n2").check.message.contains("mesh link n2 -> n1"),
+        "{}",
+        get("n2").check.message
+    );
+    assert!(r.nodes.iter().all(|n| n.ok));
     a.shutdown().await;
     b.shutdown().await;
 }
