@@ -14,6 +14,13 @@
 //!
 //! The checks themselves live in [`derper::probe`]; this file owns only input, output and
 //! the metrics loop.
+//!
+//! ```text
+//! derpprobe --derp-map derpmap.json                     # table, exit 0/1/2
+//! derpprobe --derp-map http://127.0.0.1:8080/derpmap.json --json
+//! derpprobe --configmap derp/home-derpmap --format headscale --region 900
+//! derpprobe --derp-map policy.hujson --listen 127.0.0.1:9091 --interval 30s
+//! ```
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -37,6 +44,16 @@ use tokio_util::sync::CancellationToken;
 const EXIT_FAILED: u8 = 1;
 /// Exit status when the map could not be read (clap also uses 2 for usage errors).
 const EXIT_MAP: u8 = 2;
+/// Default per-step limit (Go's DERP client allows 10 s for connect + handshake; a probe
+/// should report sooner).
+const DEFAULT_TIMEOUT: &str = "5s";
+/// Default STUN limit (`tailscale debug derp` waits 5 s for one request; we send three).
+const DEFAULT_STUN_TIMEOUT: &str = "3s";
+/// Default limit for one cross-node delivery (mesh forwarders appear within a second of a
+/// client connecting).
+const DEFAULT_MESH_TIMEOUT: &str = "3s";
+/// Default time between runs in --listen mode (a Prometheus scrape interval).
+const DEFAULT_INTERVAL: &str = "30s";
 /// Limit for fetching a map over HTTP or running kubectl.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -92,15 +109,15 @@ struct Args {
     json: bool,
 
     /// Limit for each step (TCP, TLS, DERP handshake, packet delivery), e.g. 5s, 500ms.
-    #[arg(long, env = "DERPPROBE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "DERPPROBE_TIMEOUT", default_value = DEFAULT_TIMEOUT, value_parser = parse_duration)]
     timeout: Duration,
 
     /// Limit for the STUN check.
-    #[arg(long, env = "DERPPROBE_STUN_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
+    #[arg(long, env = "DERPPROBE_STUN_TIMEOUT", default_value = DEFAULT_STUN_TIMEOUT, value_parser = parse_duration)]
     stun_timeout: Duration,
 
     /// Limit for each cross-node (mesh) delivery.
-    #[arg(long, env = "DERPPROBE_MESH_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
+    #[arg(long, env = "DERPPROBE_MESH_TIMEOUT", default_value = DEFAULT_MESH_TIMEOUT, value_parser = parse_duration)]
     mesh_timeout: Duration,
 
     /// Skip the cross-node (mesh) checks.
@@ -117,7 +134,7 @@ struct Args {
     listen: Option<SocketAddr>,
 
     /// Time between probe runs with --listen.
-    #[arg(long, env = "DERPPROBE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "DERPPROBE_INTERVAL", default_value = DEFAULT_INTERVAL, value_parser = parse_duration)]
     interval: Duration,
 
     /// Log format (logs go to stderr).
