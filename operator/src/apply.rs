@@ -1,8 +1,9 @@
 //! Executes a [`Plan`](crate::plan::Plan)'s writes: server-side apply with the one field
 //! manager `derp-operator` (forced: we own the fields we set), deletes for pruning and Pod
-//! replacement. The plan already skipped unchanged objects, so this module never decides
+//! replacement; consecutive writes of one phase run concurrently. The plan already skipped unchanged objects, so this module never decides
 //! *whether* to write, only how.
 
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::{
     Api, Client, ResourceExt,
@@ -37,64 +38,101 @@ where
     }
 }
 
-/// Execute `writes` in order in namespace `ns`, counting each in `metrics`.
+/// How many writes of one phase are in flight at once.
+pub const WRITE_CONCURRENCY: usize = 8;
+
+/// Phase of a write: consecutive writes of the same phase are independent of each other and
+/// run concurrently; phases run in the plan's order (Secrets → ConfigMaps → Pods → prune).
+fn phase(w: &Write) -> u8 {
+    match w {
+        Write::ApplySecret(_) => 0,
+        Write::ApplyConfigMap(_) => 1,
+        Write::CreatePod(_) | Write::DeletePod { .. } => 2,
+        Write::DeleteSecret(_) | Write::DeleteConfigMap(_) => 3,
+    }
+}
+
+/// Execute `writes` in plan order (concurrently within a run of one phase) in namespace `ns`,
+/// counting each in `metrics`. Stops at the first failed run.
 pub async fn execute(
     client: &Client,
     ns: &str,
     writes: Vec<Write>,
     metrics: &Metrics,
 ) -> Result<(), Error> {
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    for w in writes {
-        match w {
-            Write::ApplySecret(s) => {
-                let name = s.name_any();
-                debug!(secret = %name, "applying secret");
-                metrics.write("Secret", "apply");
-                apply(&secrets, &s)
-                    .await
-                    .map_err(|source| Error::ApplySecret { name, source })?;
-            }
-            Write::ApplyConfigMap(c) => {
-                let name = c.name_any();
-                debug!(configmap = %name, "applying configmap");
-                metrics.write("ConfigMap", "apply");
-                apply(&cms, &c)
-                    .await
-                    .map_err(|source| Error::ApplyConfigMap { name, source })?;
-            }
-            Write::CreatePod(p) => {
-                let name = p.name_any();
-                debug!(pod = %name, "creating relay pod");
-                metrics.write("Pod", "apply");
-                apply(&pods, &p)
-                    .await
-                    .map_err(|source| Error::CreatePod { name, source })?;
-            }
-            Write::DeletePod { name, reason } => {
-                debug!(pod = %name, reason, "deleting relay pod");
-                metrics.write("Pod", "delete");
-                delete(&pods, &name)
-                    .await
-                    .map_err(|source| Error::DeletePod { name, source })?;
-            }
-            Write::DeleteSecret(name) => {
-                debug!(secret = %name, "pruning secret");
-                metrics.write("Secret", "delete");
-                delete(&secrets, &name)
-                    .await
-                    .map_err(|source| Error::DeleteSecret { name, source })?;
-            }
-            Write::DeleteConfigMap(name) => {
-                debug!(configmap = %name, "pruning configmap");
-                metrics.write("ConfigMap", "delete");
-                delete(&cms, &name)
-                    .await
-                    .map_err(|source| Error::DeleteConfigMap { name, source })?;
-            }
+    let apis = Apis {
+        secrets: Api::namespaced(client.clone(), ns),
+        cms: Api::namespaced(client.clone(), ns),
+        pods: Api::namespaced(client.clone(), ns),
+    };
+    let mut writes = writes.into_iter().peekable();
+    while let Some(first) = writes.next() {
+        let p = phase(&first);
+        let mut run = vec![first];
+        while let Some(w) = writes.next_if(|w| phase(w) == p) {
+            run.push(w);
         }
+        futures::stream::iter(run.into_iter().map(|w| execute_one(&apis, w, metrics)))
+            .buffer_unordered(WRITE_CONCURRENCY)
+            .try_collect::<Vec<()>>()
+            .await?;
     }
     Ok(())
+}
+
+struct Apis {
+    secrets: Api<Secret>,
+    cms: Api<ConfigMap>,
+    pods: Api<Pod>,
+}
+
+async fn execute_one(apis: &Apis, w: Write, metrics: &Metrics) -> Result<(), Error> {
+    let Apis { secrets, cms, pods } = apis;
+    match w {
+        Write::ApplySecret(s) => {
+            let name = s.name_any();
+            debug!(secret = %name, "applying secret");
+            metrics.write("Secret", "apply");
+            apply(secrets, &s)
+                .await
+                .map_err(|source| Error::ApplySecret { name, source })
+        }
+        Write::ApplyConfigMap(c) => {
+            let name = c.name_any();
+            debug!(configmap = %name, "applying configmap");
+            metrics.write("ConfigMap", "apply");
+            apply(cms, &c)
+                .await
+                .map_err(|source| Error::ApplyConfigMap { name, source })
+        }
+        Write::CreatePod(p) => {
+            let name = p.name_any();
+            debug!(pod = %name, "creating relay pod");
+            metrics.write("Pod", "apply");
+            apply(pods, &p)
+                .await
+                .map_err(|source| Error::CreatePod { name, source })
+        }
+        Write::DeletePod { name, reason } => {
+            debug!(pod = %name, reason, "deleting relay pod");
+            metrics.write("Pod", "delete");
+            delete(pods, &name)
+                .await
+                .map_err(|source| Error::DeletePod { name, source })
+        }
+        Write::DeleteSecret(name) => {
+            debug!(secret = %name, "pruning secret");
+            metrics.write("Secret", "delete");
+            delete(secrets, &name)
+                .await
+                .map_err(|source| Error::DeleteSecret { name, source })
+        }
+        Write::DeleteConfigMap(name) => {
+            debug!(configmap = %name, "pruning configmap");
+            metrics.write("ConfigMap", "delete");
+            delete(cms, &name)
+                .await
+                .map_err(|source| Error::DeleteConfigMap { name, source })
+        }
+    }
 }
