@@ -12,12 +12,18 @@
 //! port is the only one known in advance). B forwards to clients on A, A has no route to
 //! clients on B: derpprobe must pass B -> A and fail A -> B, then fail both directions once
 //! B is stopped.
+//!
+//! Also here (the one derpprobe file of this crate): `--configmap namespace/name` end to end,
+//! through the control plane's real `kubectl` and kube-apiserver (`derp_tests::k8s`).
 #![allow(clippy::unwrap_used)]
 
 use std::process::Stdio;
 use std::time::Duration;
 
 use derp_tests::interop::{Relay, ServerKind, TS_OLD, TestCa, derp_map, write_derp_map};
+use derp_tests::k8s::{ControlPlane, TestNamespace};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, PostParams};
 use serde_json::Value;
 
 async fn run(bin: &std::path::Path, args: &[&str]) -> (i32, String) {
@@ -195,4 +201,82 @@ async fn derpprobe_cross_node_check_follows_a_real_upstream_mesh() {
         );
     }
     drop(a);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn derpprobe_reads_the_operator_configmap_through_kubectl_and_a_real_apiserver() {
+    let (cp, bin) = tokio::task::spawn_blocking(|| {
+        (
+            ControlPlane::shared(),
+            derp_tests::bins::workspace_bin("derpprobe"),
+        )
+    })
+    .await
+    .unwrap();
+    let client = cp.client().await;
+    let ns = TestNamespace::create(&client, "derpprobe").await;
+    let relay = derper::testing::start(derper::testing::TestServerOptions::default()).await;
+    let node = serde_json::json!({
+        "Name": "900a", "RegionID": 900, "HostName": "127.0.0.1", "CertName": relay.pin,
+        "IPv4": "127.0.0.1", "IPv6": "none",
+        "STUNPort": relay.stun_addr.unwrap().port(), "DERPPort": relay.addr.port(),
+    });
+    let json = serde_json::to_string_pretty(&derp_map(&[node])).unwrap();
+    let policy = format!("// generated\n\"derpMap\": {json},\n");
+    let cm: ConfigMap = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "home-derpmap", "namespace": ns.name},
+        "data": {"derpmap.json": json, "policy.hujson": policy},
+    }))
+    .unwrap();
+    Api::<ConfigMap>::namespaced(client, &ns.name)
+        .create(&PostParams::default(), &cm)
+        .await
+        .unwrap();
+    let kubectl = cp.bin_dir().join("kubectl");
+    let kubectl = kubectl.to_str().unwrap();
+    let kubeconfig = cp.kubeconfig().to_str().unwrap();
+    let target = format!("{}/home-derpmap", ns.name);
+    for format in ["auto", "policy"] {
+        let (code, stdout) = run(
+            &bin,
+            &[
+                "--configmap",
+                &target,
+                "--kubeconfig",
+                kubeconfig,
+                "--kubectl",
+                kubectl,
+                "--format",
+                format,
+            ],
+        )
+        .await;
+        assert_eq!(code, 0, "{format}: {stdout}");
+        let key = if format == "policy" {
+            "policy.hujson"
+        } else {
+            "derpmap.json"
+        };
+        assert!(
+            stdout.contains(&format!("configmap {target} key {key}")),
+            "{stdout}"
+        );
+        assert!(stdout.contains("all 5 checks passed"), "{stdout}");
+    }
+    let missing = format!("{}/nope", ns.name);
+    let (code, _) = run(
+        &bin,
+        &[
+            "--configmap",
+            &missing,
+            "--kubeconfig",
+            kubeconfig,
+            "--kubectl",
+            kubectl,
+        ],
+    )
+    .await;
+    assert_eq!(code, 2, "a missing ConfigMap is a map error");
+    relay.shutdown().await;
 }
