@@ -600,6 +600,22 @@ pub fn plan(inp: &Inputs<'_>) -> Result<Plan, PlanError> {
         }
     }
 
+    // a spec change outside Tailscale's custom range is worth a warning (design.md §3), once
+    // per generation
+    if !(900..=999).contains(&spec.region_id)
+        && prev.observed_generation != region.metadata.generation
+    {
+        events.push(PlannedEvent {
+            warning: true,
+            reason: "RegionIDOutsideCustomRange".into(),
+            note: format!(
+                "spec.regionID {} is outside 900-999, the range Tailscale reserves for custom \
+                 regions; it may collide with a Tailscale region",
+                spec.region_id
+            ),
+        });
+    }
+
     // 7. status
     let status = build_status(
         region,

@@ -390,3 +390,26 @@ fn unhealthy_nodes_are_left_out_when_publish_unhealthy_is_false() {
     let p = run(&r, &three_nodes(), &Existing::default(), &RcgenIssuer);
     assert!(p.derp_map.regions[&900].nodes.is_empty());
 }
+
+#[test]
+fn region_id_outside_custom_range_warns_once_per_generation() {
+    let mut r = region();
+    r.spec.region_id = 5;
+    let p1 = run(&r, &three_nodes(), &Existing::default(), &RcgenIssuer);
+    assert!(
+        p1.events
+            .iter()
+            .any(|e| e.warning && e.reason == "RegionIDOutsideCustomRange")
+    );
+    let p2 = run(
+        &with_status(r, &p1),
+        &three_nodes(),
+        &Existing::default(),
+        &RcgenIssuer,
+    );
+    assert!(
+        !p2.events
+            .iter()
+            .any(|e| e.reason == "RegionIDOutsideCustomRange")
+    );
+}
