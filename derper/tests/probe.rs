@@ -1143,3 +1143,53 @@ fn report_type_is_exported_for_the_operator() {
     };
     takes(&r);
 }
+
+// ---------------------------------------------------------------------------------------
+// Parsers of untrusted input never panic (house style §4.3).
+
+mod no_panic {
+    use proptest::prelude::*;
+
+    use super::{FULL_POLICY, GOLDEN_HEADSCALE, GOLDEN_JSON, GOLDEN_POLICY};
+    use derper::probe;
+
+    fn perturb(base: &str, at: usize, len: usize, with: &str) -> String {
+        let b = base.as_bytes();
+        let at = at % (b.len() + 1);
+        let end = (at + len).min(b.len());
+        let mut v = b[..at].to_vec();
+        v.extend_from_slice(with.as_bytes());
+        v.extend_from_slice(&b[end..]);
+        String::from_utf8_lossy(&v).into_owned()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn arbitrary_text_never_panics(s in "\\PC{0,200}") {
+            let _ = probe::parse_map(&s, None, "x");
+            let _ = probe::standardize_hujson(&s);
+        }
+
+        #[test]
+        fn perturbed_golden_maps_never_panic(
+            which in 0usize..4,
+            at in any::<usize>(),
+            len in 0usize..8,
+            with in "[{}\\[\\]\",:/*\\n #a-z0-9-]{0,6}",
+        ) {
+            let base = [GOLDEN_JSON, GOLDEN_POLICY, FULL_POLICY, GOLDEN_HEADSCALE][which];
+            let s = perturb(base, at, len, &with);
+            for f in [None, Some(probe::MapFormat::Json), Some(probe::MapFormat::Policy),
+                      Some(probe::MapFormat::Headscale)] {
+                let _ = probe::parse_map(&s, f, "x");
+            }
+        }
+
+        #[test]
+        fn arbitrary_stun_responses_never_panic(b in proptest::collection::vec(any::<u8>(), 0..80)) {
+            let _ = probe::parse_binding_response(&b, derper::stun::TxId([0; 12]));
+        }
+    }
+}
