@@ -29,7 +29,10 @@
 //! binary of this workspace (`derper`, `derp-operator`) runs [`crate::bins::workspace_bin`]. The
 //! executable is always the image's; a container `command` may only name it again
 //! (`command[0]`'s file name equal to the executable's or the image's last segment), and the
-//! rest of `command` followed by `args` become its arguments.
+//! rest of `command` followed by `args` become its arguments. When a running Pod's container
+//! image changes (the one mutable container field), the container is restarted with the new
+//! image's executable, as the kubelet does; an image with no executable is logged as an error
+//! and the old process keeps running.
 //!
 //! **Mount paths.** A process cannot see `/certs`, so every `volumeMount.mountPath` is rewritten
 //! to the volume's local directory in the container's command, args and env values (after
@@ -2046,7 +2049,11 @@ struct PodCtx {
     uid: String,
     node: String,
     dir: PathBuf,
-    exes: Vec<PathBuf>,
+    /// Each container's executable and image; both change when the Pod's image does.
+    exes: Mutex<Vec<PathBuf>>,
+    images: Mutex<Vec<String>>,
+    /// Bumped when a container's image changed: its supervisor restarts it.
+    image_generation: Vec<watch::Sender<u64>>,
     mounts: Vec<Vec<(String, PathBuf)>>,
     states: Mutex<Vec<CState>>,
     dirty: Notify,
@@ -2151,7 +2158,7 @@ impl PodCtx {
             None => self.dir.clone(),
         };
         Ok(Launch {
-            exe: self.exes[idx].clone(),
+            exe: lock(&self.exes)[idx].clone(),
             argv,
             env,
             cwd,
@@ -2333,7 +2340,14 @@ async fn run_pod_inner(
         uid: uid.clone(),
         node: node.clone(),
         dir,
-        exes,
+        exes: Mutex::new(exes),
+        images: Mutex::new(
+            containers
+                .iter()
+                .map(|c| c.image.clone().unwrap_or_default())
+                .collect(),
+        ),
+        image_generation: containers.iter().map(|_| watch::Sender::new(0)).collect(),
         dirty: Notify::new(),
         stop_grace: Mutex::new(Duration::from_secs(2)),
         latest: Mutex::new(pod.clone()),
@@ -2409,6 +2423,7 @@ async fn run_pod_inner(
                         break StopReason::Deleted(Duration::from_secs(u64::try_from(grace).unwrap_or(0)));
                     }
                     PodUpdate::Pod(p) => {
+                        apply_image_changes(&ctx, &p).await;
                         *lock(&ctx.latest) = p;
                         if let Err(Missing(m)) = ctx.project_volumes(&mut last_files) {
                             tracing::debug!(msg = %m, "volume source missing; keeping the old content");
@@ -2552,6 +2567,7 @@ impl StatusReporter {
             return;
         };
         let states = lock(&ctx.states).clone();
+        let images = lock(&ctx.images).clone();
         let containers = ctx.spec_containers();
         let all_ready = states.iter().all(|s| s.ready);
         let all_done = states.iter().all(|s| s.done);
@@ -2570,10 +2586,11 @@ impl StatusReporter {
         let statuses: Vec<Value> = states
             .iter()
             .zip(containers)
-            .map(|(s, c)| {
+            .zip(images.iter())
+            .map(|((s, c), image)| {
                 let mut v = json!({
                     "name": c.name,
-                    "image": c.image.clone().unwrap_or_default(),
+                    "image": image,
                     "imageID": "",
                     "ready": s.ready,
                     "started": s.started,
@@ -2726,6 +2743,7 @@ async fn supervise(ctx: Arc<PodCtx>, idx: usize, stop: CancellationToken) {
         .unwrap_or_else(|| "Always".into());
     let mut backoff = ctx.shared.config.restart_backoff;
     let mut first = true;
+    let mut image_rx = ctx.image_generation[idx].subscribe();
     loop {
         // The agent's own token too: after `Drop` the worker is gone but this task may not be.
         if stop.is_cancelled() || ctx.shared.cancel.is_cancelled() {
@@ -2735,6 +2753,7 @@ async fn supervise(ctx: Arc<PodCtx>, idx: usize, stop: CancellationToken) {
             ctx.update(idx, |s| s.restart_count += 1);
         }
         first = false;
+        image_rx.borrow_and_update();
         let launched = ctx
             .launch(idx)
             .map_err(|Missing(m)| ("CreateContainerConfigError", m));
@@ -2779,19 +2798,31 @@ async fn supervise(ctx: Arc<PodCtx>, idx: usize, stop: CancellationToken) {
             Exited(std::io::Result<std::process::ExitStatus>),
             Stop,
             Liveness(String),
+            ImageChanged,
         }
         let why = tokio::select! {
             r = &mut running.exit => Why::Exited(r.unwrap_or_else(|e| Err(std::io::Error::other(e)))),
             () = stop.cancelled() => Why::Stop,
             Some(msg) = liveness_rx.recv() => Why::Liveness(msg),
+            Ok(()) = image_rx.changed() => Why::ImageChanged,
         };
         probes_stop.cancel();
         let _ = probes.await;
+        let by_image = matches!(why, Why::ImageChanged);
         let (status, reason, message) = match why {
             Why::Exited(s) => (s, None, None),
             Why::Stop => {
                 let grace = *lock(&ctx.stop_grace);
                 (terminate(&mut running, grace).await, None, None)
+            }
+            Why::ImageChanged => {
+                tracing::info!(container = %c.name, "image changed; restarting");
+                let grace = pod_grace(&ctx);
+                (
+                    terminate(&mut running, grace).await,
+                    Some("Completed"),
+                    Some("container image changed, restarted".to_owned()),
+                )
             }
             Why::Liveness(msg) => {
                 tracing::warn!(container = %c.name, %msg, "liveness probe failed; restarting");
@@ -2841,12 +2872,16 @@ async fn supervise(ctx: Arc<PodCtx>, idx: usize, stop: CancellationToken) {
         }
         tracing::info!(container = %c.name, exit_code = code, "container exited");
         let stopping = stop.is_cancelled() || ctx.shared.cancel.is_cancelled();
+        // A changed image restarts the container whatever the restart policy, as the kubelet
+        // does when a container's spec changes; right away, without backoff.
+        let image_changed = by_image || image_rx.has_changed().unwrap_or(false);
         let restart = !stopping
-            && match policy.as_str() {
-                "Always" => true,
-                "OnFailure" => code != 0,
-                _ => false,
-            };
+            && (image_changed
+                || match policy.as_str() {
+                    "Always" => true,
+                    "OnFailure" => code != 0,
+                    _ => false,
+                });
         ctx.update(idx, |s| {
             s.started = false;
             s.ready = false;
@@ -2869,10 +2904,62 @@ async fn supervise(ctx: Arc<PodCtx>, idx: usize, stop: CancellationToken) {
         if started_instant.elapsed() > Duration::from_secs(60) {
             backoff = ctx.shared.config.restart_backoff;
         }
+        if image_changed {
+            continue;
+        }
         if sleep_or_stop(&stop, backoff).await {
             return;
         }
         backoff = (backoff * 2).min(ctx.shared.config.max_restart_backoff);
+    }
+}
+
+fn pod_grace(ctx: &PodCtx) -> Duration {
+    Duration::from_secs(
+        ctx.pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.termination_grace_period_seconds)
+            .and_then(|g| u64::try_from(g).ok())
+            .unwrap_or(30),
+    )
+}
+
+/// Containers whose image changed in `pod` get the new executable and are restarted. An image
+/// with no local executable is logged as an error and the old process keeps running.
+async fn apply_image_changes(ctx: &Arc<PodCtx>, pod: &Pod) {
+    let wanted: Vec<String> = pod
+        .spec
+        .iter()
+        .flat_map(|s| s.containers.iter())
+        .map(|c| c.image.clone().unwrap_or_default())
+        .collect();
+    let current = lock(&ctx.images).clone();
+    for (idx, (new, old)) in wanted.iter().zip(current.iter()).enumerate() {
+        if new == old {
+            continue;
+        }
+        let config = ctx.shared.config.clone();
+        let image = new.clone();
+        let resolved = tokio::task::spawn_blocking(move || config.resolve_image(&image))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+        if let Some(slot) = lock(&ctx.images).get_mut(idx) {
+            *slot = new.clone();
+        }
+        match resolved {
+            Ok(exe) => {
+                if let Some(slot) = lock(&ctx.exes).get_mut(idx) {
+                    *slot = exe;
+                }
+                ctx.image_generation[idx].send_modify(|g| *g += 1);
+            }
+            Err(m) => tracing::error!(
+                field = %format!("spec.containers[{idx}].image"),
+                message = %m,
+                "cannot honour the image change; the old process keeps running"
+            ),
+        }
     }
 }
 

@@ -543,6 +543,29 @@ async fn crashed_container_is_restarted_and_counted() {
     })
     .await;
 
+    // A changed image restarts the container with the new image's executable.
+    let (_, pid_before) = wait_for("container HTTP", T, || http_get(addr, "/pid")).await;
+    let new_image = "kubederp.test/test-container:v2";
+    pods.patch(
+        "crashy",
+        &PatchParams::default(),
+        &Patch::Strategic(json!({"spec": {"containers": [{"name": "main", "image": new_image}]}})),
+    )
+    .await
+    .unwrap();
+    wait_for("restarted with the new image", T, || async {
+        let s = pod_status(&pods, "crashy").await?;
+        let cs = &s["containerStatuses"][0];
+        (cs["restartCount"] == 3 && cs["image"] == new_image && cs["state"]["running"].is_object())
+            .then_some(())
+    })
+    .await;
+    let (_, pid_after) = wait_for("container HTTP after image change", T, || {
+        http_get(addr, "/pid")
+    })
+    .await;
+    assert_ne!(pid_before, pid_after);
+
     // restartPolicy Never: a clean exit makes the Pod Succeeded, and it is not restarted.
     let once = pod(
         "once",
