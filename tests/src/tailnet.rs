@@ -156,6 +156,12 @@ impl Node {
         self.daemon.log()
     }
 
+    /// Kills this node's tailscaled (its LocalAPI socket stops answering).
+    pub fn kill_daemon(&mut self) {
+        let _ = self.daemon.child.kill();
+        let _ = self.daemon.child.wait();
+    }
+
     /// Runs `tailscale --socket=<socket> ARGS` (bounded by 30 s).
     pub fn cli(&self, args: &[&str]) -> Result<Output> {
         run_cli(&self.socket, args, Duration::from_secs(30))

@@ -129,16 +129,33 @@ fn connect(
     })
 }
 
+/// Waits (at most 5 s) until the relay's log contains `needle`.
+fn wait_log(relay: &Relay, needle: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if relay.log().contains(needle) {
+            return true;
+        }
+        #[allow(clippy::disallowed_methods)] // plain test thread, no runtime running here
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
 #[test]
 fn our_derper_verify_clients_admits_tailnet_member_and_refuses_stranger() {
-    let tailnet = Tailnet::start(&["relayhost", "member"]).expect("tailnet up");
+    let mut tailnet = Tailnet::start(&["relayhost", "member"]).expect("tailnet up");
     let rt = runtime();
-    let (host, member) = (&tailnet.nodes[0], &tailnet.nodes[1]);
-    let socket = host.socket.to_str().expect("utf-8 socket path");
+    let socket = tailnet.nodes[0]
+        .socket
+        .to_str()
+        .expect("utf-8 socket path")
+        .to_owned();
     let relay =
-        Relay::ours("verify", &["--verify-clients", "--socket", socket]).expect("derper up");
+        Relay::ours("verify", &["--verify-clients", "--socket", &socket]).expect("derper up");
 
     // Act as the tailnet member with its own node private key, read from its state file.
+    let member = &tailnet.nodes[1];
     let member_key = member.private_key().expect("member's private key");
     assert_eq!(member_key.public(), member.node_key);
     connect(&rt, &relay, &member_key)
@@ -147,6 +164,32 @@ fn our_derper_verify_clients_admits_tailnet_member_and_refuses_stranger() {
     let stranger = NodePrivateKey::generate();
     let err = connect(&rt, &relay, &stranger).expect_err("stranger must be refused");
     eprintln!("stranger refused: {err}");
-
+    let line = stranger.public().to_nodekey_string();
+    assert!(
+        wait_log(&relay, &line) && relay.log().contains("not found in local tailscaled"),
+        "relay did not log the stranger's rejection:\n{}",
+        relay.log()
+    );
     assert_nothing_left_the_machine(&tailnet);
+
+    // With the relay's tailscaled gone, nobody can be verified: even the member is refused
+    // (Go derper: "failed to query local tailscaled status").
+    tailnet.nodes[0].kill_daemon();
+    // Rejection lines are rate limited (one per second), so keep trying (every attempt must
+    // be refused) until the LocalAPI failure shows up in the log.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let err = connect(&rt, &relay, &member_key).expect_err("unverifiable member refused");
+        if relay.log().contains("is tailscaled running?") {
+            eprintln!("member refused with tailscaled down: {err}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "relay did not log the LocalAPI failure:\n{}",
+            relay.log()
+        );
+        #[allow(clippy::disallowed_methods)] // plain test thread, no runtime running here
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
