@@ -106,24 +106,37 @@ async fn scale_500_nodes_51_regions_reach_ready_and_idle_reconciles_write_nothin
         2 * NODES
     );
 
-    // idle: make every region reconcile again (an annotation does not bump generation)
-    let (w0, r0) = (op.writes(), op.reconciles());
+    // idle: make every region reconcile again (an annotation does not bump generation).
+    // The first round lets status updates still in flight after "Ready" land; the second
+    // round is measured and must write nothing.
+    let touch_all = |round: &'static str| {
+        let (api, op_reconciles) = (api.clone(), &op);
+        async move {
+            let r0 = op_reconciles.reconciles();
+            for r in api.list(&ListParams::default()).await.expect("list") {
+                api.patch(
+                    &r.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(
+                        json!({"metadata": {"annotations": {"kubederp.io/touch": round}}}),
+                    ),
+                )
+                .await
+                .expect("touch region");
+            }
+            wait_for("51 idle reconciles", Duration::from_secs(300), || {
+                let n = op_reconciles.reconciles();
+                async move { (n >= r0 + 51).then_some(()) }
+            })
+            .await;
+            r0
+        }
+    };
+    touch_all("settle").await;
+    let w0 = op.writes();
     let before = resource_versions(&client, &ns).await;
     let started = std::time::Instant::now();
-    for r in api.list(&ListParams::default()).await.expect("list") {
-        api.patch(
-            &r.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"annotations": {"kubederp.io/touch": "1"}}})),
-        )
-        .await
-        .expect("touch region");
-    }
-    wait_for("51 idle reconciles", Duration::from_secs(300), || {
-        let n = op.reconciles();
-        async move { (n >= r0 + 51).then_some(()) }
-    })
-    .await;
+    let r0 = touch_all("measure").await;
     let idle = op.writes() - w0;
     eprintln!(
         "scale: {} idle reconciles in {:?} wrote {idle} times",
