@@ -1258,3 +1258,162 @@ impl Drop for AbortOnDropTask {
         self.0.abort();
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// container images: Dockerfiles, scripts/images and the chart agree (cheap; the image build
+// itself is `scripts/images`, too slow for scripts/test)
+
+/// Instructions of a Dockerfile: `(KEYWORD, rest)`, continuation lines joined.
+fn dockerfile(path: &str) -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(workspace_root().join(path)).expect("read Dockerfile");
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    for line in text.lines() {
+        let t = line.trim();
+        if t.is_empty() || (t.starts_with('#') && cur.is_empty()) {
+            continue;
+        }
+        if let Some(head) = t.strip_suffix('\\') {
+            cur.push_str(head);
+            cur.push(' ');
+            continue;
+        }
+        cur.push_str(t);
+        let (k, rest) = cur.split_once(' ').unwrap_or((cur.as_str(), ""));
+        out.push((k.to_uppercase(), rest.trim().to_owned()));
+        cur.clear();
+    }
+    out
+}
+
+#[test]
+fn dockerfiles_and_the_image_script_build_the_same_non_root_static_images() {
+    let version = env!("CARGO_PKG_VERSION");
+    let script = std::fs::read_to_string(workspace_root().join("scripts/images"))
+        .expect("read scripts/images");
+    assert!(script.contains("images=(derp-operator derper)"));
+    assert!(script.contains("UID_GID=65532:65532"));
+    assert!(script.contains("--entrypoint \"[\\\"/usr/local/bin/$name\\\"]\""));
+    assert!(script.contains("target-feature=+crt-static"));
+    assert!(script.contains("REGISTRY=${KUBEDERP_IMAGE_REGISTRY:-ghcr.io/kubederp}"));
+    assert!(script.contains("ref=\"$REGISTRY/$name:$version\""));
+    assert!(script.contains("--storage-driver vfs"));
+
+    for (path, bin, package) in [
+        ("operator/Dockerfile", "derp-operator", "derp-operator"),
+        ("derper/Dockerfile", "derper", "derper"),
+    ] {
+        let ins = dockerfile(path);
+        let froms: Vec<&String> = ins
+            .iter()
+            .filter(|(k, _)| k == "FROM")
+            .map(|(_, r)| r)
+            .collect();
+        assert_eq!(froms.len(), 2, "{path}: a build stage and a runtime stage");
+        assert!(froms[0].ends_with(" AS build"), "{path}: {froms:?}");
+        assert_eq!(
+            froms[1], "gcr.io/distroless/static-debian12:nonroot",
+            "{path}: minimal static base"
+        );
+        let run = ins
+            .iter()
+            .find(|(k, _)| k == "RUN")
+            .map(|(_, r)| r.as_str())
+            .unwrap_or_default();
+        for want in [
+            "+crt-static",
+            "--release",
+            "--locked",
+            &format!("-p {package} --bin {bin}"),
+            &format!("/out/{bin} --version"),
+        ] {
+            assert!(run.contains(want), "{path}: RUN lacks {want:?}: {run}");
+        }
+        // everything after the last FROM is the runtime stage
+        let last_from = ins.iter().rposition(|(k, _)| k == "FROM").expect("FROM");
+        let runtime = &ins[last_from..];
+        let get = |k: &str| -> Vec<&str> {
+            runtime
+                .iter()
+                .filter(|(kk, _)| kk == k)
+                .map(|(_, r)| r.as_str())
+                .collect()
+        };
+        assert_eq!(
+            get("COPY"),
+            [format!("--from=build /out/{bin} /usr/local/bin/{bin}").as_str()],
+            "{path}"
+        );
+        assert_eq!(
+            get("USER"),
+            ["65532:65532"],
+            "{path}: numeric non-root user"
+        );
+        assert_eq!(
+            get("ENTRYPOINT"),
+            [format!("[\"/usr/local/bin/{bin}\"]").as_str()],
+            "{path}"
+        );
+        assert!(
+            get("RUN").is_empty(),
+            "{path}: no shell in the runtime stage"
+        );
+        let labels = get("LABEL").join(" ");
+        for key in [
+            "title",
+            "description",
+            "source",
+            "licenses",
+            "version",
+            "revision",
+        ] {
+            let k = format!("org.opencontainers.image.{key}=");
+            assert!(labels.contains(&k), "{path}: label {k} missing");
+            assert!(
+                script.contains(&format!("--label \"{k}")),
+                "scripts/images: label {k} missing"
+            );
+        }
+        assert!(labels.contains(&format!("org.opencontainers.image.title=\"{bin}\"")));
+        let version_arg = ins
+            .iter()
+            .find(|(k, r)| k == "ARG" && r.starts_with("VERSION="))
+            .map(|(_, r)| r.as_str());
+        assert_eq!(
+            version_arg,
+            Some(format!("VERSION={version}").as_str()),
+            "{path}"
+        );
+    }
+
+    // the operator puts the relay image and user in the Pods it creates; the chart runs the
+    // operator image as the same user and probes the port the image exposes
+    assert_eq!(
+        derp_operator::crd::DEFAULT_RELAY_IMAGE,
+        format!("ghcr.io/kubederp/derper:{version}")
+    );
+    assert_eq!(derp_operator::plan::children::RELAY_UID, 65532);
+    let values: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(chart_dir().join("values.yaml")).expect("values.yaml"),
+    )
+    .expect("values yaml");
+    let chart: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(chart_dir().join("Chart.yaml")).expect("Chart.yaml"),
+    )
+    .expect("Chart yaml");
+    assert_eq!(chart["appVersion"], version);
+    assert_eq!(
+        values["image"]["repository"],
+        "ghcr.io/kubederp/derp-operator"
+    );
+    assert_eq!(values["podSecurityContext"]["runAsUser"], 65532);
+    assert_eq!(values["podSecurityContext"]["runAsGroup"], 65532);
+    let admin_port = derp_operator::args::DEFAULT_ADMIN_ADDR
+        .rsplit(':')
+        .next()
+        .expect("port");
+    assert_eq!(values["admin"]["port"].to_string(), admin_port);
+    assert!(
+        dockerfile("operator/Dockerfile").contains(&("EXPOSE".to_owned(), admin_port.to_owned()))
+    );
+}
