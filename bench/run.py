@@ -277,7 +277,7 @@ def plots(outdir, rows, results):
         ax.bar([r["id"] for r in rs], [r["ratio"] for r in rs], color="tab:blue")
         ax.axhline(1.0, color="grey", lw=1)
         ax.set_ylabel("ours ÷ upstream (median)")
-        ax.set_title("derper (Rust) vs upstream derper, same run")
+        ax.set_title("derper (Rust) ÷ upstream derper, same run (T3, T7: lower is better)")
         for i, r in enumerate(rs):
             ax.text(i, r["ratio"], f"{r['ratio']:.2f}×", ha="center", va="bottom", fontsize=8)
         fig.tight_layout()
