@@ -23,8 +23,13 @@ fn bench_smoke_runs_every_workload_against_ours_and_upstream() {
         "scripts/bench --smoke failed ({}):\n{stdout}\n{stderr}",
         out.status
     );
-    for id in ["| T1 |", "| T2 |", "| T3 |", "| T5 |", "| T6 |", "| T7 |", "| T10 |"] {
-        assert!(stdout.contains(id), "no {id} row in the smoke table:\n{stdout}");
+    for id in [
+        "| T1 |", "| T2 |", "| T3 |", "| T5 |", "| T6 |", "| T7 |", "| T10 |",
+    ] {
+        assert!(
+            stdout.contains(id),
+            "no {id} row in the smoke table:\n{stdout}"
+        );
     }
     // Every workload produced a number for both relays (a dash means a run measured nothing).
     let t1 = stdout
