@@ -10,5 +10,5 @@ pub mod agent;
 pub mod bins;
 pub mod interop;
 pub mod k8s;
-pub mod tailnet;
 pub mod stack;
+pub mod tailnet;
