@@ -40,3 +40,12 @@ ensure_interop_tools() {
     export KUBEDERP_INTEROP_BIN_DIR=$dir
   fi
 }
+
+# Sets KUBEDERP_TAILNET_BIN_DIR (tailscaled, tailscale and Tailscale's own test control server,
+# for --verify-clients against a real tailnet). Cold: about 13 minutes on 2 cores.
+ensure_tailnet_tools() {
+  step "Loopback tailnet kit: tailscaled + testcontrol (cached in $KUBEDERP_CACHE/tailnet)"
+  local dir
+  dir=$(bash "$repo/tests/interop/tailnet/build.sh" | tail -n 1) || die "building tailscaled and the test control server failed (see above)"
+  export KUBEDERP_TAILNET_BIN_DIR=$dir
+}

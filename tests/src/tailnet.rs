@@ -318,7 +318,7 @@ impl Tailnet {
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
             .stderr(file);
-        let child = cmd.spawn().context("spawning tailscaled")?;
+        let child = crate::k8s::spawn_tied(cmd).context("spawning tailscaled")?;
         let daemon = Proc {
             name: format!("tailscaled {name}"),
             child,
@@ -419,14 +419,13 @@ impl Tailnet {
 fn start_control(dir: &Path, deadline: Instant) -> Result<(Proc, ChildStdin, String)> {
     let log = dir.join("control.log");
     let file = fs::File::create(&log)?;
-    let mut child = Command::new(bin("tailnet-control"))
-        .arg("serve")
+    let mut cmd = Command::new(bin("tailnet-control"));
+    cmd.arg("serve")
         .arg("--addr=127.0.0.1:0")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(file)
-        .spawn()
-        .context("spawning tailnet-control")?;
+        .stderr(file);
+    let mut child = crate::k8s::spawn_tied(cmd).context("spawning tailnet-control")?;
     let stdin = child.stdin.take().expect("piped stdin");
     let stdout = child.stdout.take().expect("piped stdout");
     let mut control = Proc {
