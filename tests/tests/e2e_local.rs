@@ -29,13 +29,13 @@ async fn published_map(stack: &LocalStack, dir: &Path) -> (PathBuf, Value, Vec<S
         .expect("derpMap ConfigMap");
     let json = data.get("derpmap.json").expect("derpmap.json key").clone();
     let path = dir.join(format!("derpmap-{:08x}.json", rand::random::<u32>()));
-    std::fs::write(&path, &json).unwrap();
-    let map: Value = serde_json::from_str(&json).unwrap();
+    std::fs::write(&path, &json).expect("write the derpMap file");
+    let map: Value = serde_json::from_str(&json).expect("derpmap.json is JSON");
     let names = map["Regions"]["900"]["Nodes"]
         .as_array()
         .map(|ns| {
             ns.iter()
-                .map(|n| n["Name"].as_str().unwrap().to_owned())
+                .map(|n| n["Name"].as_str().expect("node Name").to_owned())
                 .collect()
         })
         .unwrap_or_default();
@@ -46,13 +46,13 @@ async fn published_map(stack: &LocalStack, dir: &Path) -> (PathBuf, Value, Vec<S
 /// `a` and `b` of the map.
 fn exchange_all_versions(map: &Path, a: &str, b: &str) {
     for version in CLIENT_VERSIONS {
-        let m = map.to_str().unwrap();
+        let m = map.to_str().expect("UTF-8 path");
         let run = run_derpinterop(
             version,
             &["exchange", "-derpmap", m, "-node-a", a, "-node-b", b],
             Duration::from_secs(30),
         )
-        .unwrap();
+        .expect("run derpinterop");
         assert!(
             run.ok(),
             "tailscale.com {version}: {a} -> {b} failed: {}\n{}",
@@ -65,12 +65,12 @@ fn exchange_all_versions(map: &Path, a: &str, b: &str) {
 fn pins(map: &Value) -> Vec<(String, String)> {
     map["Regions"]["900"]["Nodes"]
         .as_array()
-        .unwrap()
+        .expect("region 900 has Nodes")
         .iter()
         .map(|n| {
             (
-                n["Name"].as_str().unwrap().to_owned(),
-                n["CertName"].as_str().unwrap().to_owned(),
+                n["Name"].as_str().expect("node Name").to_owned(),
+                n["CertName"].as_str().expect("node CertName").to_owned(),
             )
         })
         .collect()
