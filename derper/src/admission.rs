@@ -14,10 +14,12 @@ use std::fmt::Debug;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full, Limited};
+use rustls::pki_types::CertificateDer;
 
 use crate::key::NodePublicKey;
 
@@ -61,6 +63,11 @@ pub trait Admit: Send + Sync + Debug {
 pub struct VerifyUrl {
     uri: http::Uri,
     authority: String,
+    /// TLS for `https://` URLs: the server name and a WebPKI client config.
+    tls: Option<(
+        rustls::pki_types::ServerName<'static>,
+        Arc<rustls::ClientConfig>,
+    )>,
     fail_open: bool,
     timeout: Duration,
 }
@@ -69,21 +76,64 @@ pub struct VerifyUrl {
 pub const VERIFY_URL_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl VerifyUrl {
-    /// Validates the URL (only `http://` is supported).
+    /// Validates the URL. `https://` endpoints are verified against the system CA bundle
+    /// ([`crate::mesh::system_roots`]: `SSL_CERT_FILE` or the usual paths).
     pub fn new(url: &str, fail_open: bool) -> Result<Self, String> {
+        Self::with_roots(url, fail_open, crate::mesh::system_roots)
+    }
+
+    /// Like [`VerifyUrl::new`], with the CA certificates for `https://` URLs from `roots`
+    /// (called only for `https://`).
+    pub fn with_roots(
+        url: &str,
+        fail_open: bool,
+        roots: impl FnOnce() -> Vec<CertificateDer<'static>>,
+    ) -> Result<Self, String> {
         let uri: http::Uri = url.parse().map_err(|e| format!("{url:?}: {e}"))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => {
-                return Err("https:// is not supported yet; use http:// (e.g. a sidecar)".into());
-            }
-            _ => return Err(format!("{url:?}: want an http:// URL")),
-        }
+        let default_port = match uri.scheme_str() {
+            Some("http") => 80,
+            Some("https") => 443,
+            _ => return Err(format!("{url:?}: want an http:// or https:// URL")),
+        };
         let auth = uri.authority().ok_or_else(|| format!("{url:?}: no host"))?;
-        let authority = format!("{}:{}", auth.host(), auth.port_u16().unwrap_or(80));
+        let host = auth.host().trim_start_matches('[').trim_end_matches(']');
+        let port = auth.port_u16().unwrap_or(default_port);
+        let authority = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        let tls = if default_port == 443 {
+            let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+                .map_err(|e| format!("{url:?}: host is not a valid TLS server name: {e}"))?;
+            let certs = roots();
+            if certs.is_empty() {
+                return Err(format!(
+                    "{url:?}: no CA certificates to verify it (set SSL_CERT_FILE to a PEM bundle)"
+                ));
+            }
+            let mut store = rustls::RootCertStore::empty();
+            let (added, _ignored) = store.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(format!(
+                    "{url:?}: none of the CA certificates could be parsed"
+                ));
+            }
+            let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS client config: {e}"))?
+            .with_root_certificates(store)
+            .with_no_client_auth();
+            Some((name, Arc::new(config)))
+        } else {
+            None
+        };
         Ok(Self {
             uri,
             authority,
+            tls,
             fail_open,
             timeout: VERIFY_URL_TIMEOUT,
         })
@@ -101,13 +151,16 @@ impl VerifyUrl {
             .await
             .map_err(|e| format!("connect {}: {e}", self.authority))?;
         let _ = tcp.set_nodelay(true);
-        let (mut send, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-                .await
-                .map_err(|e| e.to_string())?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let mut send = match &self.tls {
+            None => handshake(tcp).await?,
+            Some((name, config)) => {
+                let tls = tokio_rustls::TlsConnector::from(config.clone())
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map_err(|e| format!("TLS with {}: {e}", self.authority))?;
+                handshake(tls).await?
+            }
+        };
         let path = self
             .uri
             .path_and_query()
@@ -128,6 +181,21 @@ impl VerifyUrl {
         };
         Ok((status, body))
     }
+}
+
+/// HTTP/1.1 client handshake over any stream; the connection task runs until the request
+/// is done.
+async fn handshake<S>(io: S) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(send)
 }
 
 #[derive(serde::Serialize)]
@@ -243,7 +311,7 @@ impl NodeKeyLookup for LocalApiLookup {
 
 /// Runs every check in order; the first rejection wins.
 pub async fn check_all(
-    checks: &[std::sync::Arc<dyn Admit>],
+    checks: &[Arc<dyn Admit>],
     key: &NodePublicKey,
     source: Option<IpAddr>,
 ) -> Decision {
@@ -263,7 +331,12 @@ mod tests {
     #[test]
     fn url_validation() {
         assert!(VerifyUrl::new("http://127.0.0.1:1/x", true).is_ok());
-        assert!(VerifyUrl::new("https://example.com/", true).is_err());
+        assert!(VerifyUrl::with_roots("https://example.com/", true, Vec::new).is_err());
+        let https = VerifyUrl::with_roots("https://[::1]/x", true, || {
+            let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+            vec![ck.cert.der().clone()]
+        });
+        assert_eq!(https.unwrap().authority, "[::1]:443");
         assert!(VerifyUrl::new("ftp://x", true).is_err());
         assert_eq!(
             VerifyUrl::new("http://example.com/a", true)

@@ -438,8 +438,8 @@ mod tests {
 
     #[test]
     fn unsupported_features_fail_clearly() {
-        let e = cfg(&["-a", ":8080", "-c", "k", "--verify-client-url", "https://x"]).unwrap_err();
-        assert!(e.to_string().contains("https"), "{e}");
+        let e = cfg(&["-a", ":8080", "-c", "k", "--verify-client-url", "ftp://x"]).unwrap_err();
+        assert!(e.to_string().contains("verify-client-url"), "{e}");
         assert_eq!(
             cfg(&["-a", ":8080", "-c", "k", "--verify-client-url", "http://x/"])
                 .unwrap()

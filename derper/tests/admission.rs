@@ -234,3 +234,95 @@ async fn per_client_receive_limit_slows_the_sender() {
     assert!(took < Duration::from_secs(5), "took {took:?}");
     assert!(s.metrics().rate_limit_waited.get() > 0);
 }
+
+/// A CA and a server certificate for 127.0.0.1 signed by it: (CA DER, server config).
+fn https_identity() -> (
+    rustls::pki_types::CertificateDer<'static>,
+    Arc<rustls::ServerConfig>,
+) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &issuer)
+        .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![leaf.der().clone()],
+        rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+    )
+    .unwrap();
+    (ca.der().clone(), Arc::new(config))
+}
+
+/// The webhook of [`endpoint`] behind TLS: a forwarder that terminates TLS on 127.0.0.1:0 and
+/// relays the bytes to the plain endpoint. Returns the `https://` URL.
+async fn https_endpoint(plain_url: &str, config: Arc<rustls::ServerConfig>) -> String {
+    let plain = plain_url
+        .trim_start_matches("http://")
+        .trim_end_matches("/admit")
+        .to_owned();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}/admit", l.local_addr().unwrap());
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            let (acceptor, plain) = (acceptor.clone(), plain.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(s).await else {
+                    return;
+                };
+                let mut up = tokio::net::TcpStream::connect(&plain).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test]
+async fn verify_client_url_over_https_checks_the_certificate() {
+    let state = Arc::new(Endpoint::default());
+    let plain = endpoint(state.clone()).await;
+    let (ca, config) = https_identity();
+    let url = https_endpoint(&plain, config).await;
+    let member = NodePrivateKey::generate();
+    state
+        .allow
+        .lock()
+        .unwrap()
+        .insert(member.public().to_nodekey_string());
+
+    // Trusted CA: the webhook decides.
+    let trusted = VerifyUrl::with_roots(&url, false, || vec![ca.clone()]).unwrap();
+    let s = server_with(vec![Arc::new(trusted)], None).await;
+    s.connect(&member, UpgradeMode::Plain).await.unwrap();
+    refused(&s, &NodePrivateKey::generate()).await;
+    assert_eq!(s.metrics().admission_rejections("verify_url_denied"), 1);
+    assert_eq!(state.requests.lock().unwrap().len(), 2);
+
+    // A CA that did not sign the webhook's certificate: a transport failure, so fail-open
+    // decides, and the webhook never sees a request.
+    let (other_ca, _) = https_identity();
+    let strict = VerifyUrl::with_roots(&url, false, || vec![other_ca.clone()]).unwrap();
+    let s = server_with(vec![Arc::new(strict)], None).await;
+    refused(&s, &member).await;
+    assert_eq!(
+        s.metrics().admission_rejections("verify_url_unreachable"),
+        1
+    );
+    let open = VerifyUrl::with_roots(&url, true, || vec![other_ca.clone()]).unwrap();
+    let s = server_with(vec![Arc::new(open)], None).await;
+    s.connect(&member, UpgradeMode::Plain).await.unwrap();
+    assert_eq!(state.requests.lock().unwrap().len(), 2);
+}
