@@ -190,7 +190,18 @@ async fn binary_rejects_unsupported_and_invalid_flags_clearly() {
                 "-c",
                 "/tmp/k",
                 "--verify-client-url",
-                "https://x",
+                "ftp://x",
+            ],
+            "want an http:// or https:// URL",
+        ),
+        (
+            vec![
+                "-a",
+                "127.0.0.1:0",
+                "-c",
+                "/tmp/k",
+                "--secrets-url",
+                "http://x",
             ],
             "not supported yet",
         ),
@@ -200,7 +211,14 @@ async fn binary_rejects_unsupported_and_invalid_flags_clearly() {
         ),
         (vec!["-a", "nonsense", "-c", "/tmp/k"], "invalid --addr"),
     ] {
-        let out = Command::new(BIN).args(&args).output().await.unwrap();
+        // Bounded: a flag that is wrongly accepted starts a server that never exits.
+        let out = tokio::time::timeout(
+            Duration::from_secs(20),
+            Command::new(BIN).args(&args).output(),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{args:?} was accepted: derper did not exit"))
+        .unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(want), "{args:?}: {err}");
