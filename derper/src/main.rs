@@ -43,8 +43,9 @@ fn main() -> ExitCode {
     match rt.block_on(run(cfg)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            error!("{e:#}");
-            eprintln!("derper: {e:#}");
+            let text = derper::telemetry::error_chain(e.as_ref());
+            error!("{text}");
+            eprintln!("derper: {text}");
             ExitCode::FAILURE
         }
     }
