@@ -465,7 +465,7 @@ impl Prober {
             timeout = ?self.settings.timeout,
             "probing relay nodes"
         );
-        let _ = self.regions.wait_until_ready().await;
+        // no `wait_until_ready` on the store: an empty cache only means an empty round
         let mut tick = tokio::time::interval(self.settings.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -480,6 +480,7 @@ impl Prober {
                 .filter(|r| r.metadata.deletion_timestamp.is_none())
                 .collect();
             let keys: Vec<String> = regions.iter().map(|r| region_key(r)).collect();
+            debug!(regions = keys.len(), "probe round");
             self.tracker.retain_regions(&keys);
             self.metrics.forget_probed_regions(&keys);
             for chunk in regions.chunks(self.settings.concurrency.max(1)) {
