@@ -508,8 +508,9 @@ pub struct NodeStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probe_result: Option<String>,
     /// Round trip of a packet between two probe clients through this relay, in
-    /// milliseconds, rounded up to a power of two (jitter alone never rewrites the status;
-    /// exact values are in the metrics). Absent while probes fail.
+    /// milliseconds, rounded up to a power of two; it only moves down once the latency has
+    /// dropped two buckets, so jitter does not rewrite the status (exact values are in the
+    /// metrics). Absent while probes fail.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probe_latency_ms: Option<i64>,
 }

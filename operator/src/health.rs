@@ -211,6 +211,17 @@ pub fn latency_bucket_ms(latency: Duration) -> i64 {
     b
 }
 
+/// The latency bucket to show after `prev`: a higher bucket at once, a lower one only when
+/// the latency dropped at least two buckets, so a latency hovering around a bucket boundary
+/// does not rewrite the status on every probe.
+pub fn next_latency_bucket(prev: Option<i64>, latency: Duration) -> i64 {
+    let b = latency_bucket_ms(latency);
+    match prev {
+        Some(p) if b < p && b * 2 >= p => p,
+        _ => b,
+    }
+}
+
 /// A change worth an Event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Transition {
@@ -271,7 +282,8 @@ impl NodeState {
                 self.withheld = true;
             }
         }
-        let latency_ms = outcome.latency.map(latency_bucket_ms);
+        let prev_bucket = self.view.as_ref().and_then(|v| v.latency_ms);
+        let latency_ms = outcome.latency.map(|l| next_latency_bucket(prev_bucket, l));
         let changed = self.view.as_ref().is_none_or(|v| {
             v.result != outcome.result || v.latency_ms != latency_ms || v.withheld != self.withheld
         });

@@ -15,6 +15,13 @@ fn ok(ms: u64) -> Outcome {
     }
 }
 
+fn ok_us(us: u64) -> Outcome {
+    Outcome {
+        latency: Some(Duration::from_micros(us)),
+        ..ok(0)
+    }
+}
+
 fn fail() -> Outcome {
     Outcome {
         check: "tls",
@@ -143,6 +150,30 @@ fn the_view_changes_only_with_result_latency_bucket_or_withheld() {
     let v = s.view().unwrap();
     assert!(!v.healthy);
     assert_eq!(v.latency_ms, None);
+}
+
+#[test]
+fn latency_hovering_at_a_bucket_boundary_does_not_rewrite_the_view() {
+    let mut s = NodeState::default();
+    // 3.9 ms -> 4; 4.1 ms -> 8 (up at once); 3.9 ms again stays 8; 1.5 ms (two buckets down)
+    // -> 2
+    let steps = run(
+        &mut s,
+        Instant::now(),
+        &[
+            ok_us(3900),
+            ok_us(4100),
+            ok_us(3900),
+            ok_us(4100),
+            ok_us(1500),
+        ],
+    );
+    let changed: Vec<bool> = steps.iter().map(|s| s.1).collect();
+    assert_eq!(changed, [true, true, false, false, true]);
+    assert_eq!(s.view().unwrap().latency_ms, Some(2));
+    assert_eq!(next_latency_bucket(None, Duration::from_millis(3)), 4);
+    assert_eq!(next_latency_bucket(Some(8), Duration::from_millis(3)), 8);
+    assert_eq!(next_latency_bucket(Some(8), Duration::from_millis(2)), 2);
 }
 
 #[test]
