@@ -341,8 +341,8 @@ async fn operator_status_and_published_map_follow_a_relay_being_stopped_and_star
     let tmp = tempfile::tempdir().unwrap();
     let stack = LocalStack::start(
         StackOptions::nodes("e2e-c", 5, 3, tmp.path().join("stack")).operator_args([
-            "--probe-interval=1s",
-            "--probe-timeout=900ms",
+            "--probe-interval=2s",
+            "--probe-timeout=1500ms",
             "--log-filter=info,kube_runtime=warn,derp_operator::health=debug",
         ]),
     )
@@ -453,7 +453,7 @@ async fn operator_status_and_published_map_follow_a_relay_being_stopped_and_star
         );
     }
     // several more probe rounds fail: still exactly one Event for the transition
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
     assert_eq!(
         events_about(&stack, "NodeUnhealthy", stopped).await.len(),
         1,
