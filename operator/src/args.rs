@@ -13,6 +13,30 @@ pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:8080";
 pub const DEFAULT_LEASE_NAME: &str = "derp-operator";
 /// Default concurrent reconciles.
 pub const DEFAULT_CONCURRENCY: u16 = 4;
+/// Default time between two probe rounds of every relay node (design.md §3 `NodesHealthy`;
+/// the same cadence as `derpprobe --interval`'s default use in monitoring).
+pub const DEFAULT_PROBE_INTERVAL: &str = "30s";
+/// Default limit for each probe step (TCP, TLS, DERP handshake, one delivery, STUN); the
+/// `derpprobe` default.
+pub const DEFAULT_PROBE_TIMEOUT: &str = "5s";
+/// Default regions probed at the same time (and nodes, in regions too large for mesh checks).
+pub const DEFAULT_PROBE_CONCURRENCY: usize = 4;
+
+/// Parses a Go-style duration with h/m/s units (`30s`, `1m30s`, `0`), or whole milliseconds
+/// (`500ms`).
+fn parse_std_duration(s: &str) -> Result<Duration, String> {
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    if let Some(ms) = s.strip_suffix("ms")
+        && let Ok(ms) = ms.parse::<u64>()
+    {
+        return Ok(Duration::from_millis(ms));
+    }
+    crate::certs::parse_duration(s)
+        .and_then(|d| Duration::try_from(d).ok())
+        .ok_or_else(|| format!("{s:?} is not a duration such as 30s, 1m or 500ms"))
+}
 
 /// `derp-operator`: turns cluster nodes into Tailscale DERP regions.
 #[derive(Debug, Parser)]
@@ -45,6 +69,16 @@ pub struct Args {
     /// Concurrent reconciles.
     #[arg(long, env = "DERP_OPERATOR_CONCURRENCY", default_value_t = DEFAULT_CONCURRENCY)]
     pub concurrency: u16,
+    /// Probe every relay node this often (TCP, TLS with the pin, DERP, round trip, STUN,
+    /// mesh) for `status.nodes[]`, `NodesHealthy` and `derpMap.publishUnhealthy`; 0 disables.
+    #[arg(long, env = "DERP_OPERATOR_PROBE_INTERVAL", default_value = DEFAULT_PROBE_INTERVAL, value_parser = parse_std_duration)]
+    pub probe_interval: Duration,
+    /// Limit for each probe step.
+    #[arg(long, env = "DERP_OPERATOR_PROBE_TIMEOUT", default_value = DEFAULT_PROBE_TIMEOUT, value_parser = parse_std_duration)]
+    pub probe_timeout: Duration,
+    /// Regions probed at the same time.
+    #[arg(long, env = "DERP_OPERATOR_PROBE_CONCURRENCY", default_value_t = DEFAULT_PROBE_CONCURRENCY)]
+    pub probe_concurrency: usize,
 }
 
 /// Validated configuration.
@@ -64,6 +98,8 @@ pub struct Config {
     pub identity: String,
     /// Concurrent reconciles.
     pub concurrency: u16,
+    /// Probe loop settings (None: probing disabled).
+    pub probe: Option<crate::health::ProbeSettings>,
 }
 
 /// Invalid flag combination.
@@ -77,6 +113,19 @@ pub enum ArgsError {
     /// Zero concurrency.
     #[error("--concurrency must be at least 1")]
     ZeroConcurrency,
+    /// A probe timeout that cannot fit in the interval, or zero.
+    #[error(
+        "--probe-timeout ({timeout:?}) must be more than 0 and less than --probe-interval ({interval:?})"
+    )]
+    ProbeTimeout {
+        /// `--probe-timeout`.
+        timeout: Duration,
+        /// `--probe-interval`.
+        interval: Duration,
+    },
+    /// Zero probe concurrency.
+    #[error("--probe-concurrency must be at least 1")]
+    ZeroProbeConcurrency,
 }
 
 impl Args {
@@ -92,10 +141,31 @@ impl Args {
             lease_namespace,
             identity,
             concurrency,
+            probe_interval,
+            probe_timeout,
+            probe_concurrency,
         } = self;
         if concurrency == 0 {
             return Err(ArgsError::ZeroConcurrency);
         }
+        let probe = if probe_interval.is_zero() {
+            None
+        } else {
+            if probe_timeout.is_zero() || probe_timeout >= probe_interval {
+                return Err(ArgsError::ProbeTimeout {
+                    timeout: probe_timeout,
+                    interval: probe_interval,
+                });
+            }
+            if probe_concurrency == 0 {
+                return Err(ArgsError::ZeroProbeConcurrency);
+            }
+            Some(crate::health::ProbeSettings {
+                interval: probe_interval,
+                timeout: probe_timeout,
+                concurrency: probe_concurrency,
+            })
+        };
         let identity = identity
             .or_else(|| std::env::var("HOSTNAME").ok())
             .unwrap_or_else(|| format!("derp-operator-{}", std::process::id()));
@@ -119,6 +189,7 @@ impl Args {
             lease,
             identity,
             concurrency,
+            probe,
         })
     }
 }
@@ -144,5 +215,33 @@ mod tests {
         let c = a.into_config().unwrap();
         assert!(c.lease.is_none());
         assert_eq!(c.namespace.as_deref(), Some("derp"));
+        let p = c.probe.expect("probing is on by default");
+        assert_eq!(p.interval, Duration::from_secs(30));
+        assert_eq!(p.timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn probe_flags_disable_and_validate() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["derp-operator", "--leader-election=false"];
+            argv.extend_from_slice(extra);
+            Args::try_parse_from(argv).map(Args::into_config)
+        };
+        assert!(
+            parse(&["--probe-interval=0"])
+                .unwrap()
+                .unwrap()
+                .probe
+                .is_none()
+        );
+        let c = parse(&["--probe-interval=1s", "--probe-timeout=500ms"])
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.probe.unwrap().timeout, Duration::from_millis(500));
+        assert!(matches!(
+            parse(&["--probe-interval=2s", "--probe-timeout=5s"]).unwrap(),
+            Err(ArgsError::ProbeTimeout { .. })
+        ));
+        assert!(parse(&["--probe-interval=soon"]).is_err());
     }
 }

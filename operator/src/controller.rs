@@ -32,6 +32,7 @@ use crate::{
     Error,
     certs::CertIssuer,
     crd::{DerpRegion, FIELD_MANAGER},
+    health::{ProbeSettings, Prober, Tracker},
     metrics::Metrics,
     plan::{
         self, Existing, Inputs,
@@ -101,6 +102,8 @@ pub struct Settings {
     pub concurrency: u16,
     /// Reporting instance for Events (the Pod name).
     pub instance: Option<String>,
+    /// Probe every region's relay nodes (None: no probes, and the status has no probe fields).
+    pub probe: Option<ProbeSettings>,
 }
 
 impl Default for Settings {
@@ -109,6 +112,7 @@ impl Default for Settings {
             namespace: None,
             concurrency: 4,
             instance: None,
+            probe: None,
         }
     }
 }
@@ -121,6 +125,7 @@ struct Context {
     events: status::EventPublisher,
     shared: Shared,
     issuer: Arc<dyn CertIssuer>,
+    tracker: Tracker,
 }
 
 /// Precedence for port claims: the older region (then `namespace/name`) wins.
@@ -231,6 +236,7 @@ async fn reconcile(region: Arc<DerpRegion>, ctx: Arc<Context>) -> Result<Action,
         let claims = claims_for(&region, &ctx.regions.state(), &nodes);
         debug!(nodes = nodes.len(), claims = claims.len(), "observed");
         let existing = list_children(&ctx.client, &ns, &name).await?;
+        let probes = ctx.tracker.views(&key);
         let plan = plan::plan(&Inputs {
             region: &region,
             nodes: &nodes,
@@ -239,6 +245,7 @@ async fn reconcile(region: Arc<DerpRegion>, ctx: Arc<Context>) -> Result<Action,
             now: time::OffsetDateTime::now_utc(),
             issuer: ctx.issuer.as_ref(),
             new_psk: &new_psk,
+            probes: &probes,
         })
         .map_err(|source| Error::Plan {
             region: name.clone(),
@@ -341,7 +348,25 @@ pub async fn run(
         metrics,
         shared: shared.clone(),
         issuer,
+        tracker: Tracker::default(),
     });
+    // the probe loop asks for reconciles of regions whose probe view changed
+    let (probe_tx, probe_rx) = futures::channel::mpsc::unbounded();
+    let prober = settings.probe.clone().map(|probe| {
+        tokio::spawn(
+            Prober {
+                settings: probe,
+                regions: ctx.regions.clone(),
+                tracker: ctx.tracker.clone(),
+                metrics: ctx.metrics.clone(),
+                events: ctx.events.clone(),
+                reconcile: probe_tx.clone(),
+            }
+            .run()
+            .instrument(info_span!("prober")),
+        )
+    });
+    drop(probe_tx);
     shared.ready.store(true, Ordering::SeqCst);
     info!(namespace = ?settings.namespace, "controller started");
     controller
@@ -363,6 +388,7 @@ pub async fn run(
                 .map(|r| ObjectRef::from_obj(r.as_ref()))
                 .collect::<Vec<_>>()
         })
+        .reconcile_on(probe_rx)
         .with_config(controller::Config::default().concurrency(settings.concurrency))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
@@ -373,6 +399,10 @@ pub async fn run(
             futures::future::ready(())
         })
         .await;
+    if let Some(p) = prober {
+        p.abort();
+        let _ = p.await;
+    }
     shared.ready.store(false, Ordering::SeqCst);
     info!("controller stopped");
     Ok(())

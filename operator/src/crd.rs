@@ -44,6 +44,9 @@ pub const DEFAULT_DERP_PORT: i32 = 443;
 pub const DEFAULT_HTTP_PORT: i32 = 80;
 /// Default relay admin port (house-style §4.2: admin :9090).
 pub const DEFAULT_ADMIN_PORT: i32 = 9090;
+/// Default `derpMap.unhealthyAfter`: two default probe intervals (30 s), so one lost probe
+/// never takes a node out of the map.
+pub const DEFAULT_UNHEALTHY_AFTER: &str = "60s";
 /// Default STUN port (design.md §3; -1 disables).
 pub const DEFAULT_STUN_PORT: i32 = 3478;
 
@@ -386,9 +389,24 @@ pub struct DerpMapSpec {
     /// Emit `OmitDefaultRegions: true` in the policy snippet [false].
     #[serde(default)]
     pub omit_default_regions: bool,
-    /// Publish nodes whose relay is not Ready yet [true].
+    /// Publish nodes that are not healthy [true]. With `false`, a node is left out of the
+    /// published derpMap while its relay Pod is not Ready, and once the operator's probes have
+    /// failed on it continuously for `unhealthyAfter`; it comes back after three consecutive
+    /// passed probes. When every Ready node would be left out, all of them stay published
+    /// (an empty region helps no client) and `NodesHealthy` says so.
     #[serde(default = "default_true")]
     pub publish_unhealthy: bool,
+    /// How long a node must fail the operator's probes without a pass before it is left out
+    /// of the derpMap (only with `publishUnhealthy: false`) [60s]. Go duration syntax with
+    /// h/m/s units.
+    #[serde(default = "default_unhealthy_after")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new("self.matches('^([0-9]+(h|m|s))+$')").message("spec.derpMap.unhealthyAfter must be a duration such as 60s"))]
+    pub unhealthy_after: String,
+}
+
+fn default_unhealthy_after() -> String {
+    DEFAULT_UNHEALTHY_AFTER.to_owned()
 }
 
 fn default_true() -> bool {
@@ -401,6 +419,7 @@ impl Default for DerpMapSpec {
             config_map_name: None,
             omit_default_regions: false,
             publish_unhealthy: true,
+            unhealthy_after: default_unhealthy_after(),
         }
     }
 }
@@ -477,13 +496,21 @@ pub struct NodeStatus {
     /// Relay Pod Ready condition.
     #[serde(default)]
     pub ready: bool,
-    /// Last probe time (RFC 3339), when probed.
+    /// Time (RFC 3339) of the operator probe that produced the shown `probeResult` and
+    /// `probeLatencyMs`. Probes repeat every `--probe-interval`, but the status is only
+    /// rewritten when the result or the latency bucket changes, so this is when the current
+    /// result was first seen; the time of every probe is in the operator's metrics.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_probe_time: Option<String>,
-    /// Last probe result.
+    /// `ok`, or the first failed check and why: `tcp: …`, `tls: …`, `pin: …` (expected and
+    /// presented pins), `derp: …`, `round_trip: …`, `stun: …`, `ipv6_<check>: …`,
+    /// `mesh: …` (a packet to or from another node of the region was not relayed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probe_result: Option<String>,
-    /// Last probe latency in milliseconds.
+    /// Round trip of a packet between two probe clients through this relay, in
+    /// milliseconds, rounded up to a power of two; it only moves down once the latency has
+    /// dropped two buckets, so jitter does not rewrite the status (exact values are in the
+    /// metrics). Absent while probes fail.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probe_latency_ms: Option<i64>,
 }

@@ -7,6 +7,8 @@
 //! - [`certs`]: rcgen IP certificates and `sha256-raw:` pins;
 //! - [`controller`]: kube-runtime wiring and reconcile; [`apply`]: server-side apply and
 //!   pruning; [`status`]: status patches and Events;
+//! - [`health`]: the operator's own probes of every relay node (`derper::probe`), per-node
+//!   health with hysteresis, and the probe loop;
 //! - [`leader`]: Lease-based leader election;
 //! - [`args`], [`telemetry`], [`metrics`], [`admin`]: the process around it.
 //!
@@ -18,6 +20,7 @@ pub mod args;
 pub mod certs;
 pub mod controller;
 pub mod crd;
+pub mod health;
 pub mod leader;
 pub mod metrics;
 pub mod plan;

@@ -107,6 +107,7 @@ async fn main() -> anyhow::Result<()> {
             namespace: config.namespace.clone(),
             concurrency: config.concurrency,
             instance: Some(config.identity.clone()),
+            probe: config.probe.clone(),
         },
         shared,
         metrics,

@@ -3,11 +3,18 @@
 //! Owns: the counters/histogram and their registry. Does not own: serving them (`admin`).
 //! Label values come from bounded sets (kinds, operations, error reasons), never names or IPs.
 
+use std::{
+    collections::BTreeMap,
+    sync::{Mutex, atomic::AtomicU64},
+};
+
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
+
+use crate::health::Outcome;
 
 /// Labels of [`Metrics::writes`].
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -25,6 +32,23 @@ pub struct ErrorLabels {
     pub reason: &'static str,
 }
 
+/// Labels of the per-node probe gauges: the region (`namespace/name`) and the node name, both
+/// bounded by the regions the operator manages (no IPs, no keys).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeLabels {
+    /// `namespace/name` of the region.
+    pub region: String,
+    /// Node name.
+    pub node: String,
+}
+
+/// Labels of [`Metrics::probes`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProbeResultLabels {
+    /// `ok` or the first failed check ([`Outcome::check`], a bounded set).
+    pub result: &'static str,
+}
+
 /// All operator metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -40,6 +64,17 @@ pub struct Metrics {
     pub certs_issued: Counter,
     /// Events published on regions.
     pub events: Counter,
+    /// Node probes finished, by result.
+    pub probes: Family<ProbeResultLabels, Counter>,
+    /// 1 when the last probe of a node passed, 0 when it failed.
+    pub probe_success: Family<NodeLabels, Gauge>,
+    /// Packet round trip of the last passed probe of a node, in seconds.
+    pub probe_latency: Family<NodeLabels, Gauge<f64, AtomicU64>>,
+    /// Unix time of the last probe of a node.
+    pub probe_timestamp: Family<NodeLabels, Gauge<f64, AtomicU64>>,
+    /// Nodes with probe gauges, by region (so that removed nodes and regions are dropped).
+    /// A std lock: never held across an `.await`.
+    probed: Mutex<BTreeMap<String, Vec<String>>>,
 }
 
 impl Metrics {
@@ -54,6 +89,11 @@ impl Metrics {
             writes: Family::default(),
             certs_issued: Counter::default(),
             events: Counter::default(),
+            probes: Family::default(),
+            probe_success: Family::default(),
+            probe_latency: Family::default(),
+            probe_timestamp: Family::default(),
+            probed: Mutex::default(),
         };
         let r = registry.sub_registry_with_prefix("derp_operator");
         r.register(
@@ -86,7 +126,104 @@ impl Metrics {
             "Kubernetes Events published on DerpRegions",
             m.events.clone(),
         );
+        r.register(
+            "probes",
+            "Relay node probes finished by the operator, by result (ok or the first failed \
+             check: tcp, tls, pin, derp, round_trip, stun, ipv6_*, mesh)",
+            m.probes.clone(),
+        );
+        r.register(
+            "probe_success",
+            "1 when the operator's last probe of the node passed every check, 0 when one failed",
+            m.probe_success.clone(),
+        );
+        r.register(
+            "probe_latency_seconds",
+            "Packet round trip between two probe clients through the node's relay, from the \
+             last passed probe",
+            m.probe_latency.clone(),
+        );
+        r.register(
+            "probe_timestamp_seconds",
+            "Unix time of the operator's last probe of the node (the status only changes when \
+             the result does)",
+            m.probe_timestamp.clone(),
+        );
         m
+    }
+
+    /// Record one probe round of `region` (`namespace/name`); nodes of the region that were
+    /// not probed in this round are dropped from the gauges.
+    pub fn record_probes(&self, region: &str, outcomes: &BTreeMap<String, Outcome>) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or_default();
+        let before = self
+            .probed_lock()
+            .insert(region.to_owned(), outcomes.keys().cloned().collect())
+            .unwrap_or_default();
+        for node in before.iter().filter(|n| !outcomes.contains_key(*n)) {
+            self.forget_node(region, node);
+        }
+        for (node, o) in outcomes {
+            let labels = NodeLabels {
+                region: region.to_owned(),
+                node: node.clone(),
+            };
+            self.probes
+                .get_or_create(&ProbeResultLabels { result: o.check })
+                .inc();
+            self.probe_success
+                .get_or_create(&labels)
+                .set(i64::from(o.ok()));
+            self.probe_timestamp.get_or_create(&labels).set(now);
+            match o.latency {
+                Some(l) => {
+                    self.probe_latency
+                        .get_or_create(&labels)
+                        .set(l.as_secs_f64());
+                }
+                None => {
+                    self.probe_latency.remove(&labels);
+                }
+            }
+        }
+    }
+
+    /// Drop the probe gauges of regions not in `keep` (deleted regions).
+    pub fn forget_probed_regions(&self, keep: &[String]) {
+        let gone: Vec<(String, Vec<String>)> = {
+            let mut probed = self.probed_lock();
+            let gone = probed
+                .iter()
+                .filter(|(r, _)| !keep.contains(r))
+                .map(|(r, n)| (r.clone(), n.clone()))
+                .collect();
+            probed.retain(|r, _| keep.contains(r));
+            gone
+        };
+        for (region, nodes) in gone {
+            for node in nodes {
+                self.forget_node(&region, &node);
+            }
+        }
+    }
+
+    fn probed_lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Vec<String>>> {
+        self.probed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn forget_node(&self, region: &str, node: &str) {
+        let labels = NodeLabels {
+            region: region.to_owned(),
+            node: node.to_owned(),
+        };
+        self.probe_success.remove(&labels);
+        self.probe_latency.remove(&labels);
+        self.probe_timestamp.remove(&labels);
     }
 
     /// Count one write.

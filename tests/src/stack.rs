@@ -33,6 +33,8 @@ pub struct StackOptions {
     pub namespace: String,
     /// Where logs, projected volumes and relay state go.
     pub workdir: PathBuf,
+    /// Extra `derp-operator` flags (e.g. `--probe-interval=1s`).
+    pub operator_args: Vec<String>,
 }
 
 impl StackOptions {
@@ -50,7 +52,18 @@ impl StackOptions {
             nodes,
             namespace: "derp".into(),
             workdir: workdir.into(),
+            operator_args: Vec::new(),
         }
+    }
+
+    /// Adds `derp-operator` flags.
+    pub fn operator_args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.operator_args.extend(args.into_iter().map(Into::into));
+        self
     }
 }
 
@@ -86,7 +99,13 @@ impl LocalStack {
 
         let operator_admin: SocketAddr = (Ipv4Addr::LOCALHOST, free_port()).into();
         let operator_log = opts.workdir.join("derp-operator.log");
-        let operator = spawn_operator(&cp, &operator_admin, &opts.namespace, &operator_log)?;
+        let operator = spawn_operator(
+            &cp,
+            &operator_admin,
+            &opts.namespace,
+            &operator_log,
+            &opts.operator_args,
+        )?;
 
         let nodes = opts
             .nodes
@@ -289,6 +308,7 @@ fn spawn_operator(
     admin: &SocketAddr,
     namespace: &str,
     log: &Path,
+    extra: &[String],
 ) -> anyhow::Result<Child> {
     let file = std::fs::File::create(log)?;
     let mut cmd = Command::new(workspace_bin("derp-operator"));
@@ -303,6 +323,7 @@ fn spawn_operator(
             "--identity",
             "local-stack",
         ])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(file.try_clone()?)
         .stderr(file);

@@ -230,6 +230,8 @@ async fn rendered_deployment_is_hardened_and_probes_the_admin_port() {
         "--leader-election=true",
         "--lease-name=kubederp",
         "--lease-namespace=kubederp",
+        "--probe-interval=30s",
+        "--probe-timeout=5s",
     ] {
         assert!(args.contains(&want), "{want} missing from {args:?}");
     }

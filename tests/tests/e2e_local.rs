@@ -3,12 +3,17 @@
 //! processes on 127.0.x.y, and real Tailscale client code (tailscale.com v1.82.5 and the newest
 //! release) reading the derpMap from the operator's ConfigMap.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "helpers of the tests below: a failed unwrap fails the test, as in the tests"
+)]
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use derp_tests::interop::{CLIENT_VERSIONS, run_derpinterop};
-use derp_tests::k8s::{wait_for, workspace_root};
-use derp_tests::stack::{LocalStack, RELAY_LABEL, StackOptions};
+use derp_tests::k8s::{wait_for, wait_until, workspace_root};
+use derp_tests::stack::{LocalStack, RELAY_LABEL, StackOptions, tail};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use serde_json::Value;
@@ -195,5 +200,329 @@ async fn removing_a_node_keeps_the_others_serving_and_deleting_the_region_stops_
         },
     )
     .await;
+    stack.shutdown().await;
+}
+
+/// Sends SIGCONT to a stopped relay when dropped, so a failing test never leaves it stopped.
+struct Resume(u32);
+impl Drop for Resume {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT", &self.0.to_string()])
+            .status();
+    }
+}
+
+fn signal(sig: &str, pid: u32) {
+    let status = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {sig} {pid}");
+}
+
+/// The node's entry in `status.nodes`.
+fn node_status<'a>(region: &'a Value, node: &str) -> Option<&'a Value> {
+    region["status"]["nodes"]
+        .as_array()?
+        .iter()
+        .find(|n| n["name"] == node)
+}
+
+fn nodes_healthy(region: &Value) -> Option<&Value> {
+    region["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "NodesHealthy")
+}
+
+/// Waits until `f` returns Some for the region `home`; on timeout the panic carries the
+/// region's status and the operator's log tail.
+async fn wait_region<T, F>(stack: &LocalStack, what: &str, timeout: Duration, f: F) -> T
+where
+    F: Fn(&Value) -> Option<T>,
+{
+    let regions = stack.regions().await;
+    let found = wait_until(timeout, || {
+        let regions = regions.clone();
+        let f = &f;
+        async move {
+            let r = serde_json::to_value(regions.get(REGION).await.ok()?).ok()?;
+            f(&r)
+        }
+    })
+    .await;
+    match found {
+        Some(v) => v,
+        None => {
+            let status = regions
+                .get(REGION)
+                .await
+                .map(|r| serde_json::to_string_pretty(&r.data["status"]).unwrap_or_default())
+                .unwrap_or_default();
+            panic!(
+                "timed out after {}s waiting for {what}; status: {status}\noperator log tail:\n{}",
+                timeout.as_secs(),
+                tail(&stack.operator_log, 40)
+            )
+        }
+    }
+}
+
+/// Node names in the published derpMap ConfigMap, after checking that the policy snippet and
+/// the headscale YAML list the same nodes.
+async fn published_nodes(stack: &LocalStack) -> Option<Vec<String>> {
+    let data = stack.config_map(CONFIG_MAP).await.ok()?;
+    let map: Value = serde_json::from_str(data.get("derpmap.json")?).ok()?;
+    let nodes: Vec<(String, String)> = map["Regions"]["900"]["Nodes"]
+        .as_array()?
+        .iter()
+        .map(|n| {
+            (
+                n["Name"].as_str().unwrap_or_default().to_owned(),
+                n["IPv4"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    for (_, ip) in &nodes {
+        assert!(data["policy.hujson"].contains(ip.as_str()));
+        assert!(data["headscale.yaml"].contains(ip.as_str()));
+    }
+    Some(nodes.into_iter().map(|(n, _)| n).collect())
+}
+
+/// Node names in the operator's merged `/derpmap.json` (headscale `derp.urls` form).
+async fn admin_nodes(stack: &LocalStack) -> Vec<String> {
+    let addr = stack.operator_admin;
+    let body = tokio::task::spawn_blocking(move || {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect(addr).expect("connect operator admin");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(
+            s,
+            "GET /derpmap.json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).unwrap();
+        buf.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let map: Value = serde_json::from_str(&body).unwrap();
+    map["Regions"]["900"]["Nodes"]
+        .as_array()
+        .map(|ns| {
+            ns.iter()
+                .map(|n| n["Name"].as_str().unwrap().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Notes of the Events with `reason` that name `node`.
+async fn events_about(stack: &LocalStack, reason: &str, node: &str) -> Vec<String> {
+    let api: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(stack.client().await, &stack.namespace);
+    api.list(&ListParams::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some(reason))
+        .filter_map(|e| e.note)
+        .filter(|n| n.contains(&format!("node {node} ")))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_status_and_published_map_follow_a_relay_being_stopped_and_started() {
+    let tmp = tempfile::tempdir().unwrap();
+    let stack = LocalStack::start(
+        StackOptions::nodes("e2e-c", 5, 3, tmp.path().join("stack")).operator_args([
+            "--probe-interval=2s",
+            "--probe-timeout=1500ms",
+            "--log-filter=info,kube_runtime=warn,derp_operator::health=debug",
+        ]),
+    )
+    .await
+    .expect("start the local stack");
+    // the example publishes only healthy nodes (publishUnhealthy: false); shorten the grace
+    stack.apply_file(&example()).unwrap();
+    let regions = stack.regions().await;
+    regions
+        .patch(
+            REGION,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"derpMap": {"unhealthyAfter": "3s"}}})),
+        )
+        .await
+        .unwrap();
+    stack.wait_region_ready(REGION, READY).await.unwrap();
+    let all = ["e2e-c-1", "e2e-c-2", "e2e-c-3"];
+
+    // every relay passes the operator's probes: ok + latency for each node, NodesHealthy True
+    wait_region(
+        &stack,
+        "probes to pass on every node",
+        Duration::from_secs(60),
+        |r| {
+            let c = nodes_healthy(r)?;
+            let each = all.iter().all(|n| {
+                node_status(r, n).is_some_and(|s| {
+                    s["probeResult"] == "ok"
+                        && s["probeLatencyMs"].as_i64().is_some_and(|l| l >= 1)
+                        && s["lastProbeTime"].is_string()
+                })
+            });
+            (each && c["status"] == "True" && c["reason"] == "ProbesPassing").then_some(())
+        },
+    )
+    .await;
+    wait_for("all three nodes published", Duration::from_secs(60), || {
+        let stack = &stack;
+        async move { (published_nodes(stack).await? == all).then_some(()) }
+    })
+    .await;
+
+    // stop (SIGSTOP) the relay of node 2: TCP still connects (the kernel accepts), TLS hangs
+    let stopped = "e2e-c-2";
+    let pid = stack
+        .agent()
+        .container_pid(&stack.namespace, "home-e2e-c-2", "derper")
+        .expect("relay process of e2e-c-2");
+    signal("-STOP", pid);
+    let resume = Resume(pid);
+    let unhealthy = wait_region(
+        &stack,
+        "NodesHealthy False naming the stopped node",
+        Duration::from_secs(60),
+        |r| {
+            let c = nodes_healthy(r)?.clone();
+            let result = node_status(r, stopped)?["probeResult"].as_str()?.to_owned();
+            (c["status"] == "False"
+                && c["reason"] == "ProbesFailing"
+                && c["message"]
+                    .as_str()?
+                    .contains(&format!("node {stopped} fails probes"))
+                && result != "ok")
+                .then_some((c, result))
+        },
+    )
+    .await;
+    let (cond, result) = unhealthy;
+    assert!(
+        result.starts_with("tls: ") || result.starts_with("derp: "),
+        "a stopped relay accepts TCP and then never answers: {result}"
+    );
+    for n in ["e2e-c-1", "e2e-c-3"] {
+        assert!(
+            !cond["message"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("node {n} ")),
+            "only the stopped node is blamed: {cond}"
+        );
+    }
+    // after unhealthyAfter, the node leaves every published form
+    wait_for(
+        "the stopped node to leave the published derpMap",
+        Duration::from_secs(60),
+        || {
+            let stack = &stack;
+            async move { (published_nodes(stack).await? == ["e2e-c-1", "e2e-c-3"]).then_some(()) }
+        },
+    )
+    .await;
+    wait_for(
+        "the stopped node to leave the operator's /derpmap.json",
+        Duration::from_secs(10),
+        || {
+            let stack = &stack;
+            async move { (admin_nodes(stack).await == ["e2e-c-1", "e2e-c-3"]).then_some(()) }
+        },
+    )
+    .await;
+    let data = stack.config_map(CONFIG_MAP).await.unwrap();
+    for key in ["derpmap.json", "policy.hujson", "headscale.yaml"] {
+        assert!(
+            !data[key].contains("127.0.5.12"),
+            "{key} still lists the stopped node: {}",
+            data[key]
+        );
+    }
+    // several more probe rounds fail: still exactly one Event for the transition
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        events_about(&stack, "NodeUnhealthy", stopped).await.len(),
+        1,
+        "one NodeUnhealthy Event per transition, not per probe"
+    );
+
+    // start it again (SIGCONT): probes pass, the node comes back, NodesHealthy True
+    signal("-CONT", pid);
+    drop(resume);
+    wait_region(
+        &stack,
+        "NodesHealthy True again for the restarted node",
+        Duration::from_secs(90),
+        |r| {
+            let c = nodes_healthy(r)?;
+            let back = node_status(r, stopped)?["probeResult"] == "ok";
+            (c["status"] == "True" && back).then_some(())
+        },
+    )
+    .await;
+    wait_for(
+        "the node to be republished",
+        Duration::from_secs(90),
+        || {
+            let stack = &stack;
+            async move { (published_nodes(stack).await? == all).then_some(()) }
+        },
+    )
+    .await;
+    wait_for(
+        "the node to be back in the operator's /derpmap.json",
+        Duration::from_secs(10),
+        || {
+            let stack = &stack;
+            async move { (admin_nodes(stack).await == all).then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(events_about(&stack, "NodeHealthy", stopped).await.len(), 1);
+    assert_eq!(
+        events_about(&stack, "NodeUnhealthy", stopped).await.len(),
+        1
+    );
+    let metrics = {
+        let addr = stack.operator_admin;
+        tokio::task::spawn_blocking(move || {
+            use std::io::{Read as _, Write as _};
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            write!(
+                s,
+                "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            .unwrap();
+            let mut buf = String::new();
+            s.read_to_string(&mut buf).unwrap();
+            buf
+        })
+        .await
+        .unwrap()
+    };
+    assert!(
+        metrics.contains(r#"derp_operator_probe_success{region="derp/home",node="e2e-c-2"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"derp_operator_probes_total{result="tls"}"#)
+            || metrics.contains(r#"derp_operator_probes_total{result="derp"}"#),
+        "{metrics}"
+    );
     stack.shutdown().await;
 }

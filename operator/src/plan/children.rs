@@ -23,7 +23,7 @@ use crate::{
     certs::cert_file_stem,
     crd::{
         ANNOTATION_NOT_AFTER, ANNOTATION_PIN, ANNOTATION_SPEC_HASH, APP_NAME, DEFAULT_RELAY_IMAGE,
-        DerpRegion, FIELD_MANAGER, LABEL_NODE, LABEL_REGION, VerificationMode,
+        DerpRegion, FIELD_MANAGER, LABEL_NODE, LABEL_REGION, Ports, VerificationMode,
     },
 };
 
@@ -252,6 +252,43 @@ fn mount(name: &str, path: &str) -> VolumeMount {
     }
 }
 
+/// Whether the relay binds a port below 1024 (a "privileged" port): DERP, HTTP, STUN or
+/// admin, counting only enabled ones.
+pub fn binds_privileged_port(ports: &Ports) -> bool {
+    [ports.derp, ports.http, ports.stun, ports.admin]
+        .into_iter()
+        .any(|p| p > 0 && p < 1024)
+}
+
+/// The relay container's security context.
+///
+/// Kubernetes gives a non-root process no *ambient* capabilities, and
+/// `allowPrivilegeEscalation: false` (no_new_privs) also rules out file capabilities, so a
+/// relay running as UID 65532 with `capabilities.add: [NET_BIND_SERVICE]` still cannot bind
+/// 443/80/3478 on a real kubelet/containerd. So when any port is below 1024 the relay runs as
+/// UID 0 with every capability dropped except `NET_BIND_SERVICE` (no `DAC_OVERRIDE`, no
+/// `SETUID`, …), no privilege escalation, a read-only root filesystem and the Pod's
+/// RuntimeDefault seccomp profile; with only unprivileged ports it runs as UID 65532 with no
+/// capabilities at all.
+pub fn relay_security_context(ports: &Ports) -> SecurityContext {
+    let privileged_port = binds_privileged_port(ports);
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(!privileged_port),
+        run_as_user: Some(if privileged_port { 0 } else { RELAY_UID }),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            add: privileged_port.then(|| vec!["NET_BIND_SERVICE".into()]),
+        }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 /// The relay Pod for one node, with its spec hash in [`ANNOTATION_SPEC_HASH`]. `pin` is part
 /// of the hash so that a new certificate restarts the relay (upstream derper reads its
 /// certificate only at start).
@@ -434,16 +471,7 @@ pub fn relay_pod(region: &DerpRegion, node: &SelectedNode, mesh: bool, pin: &str
         ports: Some(container_ports),
         readiness_probe: Some(readiness),
         resources: spec.relay.resources.clone(),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            run_as_non_root: Some(true),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                add: Some(vec!["NET_BIND_SERVICE".into()]),
-            }),
-            ..Default::default()
-        }),
+        security_context: Some(relay_security_context(ports)),
         volume_mounts: Some(mounts),
         ..Default::default()
     }];
@@ -608,11 +636,21 @@ mod tests {
             .unwrap();
         assert_eq!(items[0].path, "2001db81.crt");
         assert_eq!(items[1].path, "2001db81.key");
+        // default ports (443/80/3478) are privileged: UID 0 with NET_BIND_SERVICE only
         let sc = c.security_context.as_ref().unwrap();
         assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.run_as_user, Some(0));
+        assert_eq!(sc.run_as_non_root, Some(false));
+        let caps = sc.capabilities.as_ref().unwrap();
+        assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_owned()][..]));
         assert_eq!(
-            sc.capabilities.as_ref().unwrap().add.as_deref(),
+            caps.add.as_deref(),
             Some(&["NET_BIND_SERVICE".to_owned()][..])
+        );
+        assert_eq!(
+            sc.seccomp_profile.as_ref().map(|p| p.type_.as_str()),
+            Some("RuntimeDefault")
         );
         let probe = c
             .readiness_probe
@@ -630,6 +668,56 @@ mod tests {
         assert_eq!(labels["kubederp.io/node"], "n1");
         assert_eq!(labels["kubederp.io/region"], "home");
         assert_eq!(labels["app.kubernetes.io/managed-by"], "derp-operator");
+    }
+
+    #[test]
+    fn unprivileged_ports_run_as_nonroot_without_capabilities() {
+        let mut r = region();
+        r.spec.ports.derp = 8443;
+        r.spec.ports.http = 8080;
+        r.spec.ports.stun = 3478;
+        r.spec.ports.admin = 9090;
+        let pod = relay_pod(&r, &sel(Some("10.0.0.1"), None), false, "p");
+        let sc = pod.spec.as_ref().unwrap().containers[0]
+            .security_context
+            .clone()
+            .unwrap();
+        assert_eq!(sc.run_as_user, Some(RELAY_UID));
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        let caps = sc.capabilities.unwrap();
+        assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_owned()][..]));
+        assert_eq!(caps.add, None);
+    }
+
+    #[test]
+    fn any_enabled_port_below_1024_needs_net_bind_service() {
+        let mut p = Ports {
+            derp: 8443,
+            http: 0,
+            stun: -1,
+            admin: 0,
+        };
+        assert!(!binds_privileged_port(&p), "disabled ports do not count");
+        for set in [
+            |p: &mut Ports| p.derp = 443,
+            |p: &mut Ports| p.http = 80,
+            |p: &mut Ports| p.stun = 478,
+            |p: &mut Ports| p.admin = 900,
+        ] {
+            let mut q = p.clone();
+            set(&mut q);
+            assert!(binds_privileged_port(&q), "{q:?}");
+            let sc = relay_security_context(&q);
+            assert_eq!(sc.run_as_user, Some(0));
+            assert_eq!(
+                sc.capabilities.unwrap().add,
+                Some(vec!["NET_BIND_SERVICE".to_owned()])
+            );
+        }
+        p.derp = 1024;
+        assert!(!binds_privileged_port(&p));
     }
 
     #[test]

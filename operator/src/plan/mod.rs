@@ -60,6 +60,26 @@ pub struct Inputs<'a> {
     pub issuer: &'a dyn CertIssuer,
     /// Source of a fresh mesh PSK (64 hex characters).
     pub new_psk: &'a dyn Fn() -> String,
+    /// The operator's probe results by node name (empty when probing is off or no probe
+    /// has finished yet).
+    pub probes: &'a BTreeMap<String, ProbeView>,
+}
+
+/// What the operator's probes say about one node (kept by `health::Tracker`; it only changes
+/// when the result, the latency bucket or `withheld` does).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProbeView {
+    /// `ok` or `<check>: <why>`.
+    pub result: String,
+    /// Whether every check passed.
+    pub healthy: bool,
+    /// Round-trip latency bucket in milliseconds, when measured.
+    pub latency_ms: Option<i64>,
+    /// When this view was first seen.
+    pub time: OffsetDateTime,
+    /// Failing for longer than `derpMap.unhealthyAfter` and not yet recovered: left out of
+    /// the derpMap when `publishUnhealthy` is false.
+    pub withheld: bool,
 }
 
 impl std::fmt::Debug for Inputs<'_> {
@@ -453,6 +473,7 @@ pub fn plan(inp: &Inputs<'_>) -> Result<Plan, PlanError> {
                 .existing
                 .pods
                 .get(&children::pod_name(&rname, &c.node.name));
+            let probe = inp.probes.get(&c.node.name);
             NodeStatus {
                 name: c.node.name.clone(),
                 ipv4: c.node.ipv4.map(|i| i.to_string()),
@@ -471,15 +492,24 @@ pub fn plan(inp: &Inputs<'_>) -> Result<Plan, PlanError> {
                         && pod_ready(p)
                         && spec_hash(p) == spec_hash(&relay_pod(region, &c.node, mesh, &c.pin))
                 }),
-                ..Default::default()
+                last_probe_time: probe.map(|v| rfc3339(v.time)),
+                probe_result: probe.map(|v| v.result.clone()),
+                probe_latency_ms: probe.and_then(|v| v.latency_ms),
             }
         })
         .collect();
     let region_id = i64::from(spec.region_id);
+    let withheld = |st: &NodeStatus| inp.probes.get(&st.name).is_some_and(|v| v.withheld);
+    // never publish an empty region because of probes: when every Ready node is withheld,
+    // keep them all (clients then at least try) and say so in NodesHealthy
+    let all_withheld = nodes_status.iter().filter(|st| st.ready).all(withheld);
+    let publish = |st: &NodeStatus| {
+        spec.derp_map.publish_unhealthy || (st.ready && (all_withheld || !withheld(st)))
+    };
     let map_nodes: Vec<DerpNode> = certs
         .iter()
         .zip(&nodes_status)
-        .filter(|(_, st)| spec.derp_map.publish_unhealthy || st.ready)
+        .filter(|(_, st)| publish(st))
         .map(|(c, _)| DerpNode {
             name: c.node.name.clone(),
             region_id,
@@ -617,10 +647,24 @@ pub fn plan(inp: &Inputs<'_>) -> Result<Plan, PlanError> {
     }
 
     // 7. status
+    let withheld_nodes: Vec<String> = nodes_status
+        .iter()
+        .filter(|st| !spec.derp_map.publish_unhealthy && st.ready && withheld(st))
+        .map(|st| st.name.clone())
+        .collect();
+    let health = ProbeHealth {
+        withheld: if all_withheld {
+            Vec::new()
+        } else {
+            withheld_nodes.clone()
+        },
+        kept_all: all_withheld && !withheld_nodes.is_empty(),
+    };
     let status = build_status(
         region,
         &prev,
         inp.now,
+        &health,
         nodes_status,
         skipped,
         DerpMapStatus {
@@ -647,10 +691,89 @@ pub fn plan(inp: &Inputs<'_>) -> Result<Plan, PlanError> {
     })
 }
 
+/// What the derpMap filtering did because of probes (for the `NodesHealthy` message).
+struct ProbeHealth {
+    /// Nodes left out of the map.
+    withheld: Vec<String>,
+    /// Every Ready node was to be withheld, so all were kept.
+    kept_all: bool,
+}
+
+/// The `NodesHealthy` condition: nodes the operator cannot use (skipped, with their reason)
+/// come first, then nodes failing the operator's probes.
+fn nodes_healthy(
+    nodes: &[NodeStatus],
+    problems: &[&SkippedNode],
+    health: &ProbeHealth,
+    no_nodes_msg: &str,
+) -> Condition {
+    let desired = nodes.len();
+    let failing: Vec<&NodeStatus> = nodes
+        .iter()
+        .filter(|n| n.probe_result.as_deref().is_some_and(|r| r != "ok"))
+        .collect();
+    let mut parts: Vec<String> = problems
+        .iter()
+        .map(|s| format!("node {}: {}", s.name, s.message))
+        .collect();
+    for n in &failing {
+        let mut part = format!(
+            "node {} fails probes: {}",
+            n.name,
+            n.probe_result.as_deref().unwrap_or_default()
+        );
+        if health.withheld.contains(&n.name) {
+            part.push_str(" (left out of the derpMap: derpMap.publishUnhealthy is false)");
+        }
+        parts.push(part);
+    }
+    if health.kept_all {
+        parts.push(
+            "every Ready node fails probes, so all stay in the derpMap (an empty region helps \
+             no client); check the relays' logs and that the operator can reach the node IPs"
+                .to_owned(),
+        );
+    }
+    if let Some(first) = problems.first() {
+        return condition("NodesHealthy", false, &first.reason, parts.join("; "));
+    }
+    if desired == 0 {
+        return condition(
+            "NodesHealthy",
+            false,
+            "NoMatchingNodes",
+            no_nodes_msg.to_owned(),
+        );
+    }
+    if !failing.is_empty() {
+        return condition("NodesHealthy", false, "ProbesFailing", parts.join("; "));
+    }
+    let probed = nodes.iter().filter(|n| n.probe_result.is_some()).count();
+    if probed == desired {
+        condition(
+            "NodesHealthy",
+            true,
+            "ProbesPassing",
+            format!(
+                "{desired} node(s) pass the operator's probes (TCP, TLS with the pin, DERP, \
+                 packet round trip, STUN, mesh)"
+            ),
+        )
+    } else {
+        condition(
+            "NodesHealthy",
+            true,
+            "AllNodesUsable",
+            format!("{desired} node(s) selected, all usable"),
+        )
+    }
+}
+
 fn build_status(
     region: &DerpRegion,
     prev: &DerpRegionStatus,
     now: OffsetDateTime,
+    health: &ProbeHealth,
     nodes: Vec<NodeStatus>,
     skipped: Vec<SkippedNode>,
     derp_map: DerpMapStatus,
@@ -722,32 +845,7 @@ fn build_status(
                 derp_map.config_map_name, derp_map.content_hash
             ),
         ),
-        if let Some(first) = problems.first() {
-            condition(
-                "NodesHealthy",
-                false,
-                &first.reason,
-                problems
-                    .iter()
-                    .map(|s| format!("node {}: {}", s.name, s.message))
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            )
-        } else if no_nodes {
-            condition(
-                "NodesHealthy",
-                false,
-                "NoMatchingNodes",
-                no_nodes_msg.clone(),
-            )
-        } else {
-            condition(
-                "NodesHealthy",
-                true,
-                "AllNodesUsable",
-                format!("{desired} node(s) selected, all usable"),
-            )
-        },
+        nodes_healthy(&nodes, &problems, health, &no_nodes_msg),
     ];
     let ready_cond = if no_nodes {
         condition("Ready", false, "NoNodes", no_nodes_msg)

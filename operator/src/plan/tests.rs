@@ -48,6 +48,16 @@ fn three_nodes() -> Vec<Node> {
 }
 
 fn run(region: &DerpRegion, nodes: &[Node], existing: &Existing, issuer: &dyn CertIssuer) -> Plan {
+    run_probed(region, nodes, existing, issuer, &BTreeMap::new())
+}
+
+fn run_probed(
+    region: &DerpRegion,
+    nodes: &[Node],
+    existing: &Existing,
+    issuer: &dyn CertIssuer,
+    probes: &BTreeMap<String, ProbeView>,
+) -> Plan {
     let refs: Vec<&Node> = nodes.iter().collect();
     plan(&Inputs {
         region,
@@ -57,6 +67,7 @@ fn run(region: &DerpRegion, nodes: &[Node], existing: &Existing, issuer: &dyn Ce
         now: now(),
         issuer,
         new_psk: &psk,
+        probes,
     })
     .unwrap()
 }
@@ -245,6 +256,7 @@ fn expiring_certificate_is_rotated() {
         now: later,
         issuer: &issuer,
         new_psk: &psk,
+        probes: &BTreeMap::new(),
     })
     .unwrap();
     assert_eq!(p2.certs_issued, 3);
@@ -353,6 +365,7 @@ fn port_conflict_becomes_node_condition() {
         now: now(),
         issuer: &RcgenIssuer,
         new_psk: &psk,
+        probes: &BTreeMap::new(),
     })
     .unwrap();
     assert_eq!(p.status.nodes.len(), 2);
@@ -412,4 +425,152 @@ fn region_id_outside_custom_range_warns_once_per_generation() {
             .iter()
             .any(|e| e.reason == "RegionIDOutsideCustomRange")
     );
+}
+
+fn view(result: &str, withheld: bool) -> ProbeView {
+    ProbeView {
+        result: result.into(),
+        healthy: result == "ok",
+        latency_ms: (result == "ok").then_some(4),
+        time: now(),
+        withheld,
+    }
+}
+
+/// A region of three Ready relays, planned once more with `probes`.
+fn probed(publish_unhealthy: bool, probes: &[(&str, ProbeView)]) -> Plan {
+    let mut r = region();
+    r.spec.derp_map.publish_unhealthy = publish_unhealthy;
+    let nodes = three_nodes();
+    let mut existing = Existing::default();
+    let p1 = run(&r, &nodes, &existing, &RcgenIssuer);
+    apply_all(&mut existing, &p1, true);
+    let probes = probes
+        .iter()
+        .map(|(n, v)| ((*n).to_owned(), v.clone()))
+        .collect();
+    run_probed(
+        &with_status(r, &p1),
+        &nodes,
+        &existing,
+        &RcgenIssuer,
+        &probes,
+    )
+}
+
+fn cond<'a>(p: &'a Plan, t: &str) -> &'a Condition {
+    p.status.conditions.iter().find(|c| c.type_ == t).unwrap()
+}
+
+fn published(p: &Plan) -> Vec<&str> {
+    p.derp_map.regions[&900]
+        .nodes
+        .iter()
+        .map(|n| n.name.as_str())
+        .collect()
+}
+
+#[test]
+fn passing_probes_fill_node_status_and_nodes_healthy() {
+    let p = probed(
+        false,
+        &[
+            ("n1", view("ok", false)),
+            ("n2", view("ok", false)),
+            ("n3", view("ok", false)),
+        ],
+    );
+    for n in &p.status.nodes {
+        assert_eq!(n.probe_result.as_deref(), Some("ok"));
+        assert_eq!(n.probe_latency_ms, Some(4));
+        assert_eq!(n.last_probe_time.as_deref(), Some("2027-01-15T08:00:00Z"));
+    }
+    let c = cond(&p, "NodesHealthy");
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("True", "ProbesPassing")
+    );
+    assert_eq!(published(&p), ["n1", "n2", "n3"]);
+}
+
+#[test]
+fn a_failing_node_is_named_and_withheld_only_when_publish_unhealthy_is_false() {
+    let failing = [
+        ("n1", view("ok", false)),
+        ("n2", view("tls: TLS handshake timed out after 5s", true)),
+        ("n3", view("ok", false)),
+    ];
+    let p = probed(false, &failing);
+    let c = cond(&p, "NodesHealthy");
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", "ProbesFailing")
+    );
+    assert!(
+        c.message
+            .contains("node n2 fails probes: tls: TLS handshake timed out")
+            && c.message.contains("left out of the derpMap"),
+        "{}",
+        c.message
+    );
+    assert_eq!(published(&p), ["n1", "n3"]);
+    // Ready is about the relays, not the probes
+    assert_eq!(cond(&p, "Ready").status, "True");
+
+    // with publishUnhealthy (the default) the node stays published, the condition still says
+    let p = probed(true, &failing);
+    assert_eq!(cond(&p, "NodesHealthy").status, "False");
+    assert!(!cond(&p, "NodesHealthy").message.contains("left out"));
+    assert_eq!(published(&p), ["n1", "n2", "n3"]);
+
+    // failing but not yet past unhealthyAfter: named, still published
+    let p = probed(false, &[("n2", view("tcp: connection refused", false))]);
+    assert_eq!(cond(&p, "NodesHealthy").status, "False");
+    assert_eq!(published(&p), ["n1", "n2", "n3"]);
+}
+
+#[test]
+fn when_every_node_fails_probes_all_stay_published_and_the_condition_says_so() {
+    let p = probed(
+        false,
+        &[
+            ("n1", view("tcp: refused", true)),
+            ("n2", view("tcp: refused", true)),
+            ("n3", view("tcp: refused", true)),
+        ],
+    );
+    assert_eq!(published(&p), ["n1", "n2", "n3"]);
+    let c = cond(&p, "NodesHealthy");
+    assert_eq!(c.status, "False");
+    assert!(
+        c.message.contains("every Ready node fails probes"),
+        "{}",
+        c.message
+    );
+}
+
+#[test]
+fn unchanged_probe_views_plan_no_writes_and_the_same_status() {
+    let probes = [
+        ("n1", view("ok", false)),
+        ("n2", view("tls: timed out", true)),
+        ("n3", view("ok", false)),
+    ];
+    let mut r = region();
+    r.spec.derp_map.publish_unhealthy = false;
+    let nodes = three_nodes();
+    let mut existing = Existing::default();
+    let p1 = run(&r, &nodes, &existing, &RcgenIssuer);
+    apply_all(&mut existing, &p1, true);
+    let probes: BTreeMap<String, ProbeView> = probes
+        .iter()
+        .map(|(n, v)| ((*n).to_owned(), v.clone()))
+        .collect();
+    let r = with_status(r, &p1);
+    let p2 = run_probed(&r, &nodes, &existing, &RcgenIssuer, &probes);
+    apply_all(&mut existing, &p2, true);
+    let r = with_status(r, &p2);
+    let p3 = run_probed(&r, &nodes, &existing, &RcgenIssuer, &probes);
+    assert!(p3.writes.is_empty(), "{:?}", p3.writes);
+    assert_eq!(p3.status, p2.status);
 }
