@@ -69,6 +69,10 @@ pub struct Args {
     /// Concurrent reconciles.
     #[arg(long, env = "DERP_OPERATOR_CONCURRENCY", default_value_t = DEFAULT_CONCURRENCY)]
     pub concurrency: u16,
+    /// Relay image for regions that do not set `spec.relay.image` (the chart passes its
+    /// `relayImage` value).
+    #[arg(long, env = "DERP_OPERATOR_RELAY_IMAGE", default_value = crate::crd::DEFAULT_RELAY_IMAGE)]
+    pub relay_image: String,
     /// Probe every relay node this often (TCP, TLS with the pin, DERP, round trip, STUN,
     /// mesh) for `status.nodes[]`, `NodesHealthy` and `derpMap.publishUnhealthy`; 0 disables.
     #[arg(long, env = "DERP_OPERATOR_PROBE_INTERVAL", default_value = DEFAULT_PROBE_INTERVAL, value_parser = parse_std_duration)]
@@ -98,6 +102,8 @@ pub struct Config {
     pub identity: String,
     /// Concurrent reconciles.
     pub concurrency: u16,
+    /// Relay image for regions without `spec.relay.image`.
+    pub relay_image: String,
     /// Probe loop settings (None: probing disabled).
     pub probe: Option<crate::health::ProbeSettings>,
 }
@@ -123,6 +129,11 @@ pub enum ArgsError {
         /// `--probe-interval`.
         interval: Duration,
     },
+    /// An empty or malformed relay image reference.
+    #[error(
+        "--relay-image must be an image reference such as ghcr.io/kubederp/derper:0.1.0, not {0:?}"
+    )]
+    RelayImage(String),
     /// Zero probe concurrency.
     #[error("--probe-concurrency must be at least 1")]
     ZeroProbeConcurrency,
@@ -141,12 +152,16 @@ impl Args {
             lease_namespace,
             identity,
             concurrency,
+            relay_image,
             probe_interval,
             probe_timeout,
             probe_concurrency,
         } = self;
         if concurrency == 0 {
             return Err(ArgsError::ZeroConcurrency);
+        }
+        if relay_image.trim().is_empty() || relay_image.chars().any(char::is_whitespace) {
+            return Err(ArgsError::RelayImage(relay_image));
         }
         let probe = if probe_interval.is_zero() {
             None
@@ -189,6 +204,7 @@ impl Args {
             lease,
             identity,
             concurrency,
+            relay_image,
             probe,
         })
     }

@@ -104,6 +104,8 @@ pub struct Settings {
     pub instance: Option<String>,
     /// Probe every region's relay nodes (None: no probes, and the status has no probe fields).
     pub probe: Option<ProbeSettings>,
+    /// Relay image for regions without `spec.relay.image`.
+    pub relay_image: String,
 }
 
 impl Default for Settings {
@@ -113,6 +115,7 @@ impl Default for Settings {
             concurrency: 4,
             instance: None,
             probe: None,
+            relay_image: crate::crd::DEFAULT_RELAY_IMAGE.to_owned(),
         }
     }
 }
@@ -126,6 +129,7 @@ struct Context {
     shared: Shared,
     issuer: Arc<dyn CertIssuer>,
     tracker: Tracker,
+    relay_image: String,
 }
 
 /// Precedence for port claims: the older region (then `namespace/name`) wins.
@@ -246,6 +250,7 @@ async fn reconcile(region: Arc<DerpRegion>, ctx: Arc<Context>) -> Result<Action,
             issuer: ctx.issuer.as_ref(),
             new_psk: &new_psk,
             probes: &probes,
+            relay_image: &ctx.relay_image,
         })
         .map_err(|source| Error::Plan {
             region: name.clone(),
@@ -349,6 +354,7 @@ pub async fn run(
         shared: shared.clone(),
         issuer,
         tracker: Tracker::default(),
+        relay_image: settings.relay_image.clone(),
     });
     // the probe loop asks for reconciles of regions whose probe view changed
     let (probe_tx, probe_rx) = futures::channel::mpsc::unbounded();

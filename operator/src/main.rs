@@ -41,9 +41,38 @@ async fn shutdown_signal() {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let config = Args::parse().into_config()?;
+fn main() -> std::process::ExitCode {
+    // Invalid flags: one clear line and exit status 2, like clap's own usage errors.
+    let config = match Args::parse().into_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("derp-operator: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("derp-operator: starting the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(config)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The context chain on one line, each cause once (no backtrace dump).
+            let text = derper::telemetry::error_chain(e.as_ref());
+            error!("{text}");
+            eprintln!("derp-operator: {text}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: derp_operator::args::Config) -> anyhow::Result<()> {
     telemetry::init(config.log_format, &config.log_filter)?;
     let client = kube::Client::try_default()
         .await
@@ -108,6 +137,7 @@ async fn main() -> anyhow::Result<()> {
             concurrency: config.concurrency,
             instance: Some(config.identity.clone()),
             probe: config.probe.clone(),
+            relay_image: config.relay_image.clone(),
         },
         shared,
         metrics,

@@ -1418,4 +1418,24 @@ fn dockerfiles_and_the_image_script_build_the_same_non_root_static_images() {
     assert!(
         dockerfile("operator/Dockerfile").contains(&("EXPOSE".to_owned(), admin_port.to_owned()))
     );
+    // the chart's default relay image (passed as --relay-image) is the operator's own default
+    assert_eq!(
+        format!(
+            "{}:{}",
+            values["relayImage"]["repository"]
+                .as_str()
+                .expect("relayImage.repository"),
+            chart["appVersion"].as_str().expect("appVersion")
+        ),
+        derp_operator::crd::DEFAULT_RELAY_IMAGE
+    );
+    let rendered = std::fs::read_to_string(workspace_root().join("deploy/operator.yaml"))
+        .expect("deploy/operator.yaml");
+    assert!(
+        rendered.contains(&format!(
+            "--relay-image={}",
+            derp_operator::crd::DEFAULT_RELAY_IMAGE
+        )),
+        "deploy/operator.yaml passes the relay image"
+    );
 }

@@ -62,7 +62,7 @@ impl Operator {
                 namespace: Some(ns.to_owned()),
                 concurrency: 4,
                 instance: Some(format!("test-{ns}")),
-                probe: None,
+                ..Settings::default()
             },
             shared.clone(),
             metrics.clone(),

@@ -58,6 +58,14 @@ app.kubernetes.io/part-of: kubederp
 {{- end -}}
 {{- end -}}
 
+{{- define "kubederp.relayImage" -}}
+{{- if .Values.relayImage.digest -}}
+{{- printf "%s@%s" .Values.relayImage.repository .Values.relayImage.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.relayImage.repository (default .Chart.AppVersion .Values.relayImage.tag) -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Cross-field checks the JSON schema cannot express clearly. */}}
 {{- define "kubederp.validate" -}}
 {{- if and (gt (int .Values.replicas) 1) (not .Values.leaderElection.enabled) -}}

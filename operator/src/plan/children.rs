@@ -22,8 +22,8 @@ use super::nodes::SelectedNode;
 use crate::{
     certs::cert_file_stem,
     crd::{
-        ANNOTATION_NOT_AFTER, ANNOTATION_PIN, ANNOTATION_SPEC_HASH, APP_NAME, DEFAULT_RELAY_IMAGE,
-        DerpRegion, FIELD_MANAGER, LABEL_NODE, LABEL_REGION, Ports, VerificationMode,
+        ANNOTATION_NOT_AFTER, ANNOTATION_PIN, ANNOTATION_SPEC_HASH, APP_NAME, DerpRegion,
+        FIELD_MANAGER, LABEL_NODE, LABEL_REGION, Ports, VerificationMode,
     },
 };
 
@@ -292,7 +292,13 @@ pub fn relay_security_context(ports: &Ports) -> SecurityContext {
 /// The relay Pod for one node, with its spec hash in [`ANNOTATION_SPEC_HASH`]. `pin` is part
 /// of the hash so that a new certificate restarts the relay (upstream derper reads its
 /// certificate only at start).
-pub fn relay_pod(region: &DerpRegion, node: &SelectedNode, mesh: bool, pin: &str) -> Pod {
+pub fn relay_pod(
+    region: &DerpRegion,
+    node: &SelectedNode,
+    mesh: bool,
+    pin: &str,
+    default_image: &str,
+) -> Pod {
     let spec = &region.spec;
     let rname = region.name_any();
     let hostname = node.hostname();
@@ -463,7 +469,7 @@ pub fn relay_pod(region: &DerpRegion, node: &SelectedNode, mesh: bool, pin: &str
             spec.relay
                 .image
                 .clone()
-                .unwrap_or_else(|| DEFAULT_RELAY_IMAGE.to_owned()),
+                .unwrap_or_else(|| default_image.to_owned()),
         ),
         image_pull_policy: spec.relay.image_pull_policy.clone(),
         args: Some(args),
@@ -583,7 +589,31 @@ pub fn spec_hash(pod: &Pod) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crd::DEFAULT_RELAY_IMAGE;
     use crate::fixtures::region;
+
+    #[test]
+    fn relay_image_defaults_to_the_operator_setting_and_the_region_wins() {
+        let image = |r: &DerpRegion| {
+            relay_pod(
+                r,
+                &sel(Some("10.0.0.1"), None),
+                false,
+                "p",
+                "registry.local/derper:9",
+            )
+            .spec
+            .and_then(|s| s.containers.into_iter().next())
+            .and_then(|c| c.image)
+        };
+        let mut r = region();
+        assert_eq!(image(&r).as_deref(), Some("registry.local/derper:9"));
+        r.spec.relay.image = Some("mirror.example/derper@sha256:ab".into());
+        assert_eq!(
+            image(&r).as_deref(),
+            Some("mirror.example/derper@sha256:ab")
+        );
+    }
 
     fn sel(v4: Option<&str>, v6: Option<&str>) -> SelectedNode {
         SelectedNode {
@@ -608,7 +638,13 @@ mod tests {
     #[test]
     fn relay_pod_has_upstream_args_mounts_and_security() {
         let r = region();
-        let pod = relay_pod(&r, &sel(None, Some("2001:db8::1")), true, "sha256-raw:00");
+        let pod = relay_pod(
+            &r,
+            &sel(None, Some("2001:db8::1")),
+            true,
+            "sha256-raw:00",
+            DEFAULT_RELAY_IMAGE,
+        );
         let spec = pod.spec.as_ref().unwrap();
         assert_eq!(spec.node_name.as_deref(), Some("n1"));
         assert_eq!(spec.host_network, Some(true));
@@ -677,7 +713,13 @@ mod tests {
         r.spec.ports.http = 8080;
         r.spec.ports.stun = 3478;
         r.spec.ports.admin = 9090;
-        let pod = relay_pod(&r, &sel(Some("10.0.0.1"), None), false, "p");
+        let pod = relay_pod(
+            &r,
+            &sel(Some("10.0.0.1"), None),
+            false,
+            "p",
+            DEFAULT_RELAY_IMAGE,
+        );
         let sc = pod.spec.as_ref().unwrap().containers[0]
             .security_context
             .clone()
@@ -724,18 +766,36 @@ mod tests {
     fn pod_hash_changes_with_pin_and_args_only() {
         let r = region();
         let n = sel(Some("10.0.0.1"), None);
-        let a = relay_pod(&r, &n, false, "sha256-raw:00");
+        let a = relay_pod(&r, &n, false, "sha256-raw:00", DEFAULT_RELAY_IMAGE);
         assert_eq!(
             spec_hash(&a),
-            spec_hash(&relay_pod(&r, &n, false, "sha256-raw:00"))
+            spec_hash(&relay_pod(
+                &r,
+                &n,
+                false,
+                "sha256-raw:00",
+                DEFAULT_RELAY_IMAGE
+            ))
         );
         assert_ne!(
             spec_hash(&a),
-            spec_hash(&relay_pod(&r, &n, false, "sha256-raw:01"))
+            spec_hash(&relay_pod(
+                &r,
+                &n,
+                false,
+                "sha256-raw:01",
+                DEFAULT_RELAY_IMAGE
+            ))
         );
         assert_ne!(
             spec_hash(&a),
-            spec_hash(&relay_pod(&r, &n, true, "sha256-raw:00"))
+            spec_hash(&relay_pod(
+                &r,
+                &n,
+                true,
+                "sha256-raw:00",
+                DEFAULT_RELAY_IMAGE
+            ))
         );
     }
 
@@ -744,7 +804,13 @@ mod tests {
         let mut r = region();
         r.spec.ports.http = 0;
         r.spec.ports.stun = -1;
-        let pod = relay_pod(&r, &sel(Some("10.0.0.1"), None), false, "p");
+        let pod = relay_pod(
+            &r,
+            &sel(Some("10.0.0.1"), None),
+            false,
+            "p",
+            DEFAULT_RELAY_IMAGE,
+        );
         let c = &pod.spec.as_ref().unwrap().containers[0];
         let args = c.args.as_ref().unwrap();
         assert!(args.contains(&"--http-port=-1".to_owned()));

@@ -63,6 +63,8 @@ pub struct Inputs<'a> {
     /// The operator's probe results by node name (empty when probing is off or no probe
     /// has finished yet).
     pub probes: &'a BTreeMap<String, ProbeView>,
+    /// Relay image when the region does not set `spec.relay.image` (`--relay-image`).
+    pub relay_image: &'a str,
 }
 
 /// What the operator's probes say about one node (kept by `health::Tracker`; it only changes
@@ -410,7 +412,7 @@ pub fn plan(inp: &Inputs<'_>) -> Result<Plan, PlanError> {
     let mut replace_ready = Vec::new();
     let mut not_ready_current = 0usize;
     for c in &certs {
-        let pod = relay_pod(region, &c.node, mesh, &c.pin);
+        let pod = relay_pod(region, &c.node, mesh, &c.pin, inp.relay_image);
         let name = pod.name_any();
         wanted_pods.push(name.clone());
         match inp.existing.pods.get(&name) {
@@ -490,7 +492,8 @@ pub fn plan(inp: &Inputs<'_>) -> Result<Plan, PlanError> {
                 ready: pod.is_some_and(|p| {
                     p.metadata.deletion_timestamp.is_none()
                         && pod_ready(p)
-                        && spec_hash(p) == spec_hash(&relay_pod(region, &c.node, mesh, &c.pin))
+                        && spec_hash(p)
+                            == spec_hash(&relay_pod(region, &c.node, mesh, &c.pin, inp.relay_image))
                 }),
                 last_probe_time: probe.map(|v| rfc3339(v.time)),
                 probe_result: probe.map(|v| v.result.clone()),

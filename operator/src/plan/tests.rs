@@ -68,6 +68,7 @@ fn run_probed(
         issuer,
         new_psk: &psk,
         probes,
+        relay_image: crate::crd::DEFAULT_RELAY_IMAGE,
     })
     .unwrap()
 }
@@ -257,6 +258,7 @@ fn expiring_certificate_is_rotated() {
         issuer: &issuer,
         new_psk: &psk,
         probes: &BTreeMap::new(),
+        relay_image: crate::crd::DEFAULT_RELAY_IMAGE,
     })
     .unwrap();
     assert_eq!(p2.certs_issued, 3);
@@ -366,6 +368,7 @@ fn port_conflict_becomes_node_condition() {
         issuer: &RcgenIssuer,
         new_psk: &psk,
         probes: &BTreeMap::new(),
+        relay_image: crate::crd::DEFAULT_RELAY_IMAGE,
     })
     .unwrap();
     assert_eq!(p.status.nodes.len(), 2);
