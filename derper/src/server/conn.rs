@@ -280,7 +280,11 @@ where
         }
         Ok(Ok(Some(f))) => f.payload,
     };
-    let (key, client_info) = match handshake::open_client_info(server.private_key(), &payload) {
+    let opened = handshake::open_client_info(server.private_key(), &payload);
+    // The payload shares the HTTP layer's read buffer; release it now rather than for the
+    // life of the connection (T5).
+    drop(payload);
+    let (key, client_info) = match opened {
         Ok(x) => x,
         Err(e) => {
             m.handshake_failure(match e {
