@@ -180,7 +180,7 @@ struct SentTo {
     last: Option<NodePublicKey>,
     /// Last (remote src, dst) pair of a forwarded packet (mesh connections only).
     last_fwd: Option<(NodePublicKey, NodePublicKey)>,
-    seen: HashSet<NodePublicKey>,
+    seen: HashSet<NodePublicKey, super::registry::KeyHasher>,
 }
 
 /// Token bucket for PeerGone(NotHere) replies (spec §6.5: 1/s, burst 3).
