@@ -281,7 +281,9 @@ pub async fn serve_connection<S>(
                     not_ideal: false,
                     prelude: Bytes::new(),
                 };
-                server.handle_derp(ws, BytesMut::new(), info).await;
+                // Boxed: inline, this rarely used branch would set the size of every
+                // connection's task (a task is as large as its largest state; T5).
+                Box::pin(server.handle_derp(ws, BytesMut::new(), info)).await;
             }
         }
         return;

@@ -326,64 +326,123 @@ pub async fn serve(socket: UdpSocket, metrics: StunMetrics, cancel: Cancellation
     if let Ok(addr) = socket.local_addr() {
         tracing::info!(%addr, "STUN server listening");
     }
-    loop {
-        let received = tokio::select! {
+    // One cancellation future for the whole loop, not one per datagram.
+    let cancelled = cancel.cancelled();
+    tokio::pin!(cancelled);
+    let mut counts = Counts::default();
+    'outer: loop {
+        counts.flush(&metrics);
+        tokio::select! {
             biased;
-            () = cancel.cancelled() => break,
-            r = socket.recv_from(&mut buf) => r,
-        };
-        let (n, src) = match received {
-            Ok(r) => r,
-            Err(e) => {
+            () = &mut cancelled => break,
+            r = socket.readable() => if r.is_err() {
                 metrics.read_error.inc();
-                tracing::trace!(error = %e, "stun read error");
-                // ICMP-induced errors (refused/reset) are per-datagram; anything else
-                // may persist, so do not spin on it.
-                if !matches!(
-                    e.kind(),
-                    std::io::ErrorKind::ConnectionRefused
-                        | std::io::ErrorKind::ConnectionReset
-                        | std::io::ErrorKind::Interrupted
-                        | std::io::ErrorKind::WouldBlock
-                ) {
-                    tokio::select! {
-                        () = cancel.cancelled() => break,
-                        () = tokio::time::sleep(Duration::from_millis(10)) => {}
-                    }
+                tokio::select! {
+                    () = &mut cancelled => break,
+                    () = tokio::time::sleep(Duration::from_millis(10)) => {}
                 }
                 continue;
-            }
-        };
-        let datagram = buf.get(..n).unwrap_or_default();
-        let tx = match parse_binding_request(datagram) {
-            Ok(tx) => tx,
-            Err(e) => {
-                metrics.not_stun.inc();
-                tracing::trace!(%src, error = %e, "ignoring non-STUN datagram");
-                continue;
-            }
-        };
-        let len = write_binding_response(tx, src, &mut resp);
-        match src.ip().to_canonical() {
-            IpAddr::V4(_) => metrics.ipv4.inc(),
-            IpAddr::V6(_) => metrics.ipv6.inc(),
-        };
-        let reply = resp.get(..len).unwrap_or_default();
-        let sent = tokio::select! {
-            biased;
-            () = cancel.cancelled() => break,
-            r = socket.send_to(reply, src) => r,
-        };
-        match sent {
-            Ok(_) => {
-                metrics.success.inc();
-                tracing::trace!(%src, "stun binding response sent");
-            }
-            Err(e) => {
-                metrics.write_error.inc();
-                tracing::trace!(%src, error = %e, "stun write error");
+            },
+        }
+        // Drain what is queued without a select! or a readiness wait per datagram; at
+        // most BATCH datagrams per turn so other tasks (and cancellation) get to run.
+        for _ in 0..BATCH {
+            let (n, src) = match socket.try_recv_from(&mut buf) {
+                Ok(r) => r,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue 'outer,
+                Err(e) => {
+                    metrics.read_error.inc();
+                    tracing::trace!(error = %e, "stun read error");
+                    // ICMP-induced errors (refused/reset) are per-datagram; anything else
+                    // may persist, so do not spin on it.
+                    if !matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionRefused
+                            | std::io::ErrorKind::ConnectionReset
+                            | std::io::ErrorKind::Interrupted
+                    ) {
+                        counts.flush(&metrics);
+                        tokio::select! {
+                            () = &mut cancelled => break 'outer,
+                            () = tokio::time::sleep(Duration::from_millis(10)) => {}
+                        }
+                        continue 'outer;
+                    }
+                    continue;
+                }
+            };
+            let datagram = buf.get(..n).unwrap_or_default();
+            let tx = match parse_binding_request(datagram) {
+                Ok(tx) => tx,
+                Err(e) => {
+                    counts.not_stun += 1;
+                    tracing::trace!(%src, error = %e, "ignoring non-STUN datagram");
+                    continue;
+                }
+            };
+            let len = write_binding_response(tx, src, &mut resp);
+            match src.ip().to_canonical() {
+                IpAddr::V4(_) => counts.ipv4 += 1,
+                IpAddr::V6(_) => counts.ipv6 += 1,
+            };
+            let reply = resp.get(..len).unwrap_or_default();
+            let sent = match socket.try_send_to(reply, src) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    // Send buffer full: wait for room, as a plain send_to would.
+                    counts.flush(&metrics);
+                    tokio::select! {
+                        biased;
+                        () = &mut cancelled => break 'outer,
+                        r = socket.send_to(reply, src) => r,
+                    }
+                }
+                r => r,
+            };
+            match sent {
+                Ok(_) => {
+                    counts.success += 1;
+                    tracing::trace!(%src, "stun binding response sent");
+                }
+                Err(e) => {
+                    counts.write_error += 1;
+                    tracing::trace!(%src, error = %e, "stun write error");
+                }
             }
         }
+        // A full batch: let other tasks run before draining more.
+        counts.flush(&metrics);
+        tokio::task::yield_now().await;
+    }
+    counts.flush(&metrics);
+}
+
+/// Datagrams handled per readiness wakeup before the task yields.
+const BATCH: usize = 64;
+
+/// Per-batch counters, added to the shared metrics once per batch.
+#[derive(Debug, Default)]
+struct Counts {
+    success: u64,
+    not_stun: u64,
+    write_error: u64,
+    ipv4: u64,
+    ipv6: u64,
+}
+
+impl Counts {
+    fn flush(&mut self, m: &StunMetrics) {
+        for (n, c) in [
+            (self.success, &m.success),
+            (self.not_stun, &m.not_stun),
+            (self.write_error, &m.write_error),
+            (self.ipv4, &m.ipv4),
+            (self.ipv6, &m.ipv6),
+        ] {
+            if n > 0 {
+                c.inc_by(n);
+            }
+        }
+        *self = Self::default();
     }
 }
 

@@ -669,10 +669,20 @@ async fn stun(
                     }
                     out += 1;
                 }
-                match tokio::time::timeout(Duration::from_millis(20), sock.recv(&mut buf)).await {
-                    Ok(Ok(_)) => {
-                        out -= 1;
-                        got.fetch_add(1, Ordering::Relaxed);
+                // One readiness wait (and one timer) per batch, then drain every queued
+                // response, so the client does not cap the relay's rate (T10).
+                match tokio::time::timeout(Duration::from_millis(20), sock.readable()).await {
+                    Ok(Ok(())) => {
+                        let mut n = 0usize;
+                        loop {
+                            match sock.try_recv(&mut buf) {
+                                Ok(_) => n += 1,
+                                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                                Err(_) => return,
+                            }
+                        }
+                        out = out.saturating_sub(n);
+                        got.fetch_add(n as u64, Ordering::Relaxed);
                     }
                     Ok(Err(_)) => return,
                     Err(_) => {

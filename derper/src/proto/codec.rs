@@ -516,6 +516,42 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// Reads more bytes. Returns false on clean EOF with an empty buffer.
     async fn fill(&mut self, in_frame: bool) -> Result<bool, ReadError> {
+        if self.buf.is_empty() && self.read_size == MIN_READ {
+            // Nothing buffered and not streaming: read through a stack buffer that lives
+            // only inside one poll. If no data is ready the connection is going idle, so
+            // the heap buffer is released while it waits (performance.md §7, T5); if data
+            // is ready it is appended to the existing buffer (no allocation under load).
+            let inner = &mut self.inner;
+            let buf = &mut self.buf;
+            let n = std::future::poll_fn(|cx| {
+                let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); MIN_READ];
+                let mut rb = tokio::io::ReadBuf::uninit(&mut stack);
+                match std::pin::Pin::new(&mut *inner).poll_read(cx, &mut rb) {
+                    std::task::Poll::Pending => {
+                        if buf.capacity() > 0 {
+                            *buf = BytesMut::new();
+                        }
+                        std::task::Poll::Pending
+                    }
+                    std::task::Poll::Ready(r) => {
+                        buf.extend_from_slice(rb.filled());
+                        std::task::Poll::Ready(r.map(|()| rb.filled().len()))
+                    }
+                }
+            })
+            .await?;
+            if n == 0 {
+                if in_frame {
+                    return Err(ReadError::UnexpectedEof);
+                }
+                return Ok(false);
+            }
+            if n == MIN_READ {
+                // A full read: the peer is busy; use a growing heap buffer from now on.
+                self.read_size *= 2;
+            }
+            return Ok(true);
+        }
         if self.buf.is_empty() && self.buf.capacity() > 2 * MAX_READ {
             // Idle connections should not keep a burst-sized buffer (performance.md §7).
             self.buf = BytesMut::new();
@@ -524,6 +560,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         if self.buf.capacity() - self.buf.len() < MIN_READ {
             self.buf.reserve(self.read_size);
         }
+        let was_empty = self.buf.is_empty();
         let spare = self.buf.capacity() - self.buf.len();
         let n = self.inner.read_buf(&mut self.buf).await?;
         if n == 0 {
@@ -534,6 +571,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
         if n == spare && self.read_size < MAX_READ {
             self.read_size *= 2;
+        } else if was_empty && n < MIN_READ {
+            // Traffic is light again: go back to the idle (stack) path above.
+            self.read_size = MIN_READ;
         }
         Ok(true)
     }

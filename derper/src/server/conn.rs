@@ -180,7 +180,7 @@ struct SentTo {
     last: Option<NodePublicKey>,
     /// Last (remote src, dst) pair of a forwarded packet (mesh connections only).
     last_fwd: Option<(NodePublicKey, NodePublicKey)>,
-    seen: HashSet<NodePublicKey>,
+    seen: HashSet<NodePublicKey, super::registry::KeyHasher>,
 }
 
 /// Token bucket for PeerGone(NotHere) replies (spec §6.5: 1/s, burst 3).
@@ -280,7 +280,11 @@ where
         }
         Ok(Ok(Some(f))) => f.payload,
     };
-    let (key, client_info) = match handshake::open_client_info(server.private_key(), &payload) {
+    let opened = handshake::open_client_info(server.private_key(), &payload);
+    // The payload shares the HTTP layer's read buffer; release it now rather than for the
+    // life of the connection (T5).
+    drop(payload);
+    let (key, client_info) = match opened {
         Ok(x) => x,
         Err(e) => {
             m.handshake_failure(match e {
@@ -467,6 +471,10 @@ async fn read_loop<R: AsyncRead + Unpin>(
     } else {
         server.options().recv_rate.map(|r| r.bucket())
     };
+    // One cancellation future for the whole connection: building one per frame would
+    // register and remove a waiter in the token (two mutex round trips) every time.
+    let cancelled = conn.cancel.cancelled();
+    tokio::pin!(cancelled);
     let reason = loop {
         if reader.buffer_is_empty() {
             counters.flush(m);
@@ -484,7 +492,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
         }
         let raw = tokio::select! {
             biased;
-            _ = conn.cancel.cancelled() => break if server.cancel_token().is_cancelled() { "shutdown" } else { "closed" },
+            _ = &mut cancelled => break if server.cancel_token().is_cancelled() { "shutdown" } else { "closed" },
             r = reader.read_frame() => r,
         };
         let raw = match raw {
@@ -503,7 +511,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 m.rate_limit_waited.inc();
                 tokio::select! {
                     biased;
-                    _ = conn.cancel.cancelled() => {}
+                    _ = &mut cancelled => {}
                     _ = tokio::time::sleep(wait) => {}
                 }
             }
@@ -699,6 +707,9 @@ impl Writer {
         let mut ctrl = VecDeque::new();
         let mut result = None;
         let mut aborted = false;
+        // Created once, not per batch (see read_loop).
+        let cancelled = conn.cancel.cancelled();
+        tokio::pin!(cancelled);
         'outer: loop {
             out.clear();
             let pong = {
@@ -715,7 +726,7 @@ impl Writer {
                 }
                 tokio::select! {
                     biased;
-                    _ = conn.cancel.cancelled() => break 'outer,
+                    _ = &mut cancelled => break 'outer,
                     _ = conn.notify.notified() => continue 'outer,
                     _ = ka.tick() => {
                         codec::write_keepalive(&mut out);
@@ -769,7 +780,7 @@ impl Writer {
             let res = tokio::select! {
                 biased;
                 r = write_with_timeout(&mut wr, &out, self.write_timeout) => r,
-                _ = conn.cancel.cancelled() => {
+                _ = &mut cancelled => {
                     aborted = true;
                     break;
                 }

@@ -6,6 +6,10 @@
 //! watchers) happens after shard guards are released.
 
 use std::collections::{HashMap, HashSet};
+
+/// Seeded per process: client keys are attacker-chosen, so no fixed or identity hash
+/// (hash flooding); foldhash is much cheaper than SipHash on 32-byte keys.
+pub(crate) type KeyHasher = foldhash::fast::RandomState;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -22,13 +26,13 @@ struct KeyEntry {
     /// Connections in "heard-from" order; the last one is the active one (spec §6.2).
     conns: Vec<Arc<ConnShared>>,
     /// Keys that received packets from this key (spec §6.5).
-    recipients: HashSet<NodePublicKey>,
+    recipients: HashSet<NodePublicKey, KeyHasher>,
     /// Mesh peers that announced this key, in registration order; the first one is used
     /// when there is no local connection (spec §6.10).
     fwd: Vec<Arc<Forwarder>>,
 }
 
-type Shard = Mutex<HashMap<NodePublicKey, KeyEntry>>;
+type Shard = Mutex<HashMap<NodePublicKey, KeyEntry, KeyHasher>>;
 
 /// The registry. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -65,7 +69,9 @@ pub(crate) enum Lookup<R> {
 
 impl Registry {
     pub(crate) fn new(metrics: Arc<Metrics>) -> Self {
-        let shards = (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect();
+        let shards = (0..SHARDS)
+            .map(|_| Mutex::new(HashMap::default()))
+            .collect();
         Self {
             inner: Arc::new(Inner {
                 shards,
@@ -172,7 +178,11 @@ impl Registry {
     }
 
     /// Sends PeerGone(Disconnected) for `gone` to every local recipient (spec §6.5).
-    fn notify_recipients(&self, gone: &NodePublicKey, recipients: HashSet<NodePublicKey>) {
+    fn notify_recipients(
+        &self,
+        gone: &NodePublicKey,
+        recipients: HashSet<NodePublicKey, KeyHasher>,
+    ) {
         for r in recipients {
             let _ = self.with_local(&r, |c| {
                 c.push_ctrl(Ctrl::PeerGone(*gone, PeerGoneReason::Disconnected))
