@@ -136,7 +136,7 @@ struct Context {
 fn precedence(r: &DerpRegion) -> (Option<k8s_openapi::jiff::Timestamp>, String) {
     (
         r.metadata.creation_timestamp.as_ref().map(|t| t.0),
-        format!("{}/{}", r.namespace().unwrap_or_default(), r.name_any()),
+        crate::health::region_key(r),
     )
 }
 

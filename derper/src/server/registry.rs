@@ -6,10 +6,6 @@
 //! watchers) happens after shard guards are released.
 
 use std::collections::{HashMap, HashSet};
-
-/// Seeded per process: client keys are attacker-chosen, so no fixed or identity hash
-/// (hash flooding); foldhash is much cheaper than SipHash on 32-byte keys.
-pub(crate) type KeyHasher = foldhash::fast::RandomState;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -18,6 +14,10 @@ use crate::key::NodePublicKey;
 use crate::mesh::Forwarder;
 use crate::metrics::Metrics;
 use crate::proto::PeerGoneReason;
+
+/// Seeded per process: client keys are attacker-chosen, so no fixed or identity hash
+/// (hash flooding); foldhash is much cheaper than SipHash on 32-byte keys.
+pub(crate) type KeyHasher = foldhash::fast::RandomState;
 
 const SHARDS: usize = 64;
 
