@@ -11,11 +11,13 @@
 //! * [`client`]: a DERP client (tests, mesh, probes, load generation).
 //! * [`metrics`]: Prometheus metrics served on the admin listener only.
 //! * [`certs`], [`tls`], [`stun`]: certificates, rustls configuration and STUN.
+//! * [`udp`]: batched UDP receive and send (`recvmmsg`/`sendmmsg`) for STUN.
 
 pub mod certs;
 pub mod client;
 pub mod stun;
 pub mod tls;
+pub mod udp;
 
 pub mod admission;
 pub mod args;

@@ -318,11 +318,15 @@ impl StunMetrics {
 
 /// Answer STUN binding requests on `socket` until `cancel` fires.
 ///
-/// Tight loop with one receive buffer allocated up front; never panics; logs per datagram
-/// only at `trace`.
+/// Receives up to [`BATCH`] datagrams per `recvmmsg(2)` and sends the answers with one
+/// `sendmmsg(2)` (see [`crate::udp`]); buffers are allocated once; never panics; logs per
+/// datagram only at `trace`.
 pub async fn serve(socket: UdpSocket, metrics: StunMetrics, cancel: CancellationToken) {
-    let mut buf = vec![0u8; MAX_DATAGRAM];
-    let mut resp = [0u8; MAX_RESPONSE_LEN];
+    // Each slot takes a whole 64 KiB datagram (spec §7.1), so a long datagram is parsed
+    // like Go parses it, never truncated into something that looks valid. The slots are
+    // one lazily paged allocation: only the pages datagrams land in become resident.
+    let mut rx = crate::udp::RecvBatch::new(BATCH, MAX_DATAGRAM);
+    let mut tx = crate::udp::SendBatch::new(BATCH, MAX_RESPONSE_LEN);
     if let Ok(addr) = socket.local_addr() {
         tracing::info!(%addr, "STUN server listening");
     }
@@ -344,11 +348,11 @@ pub async fn serve(socket: UdpSocket, metrics: StunMetrics, cancel: Cancellation
                 continue;
             },
         }
-        // Drain what is queued without a select! or a readiness wait per datagram; at
-        // most BATCH datagrams per turn so other tasks (and cancellation) get to run.
-        for _ in 0..BATCH {
-            let (n, src) = match socket.try_recv_from(&mut buf) {
-                Ok(r) => r,
+        // Drain what is queued without a select! or a readiness wait per batch; at most
+        // TURNS batches per wakeup so other tasks (and cancellation) get to run.
+        for _ in 0..TURNS {
+            match rx.try_recv(&socket) {
+                Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue 'outer,
                 Err(e) => {
                     metrics.read_error.inc();
@@ -370,54 +374,73 @@ pub async fn serve(socket: UdpSocket, metrics: StunMetrics, cancel: Cancellation
                     }
                     continue;
                 }
-            };
-            let datagram = buf.get(..n).unwrap_or_default();
-            let tx = match parse_binding_request(datagram) {
-                Ok(tx) => tx,
-                Err(e) => {
+            }
+            for d in rx.iter() {
+                let Some(src) = d.src else {
                     counts.not_stun += 1;
-                    tracing::trace!(%src, error = %e, "ignoring non-STUN datagram");
                     continue;
-                }
-            };
-            let len = write_binding_response(tx, src, &mut resp);
-            match src.ip().to_canonical() {
-                IpAddr::V4(_) => counts.ipv4 += 1,
-                IpAddr::V6(_) => counts.ipv6 += 1,
-            };
-            let reply = resp.get(..len).unwrap_or_default();
-            let sent = match socket.try_send_to(reply, src) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    // Send buffer full: wait for room, as a plain send_to would.
-                    counts.flush(&metrics);
-                    tokio::select! {
-                        biased;
-                        () = &mut cancelled => break 'outer,
-                        r = socket.send_to(reply, src) => r,
+                };
+                let parsed = if d.truncated {
+                    // Longer than 64 KiB: Go reads only the first 64 KiB too, and the
+                    // FINGERPRINT cannot be the last attribute of what it read.
+                    Err(ParseError::NoFingerprint)
+                } else {
+                    parse_binding_request(d.data)
+                };
+                let txid = match parsed {
+                    Ok(txid) => txid,
+                    Err(e) => {
+                        counts.not_stun += 1;
+                        tracing::trace!(%src, error = %e, "ignoring non-STUN datagram");
+                        continue;
                     }
-                }
-                r => r,
-            };
-            match sent {
-                Ok(_) => {
-                    counts.success += 1;
-                    tracing::trace!(%src, "stun binding response sent");
-                }
-                Err(e) => {
-                    counts.write_error += 1;
-                    tracing::trace!(%src, error = %e, "stun write error");
+                };
+                match src.ip().to_canonical() {
+                    IpAddr::V4(_) => counts.ipv4 += 1,
+                    IpAddr::V6(_) => counts.ipv6 += 1,
+                };
+                tx.push(
+                    Some(src),
+                    |slot| match <&mut [u8; MAX_RESPONSE_LEN]>::try_from(slot) {
+                        Ok(out) => write_binding_response(txid, src, out),
+                        Err(_) => 0,
+                    },
+                );
+            }
+            while tx.pending() > 0 {
+                match tx.try_send(&socket) {
+                    Ok(n) => counts.success += n as u64,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        // Send buffer full: wait for room, as a plain send_to would.
+                        counts.flush(&metrics);
+                        tokio::select! {
+                            biased;
+                            () = &mut cancelled => break 'outer,
+                            r = socket.writable() => if r.is_err() {
+                                counts.write_error += tx.pending() as u64;
+                                tx.clear();
+                            },
+                        }
+                    }
+                    Err(e) => {
+                        counts.write_error += 1;
+                        tracing::trace!(error = %e, "stun write error");
+                        tx.skip_one();
+                    }
                 }
             }
         }
-        // A full batch: let other tasks run before draining more.
+        // A full set of batches: let other tasks run before draining more.
         counts.flush(&metrics);
         tokio::task::yield_now().await;
     }
     counts.flush(&metrics);
 }
 
-/// Datagrams handled per readiness wakeup before the task yields.
-const BATCH: usize = 64;
+/// Datagrams per `recvmmsg` / `sendmmsg` call.
+const BATCH: usize = 32;
+/// Batches handled per readiness wakeup before the task yields.
+const TURNS: usize = 4;
 
 /// Per-batch counters, added to the shared metrics once per batch.
 #[derive(Debug, Default)]

@@ -660,30 +660,44 @@ async fn stun(
         let req = stun_request(i);
         let (phase, got, lost) = (phase.clone(), got.clone(), lost.clone());
         set.spawn(async move {
-            let mut buf = [0u8; 256];
+            // Batched both ways (recvmmsg/sendmmsg), so that generating a request costs
+            // the client less than answering it costs the relay (T10).
+            let mut rx = derper::udp::RecvBatch::new(window, 256);
+            let mut txb = derper::udp::SendBatch::new(window, req.len());
             let mut out = 0usize;
             while phase.get() < 2 {
-                while out < window {
-                    if sock.send(&req).await.is_err() {
-                        return;
-                    }
+                while out < window
+                    && txb.push(None, |slot| {
+                        slot.copy_from_slice(&req);
+                        req.len()
+                    })
+                {
                     out += 1;
                 }
-                // One readiness wait (and one timer) per batch, then drain every queued
-                // response, so the client does not cap the relay's rate (T10).
-                match tokio::time::timeout(Duration::from_millis(20), sock.readable()).await {
-                    Ok(Ok(())) => {
-                        let mut n = 0usize;
-                        loop {
-                            match sock.try_recv(&mut buf) {
-                                Ok(_) => n += 1,
-                                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                                Err(_) => return,
+                while txb.pending() > 0 {
+                    match txb.try_send(&sock) {
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            if sock.writable().await.is_err() {
+                                return;
                             }
                         }
-                        out = out.saturating_sub(n);
-                        got.fetch_add(n as u64, Ordering::Relaxed);
+                        Err(_) => return,
                     }
+                }
+                // One readiness wait (and one timer) per window, then drain every queued
+                // response.
+                match tokio::time::timeout(Duration::from_millis(20), sock.readable()).await {
+                    Ok(Ok(())) => loop {
+                        match rx.try_recv(&sock) {
+                            Ok(n) => {
+                                out = out.saturating_sub(n);
+                                got.fetch_add(n as u64, Ordering::Relaxed);
+                            }
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                            Err(_) => return,
+                        }
+                    },
                     Ok(Err(_)) => return,
                     Err(_) => {
                         lost.fetch_add(out as u64, Ordering::Relaxed);
