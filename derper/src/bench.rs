@@ -71,24 +71,36 @@ impl ServerCertVerifier for NoVerify {
 /// handshake is a full one).
 pub fn tls_config() -> Arc<rustls::ClientConfig> {
     let base = rustls::crypto::ring::default_provider();
-    let schemes = base
-        .signature_verification_algorithms
-        .supported_schemes()
-        .clone();
     let provider = rustls::crypto::CryptoProvider {
         cipher_suites: vec![rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256],
         kx_groups: vec![rustls::crypto::ring::kx_group::X25519],
         ..base
     };
-    let mut c = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("ring supports TLS 1.3 with AES-128-GCM and X25519")
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(NoVerify(schemes)))
-        .with_no_client_auth();
+    let mut c = insecure_client_config(provider, &[&rustls::version::TLS13]);
     c.resumption = rustls::client::Resumption::disabled();
     c.alpn_protocols = vec![b"http/1.1".to_vec()];
     Arc::new(c)
+}
+
+/// A client configuration that accepts any server certificate (load generation and tests
+/// only), for `provider` and `versions`.
+///
+/// # Panics
+/// If `provider` supports none of `versions` (a programming error in the caller).
+pub fn insecure_client_config(
+    provider: rustls::crypto::CryptoProvider,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> rustls::ClientConfig {
+    let schemes = provider
+        .signature_verification_algorithms
+        .supported_schemes()
+        .clone();
+    rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(versions)
+        .expect("the provider supports the requested TLS versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(NoVerify(schemes)))
+        .with_no_client_auth()
 }
 
 /// Controls a [`CorkedIo`]: while corked, writes and flushes only buffer.

@@ -11,12 +11,14 @@
 //! * [`client`]: a DERP client (tests, mesh, probes, load generation).
 //! * [`metrics`]: Prometheus metrics served on the admin listener only.
 //! * [`certs`], [`tls`], [`stun`]: certificates, rustls configuration and STUN.
+//! * [`tls_stream`]: the server TLS stream (rustls unbuffered API, no buffers while idle).
 //! * [`udp`]: batched UDP receive and send (`recvmmsg`/`sendmmsg`) for STUN.
 
 pub mod certs;
 pub mod client;
 pub mod stun;
 pub mod tls;
+pub mod tls_stream;
 pub mod udp;
 
 pub mod admission;

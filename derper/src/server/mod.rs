@@ -333,7 +333,7 @@ pub async fn spawn(
     };
     let stun_addr = stun_socket.as_ref().and_then(|s| s.local_addr().ok());
 
-    let tls = cfg.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+    let tls = cfg.tls.clone();
     info!(listener = "main", tls = tls.is_some(), %addr, "listening on {addr}");
     tasks.spawn(accept_loop(
         main,
@@ -434,7 +434,7 @@ fn apply_tcp_options(stream: &TcpStream, opts: TcpOptions) {
 async fn accept_loop(
     listener: TcpListener,
     server: Server,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     http: Arc<HttpOptions>,
     kind: ListenerKind,
     tcp: TcpOptions,
@@ -479,10 +479,11 @@ async fn accept_loop(
                     // that of its largest state, fixed for the connection's life, and every
                     // async fn that takes the stream by value keeps its own copy of it. Boxed,
                     // an idle connection's task holds pointers instead of several copies of
-                    // the rustls state (T5: ~9 KiB less per idle connection).
+                    // the rustls state (T5: ~9 KiB less per idle connection). The stream is
+                    // rustls' unbuffered API, which holds no buffers while idle (T5).
                     let hs = Box::pin(tokio::time::timeout(
                         defaults::TLS_HANDSHAKE_TIMEOUT,
-                        acc.accept(stream),
+                        crate::tls_stream::accept(acc, stream),
                     ));
                     let sc = server2.cancel_token();
                     let s = tokio::select! {

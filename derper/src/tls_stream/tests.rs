@@ -1,0 +1,274 @@
+//! [`TlsServerStream`] against rustls' own buffered client (via tokio-rustls): both TLS
+//! versions, large and tiny writes, records split across reads, KeyUpdate, close_notify,
+//! and garbage instead of a ClientHello.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::ServerName;
+use std::io::Write as _;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::*;
+
+fn server_config() -> Arc<ServerConfig> {
+    let (cert, key) = crate::testing::self_signed_for("127.0.0.1".parse().expect("ip"));
+    crate::testing::server_tls_config(cert, key)
+}
+
+fn client(version: &'static rustls::SupportedProtocolVersion) -> tokio_rustls::TlsConnector {
+    let c =
+        crate::bench::insecure_client_config(rustls::crypto::ring::default_provider(), &[version]);
+    tokio_rustls::TlsConnector::from(Arc::new(c))
+}
+
+/// A server that accepts one connection with [`accept`] and echoes it until EOF, then
+/// shuts down (close_notify). Returns the address and the server task.
+async fn echo_once(read_size: usize) -> (SocketAddr, tokio::task::JoinHandle<io::Result<u64>>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let cfg = server_config();
+    let task = tokio::spawn(async move {
+        let (tcp, _) = l.accept().await?;
+        let s = accept(cfg, tcp).await?;
+        let (mut r, mut w) = tokio::io::split(s);
+        let mut buf = vec![0u8; read_size];
+        let mut total = 0u64;
+        loop {
+            let n = r.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+            w.write_all(&buf[..n]).await?;
+        }
+        w.shutdown().await?;
+        Ok(total)
+    });
+    (addr, task)
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| u8::try_from((i * 7 + i / 251) % 256).unwrap_or(0))
+        .collect()
+}
+
+async fn echo_round_trip(version: &'static rustls::SupportedProtocolVersion, read_size: usize) {
+    let (addr, server) = echo_once(read_size).await;
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let name = ServerName::try_from("127.0.0.1").expect("name");
+    let tls = client(version).connect(name, tcp).await.expect("handshake");
+    assert_eq!(tls.get_ref().1.protocol_version(), Some(version.version));
+    let (mut r, mut w) = tokio::io::split(tls);
+    // One byte, a few small writes, then 200 KiB (many full records).
+    let sizes = [1usize, 3, 100, 1400, 200 * 1024];
+    let total: usize = sizes.iter().sum();
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).await.map(|_| got)
+    });
+    let mut sent = Vec::new();
+    for n in sizes {
+        let p = pattern(n);
+        w.write_all(&p).await.expect("write");
+        w.flush().await.expect("flush");
+        sent.extend_from_slice(&p);
+    }
+    w.shutdown().await.expect("client close_notify");
+    // read_to_end fails with UnexpectedEof unless the server sent close_notify.
+    let got = reader
+        .await
+        .expect("join")
+        .expect("echo ends with close_notify");
+    assert_eq!(got.len(), total);
+    assert!(got == sent, "echoed bytes differ");
+    assert_eq!(server.await.expect("join").expect("server"), total as u64);
+}
+
+#[tokio::test]
+async fn echoes_over_tls13_and_tls12() {
+    echo_round_trip(&rustls::version::TLS13, 64 * 1024).await;
+    echo_round_trip(&rustls::version::TLS12, 64 * 1024).await;
+}
+
+#[tokio::test]
+async fn small_reader_buffers_keep_the_rest_of_a_record() {
+    // A 7-byte read buffer: every record is handed out over many reads.
+    echo_round_trip(&rustls::version::TLS13, 7).await;
+}
+
+/// Forwards bytes between two sockets in `chunk`-byte writes, so records and handshake
+/// messages arrive split at arbitrary points.
+async fn dribble(mut a: TcpStream, mut b: TcpStream, chunk: usize) {
+    let (mut ar, mut aw) = a.split();
+    let (mut br, mut bw) = b.split();
+    let up = async {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let n = ar.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                let _ = bw.shutdown().await;
+                return;
+            }
+            for part in buf[..n].chunks(chunk) {
+                if bw.write_all(part).await.is_err() {
+                    return;
+                }
+                tokio::task::yield_now().await;
+            }
+        }
+    };
+    let down = async {
+        let _ = tokio::io::copy(&mut br, &mut aw).await;
+        let _ = aw.shutdown().await;
+    };
+    tokio::join!(up, down);
+}
+
+#[tokio::test]
+async fn records_split_across_reads() {
+    let (addr, server) = echo_once(64 * 1024).await;
+    let front = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let front_addr = front.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let (a, _) = front.accept().await.expect("accept");
+        let b = TcpStream::connect(addr).await.expect("connect");
+        b.set_nodelay(true).expect("nodelay");
+        dribble(a, b, 5).await;
+    });
+    let tcp = TcpStream::connect(front_addr).await.expect("connect");
+    let name = ServerName::try_from("127.0.0.1").expect("name");
+    let mut tls = client(&rustls::version::TLS13)
+        .connect(name, tcp)
+        .await
+        .expect("handshake through 5-byte pieces");
+    let msg = pattern(5000);
+    tls.write_all(&msg).await.expect("write");
+    let mut back = vec![0u8; msg.len()];
+    tls.read_exact(&mut back).await.expect("echo");
+    assert!(back == msg);
+    tls.shutdown().await.expect("close");
+    let mut rest = Vec::new();
+    tls.read_to_end(&mut rest).await.expect("clean end");
+    assert!(rest.is_empty());
+    assert_eq!(server.await.expect("join").expect("server"), 5000);
+}
+
+#[tokio::test]
+async fn data_sent_with_the_client_finished_is_read() {
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        let (addr, server) = echo_once(64 * 1024).await;
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let name = ServerName::try_from("127.0.0.1").expect("name");
+        // Written before the handshake ends: rustls sends it right behind its Finished, so
+        // the server's handshake reads both in one go.
+        let mut tls = client(version)
+            .connect_with(name, tcp, |c| {
+                c.writer().write_all(b"early bird").expect("buffer");
+            })
+            .await
+            .expect("handshake");
+        let mut back = [0u8; 10];
+        tokio::time::timeout(Duration::from_secs(5), tls.read_exact(&mut back))
+            .await
+            .expect("echo arrives")
+            .expect("read");
+        assert_eq!(&back, b"early bird");
+        tls.shutdown().await.expect("close");
+        assert_eq!(server.await.expect("join").expect("server"), 10);
+    }
+}
+
+#[tokio::test]
+async fn key_update_from_the_client_is_answered() {
+    let (addr, server) = echo_once(64 * 1024).await;
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let name = ServerName::try_from("127.0.0.1").expect("name");
+    let mut tls = client(&rustls::version::TLS13)
+        .connect(name, tcp)
+        .await
+        .expect("handshake");
+    for round in 0..3u8 {
+        // KeyUpdate(update_requested): the server must switch its receive key and answer
+        // with its own KeyUpdate before the echo, or the client cannot decrypt the echo.
+        tls.get_mut().1.refresh_traffic_keys().expect("key update");
+        let msg = vec![round; 1000];
+        tls.write_all(&msg).await.expect("write");
+        let mut back = vec![0u8; msg.len()];
+        tls.read_exact(&mut back)
+            .await
+            .expect("echo after key update");
+        assert_eq!(back, msg);
+    }
+    tls.shutdown().await.expect("close");
+    assert_eq!(server.await.expect("join").expect("server"), 3000);
+}
+
+#[tokio::test]
+async fn garbage_and_truncated_handshakes_fail_cleanly() {
+    let cfg = server_config();
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    for input in [
+        b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+        vec![0x16, 0x03, 0x01, 0xff, 0xff, 0x01],
+        vec![0x16, 0x03, 0x01, 0x00, 0x05, 1, 2, 3, 4, 5],
+        Vec::new(),
+    ] {
+        let mut c = TcpStream::connect(addr).await.expect("connect");
+        let (tcp, _) = l.accept().await.expect("accept");
+        c.write_all(&input).await.expect("write");
+        c.shutdown().await.expect("shutdown");
+        let r = tokio::time::timeout(Duration::from_secs(5), accept(cfg.clone(), tcp))
+            .await
+            .expect("accept ends on its own");
+        let e = r.expect_err("not a TLS client");
+        assert!(
+            matches!(
+                e.kind(),
+                io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof
+            ),
+            "{input:?}: {e}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn idle_stream_holds_no_buffers() {
+    let (addr, _server) = {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let cfg = server_config();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let t = tokio::spawn(async move {
+            let (tcp, _) = l.accept().await.expect("accept");
+            let mut s = accept(cfg, tcp).await.expect("handshake");
+            let mut buf = [0u8; 16];
+            let n = s.read(&mut buf).await.expect("read");
+            s.write_all(&buf[..n]).await.expect("write");
+            s.flush().await.expect("flush");
+            let _ = tx.send(s);
+        });
+        ((addr, rx), t)
+    };
+    let (addr, rx) = addr;
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let name = ServerName::try_from("127.0.0.1").expect("name");
+    let mut tls = client(&rustls::version::TLS13)
+        .connect(name, tcp)
+        .await
+        .expect("handshake");
+    tls.write_all(b"ping").await.expect("write");
+    let mut back = [0u8; 4];
+    tls.read_exact(&mut back).await.expect("read");
+    let s = rx.await.expect("server stream");
+    assert_eq!(
+        (s.rx.capacity(), s.plain.capacity(), s.tx.capacity()),
+        (0, 0, 0),
+        "{s:?}"
+    );
+}
