@@ -265,7 +265,9 @@ pub async fn serve_connection<S>(
                     not_ideal,
                     prelude,
                 };
-                server.handle_derp(stream, rest, info).await;
+                // The connection goes on in its own task; this one (TLS handshake, request
+                // head) ends (T5).
+                server.handle_derp_detached(stream, rest, info).await;
             }
             Upgrade::WebSocket { accept } => {
                 let resp = format!(

@@ -238,6 +238,67 @@ pub(crate) async fn serve<S>(server: Server, stream: S, initial: BytesMut, info:
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
+    if let Some(r) = handshake(server, stream, initial, info).await {
+        r.run().await;
+    }
+}
+
+/// Like [`serve`], but once the client is admitted the connection continues in a task of
+/// its own and this returns. The caller's task (accept, TLS handshake, HTTP request head:
+/// several KiB of future state) ends instead of staying alive, at its largest size, for
+/// the life of the connection (T5).
+pub(crate) async fn serve_detached<S>(server: Server, stream: S, initial: BytesMut, info: ConnInfo)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    if let Some(r) = handshake(server, stream, initial, info).await {
+        let server = r.server.clone();
+        server.spawn_tracked(r.run());
+    }
+}
+
+/// An admitted client, between the DERP handshake and registration.
+struct Admitted<S> {
+    server: Server,
+    reader: FrameReader<tokio::io::ReadHalf<S>>,
+    wr: WriteHalf<S>,
+    key: NodePublicKey,
+    client_info: ClientInfo,
+    can_mesh: bool,
+    info: ConnInfo,
+    cancel: CancellationToken,
+}
+
+impl<S> Admitted<S>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    async fn run(self) {
+        let Admitted {
+            server,
+            reader,
+            wr,
+            key,
+            client_info,
+            can_mesh,
+            info,
+            cancel,
+        } = self;
+        run_registered(server, reader, wr, key, client_info, can_mesh, info, cancel).await;
+    }
+}
+
+/// The DERP handshake (spec §5.1): ServerKey out, ClientInfo in, admission. `None` if the
+/// connection ended or was refused (already counted and logged).
+async fn handshake<S>(
+    server: Server,
+    stream: S,
+    initial: BytesMut,
+    info: ConnInfo,
+) -> Option<Admitted<S>>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
     let m = server.metrics().clone();
     let opts = server.options().clone();
     m.accepts.inc();
@@ -253,30 +314,30 @@ where
         .is_err()
     {
         m.handshake_failure("server_key_write");
-        return;
+        return None;
     }
     let cancel = server.cancel_token().child_token();
     let first = tokio::select! {
-        _ = cancel.cancelled() => return,
+        _ = cancel.cancelled() => return None,
         r = tokio::time::timeout(opts.client_info_timeout, reader.read_frame()) => r,
     };
     let payload = match first {
         Err(_) => {
             m.handshake_failure("timeout");
             debug!(remote = ?info.remote, "handshake timed out");
-            return;
+            return None;
         }
         Ok(Err(ReadError::TooLarge { .. })) => {
             m.handshake_failure("long_client_info");
-            return;
+            return None;
         }
         Ok(Err(_)) | Ok(Ok(None)) => {
             m.handshake_failure("eof");
-            return;
+            return None;
         }
         Ok(Ok(Some(f))) if f.typ != FrameType::ClientInfo as u8 => {
             m.handshake_failure("wrong_frame_type");
-            return;
+            return None;
         }
         Ok(Ok(Some(f))) => f.payload,
     };
@@ -294,7 +355,7 @@ where
                 _ => "bad_box",
             });
             debug!(remote = ?info.remote, error = %e, "client info rejected");
-            return;
+            return None;
         }
     };
     let can_mesh = match (&opts.mesh_key, &client_info.mesh_key) {
@@ -316,7 +377,7 @@ where
     if !can_mesh && !opts.admission.is_empty() {
         let source = info.remote.map(|a| a.ip());
         let decision = tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = cancel.cancelled() => return None,
             d = crate::admission::check_all(&opts.admission, &key, source) => d,
         };
         if let crate::admission::Decision::Reject { reason, detail } = decision {
@@ -330,10 +391,19 @@ where
                     "client rejected: {detail}"
                 );
             }
-            return;
+            return None;
         }
     }
-    run_registered(server, reader, wr, key, client_info, can_mesh, info, cancel).await;
+    Some(Admitted {
+        server,
+        reader,
+        wr,
+        key,
+        client_info,
+        can_mesh,
+        info,
+        cancel,
+    })
 }
 
 static MESH_MISMATCH_LOG: std::sync::LazyLock<crate::ratelimit::LogLimiter> =

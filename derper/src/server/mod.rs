@@ -157,6 +157,16 @@ impl Server {
         conn::serve(self.clone(), stream, initial, info).await;
     }
 
+    /// Like [`handle_derp`](Self::handle_derp), but returns once the client is admitted:
+    /// the connection goes on in a tracked task of its own, so the caller's task (and all
+    /// of its state) ends.
+    pub(crate) async fn handle_derp_detached<S>(&self, stream: S, initial: BytesMut, info: ConnInfo)
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        conn::serve_detached(self.clone(), stream, initial, info).await;
+    }
+
     /// Spawns a tracked task (waited for on shutdown).
     pub fn spawn_tracked<F>(&self, fut: F)
     where
