@@ -39,12 +39,20 @@ def free_port(kind=socket.SOCK_STREAM):
 class Relay:
     """One relay process (ours or upstream), pinned to SERVER_CPU."""
 
-    def __init__(self, name, binary, workdir, pin):
+    def __init__(self, name, binary, workdir, pin, tag=None, certdir=None, extra=(), env=None):
         self.name, self.binary, self.workdir, self.pin = name, binary, workdir, pin
+        self.tag = tag or name
+        self.certdir = certdir or f"{workdir}/certs"
+        self.extra, self.env = list(extra), dict(env or {})
         self.proc = None
+        self.port = None
 
-    def start(self):
-        self.port = free_port()
+    def bench_args(self):
+        return ["--addr", f"127.0.0.1:{self.port}", "--stun-addr", f"127.0.0.1:{self.stun_port}",
+                "--server-pid", str(self.proc.pid)]
+
+    def start(self, port=None):
+        self.port = port or free_port()
         self.stun_port = free_port(socket.SOCK_DGRAM)
         # Same flags, spelled so both parse them; the certificate directory is shared, so
         # both serve the same self-signed ECDSA P-256 certificate (performance.md §5.5).
@@ -52,20 +60,20 @@ class Relay:
             self.binary,
             "--hostname=127.0.0.1",
             "--certmode=manual",
-            f"--certdir={self.workdir}/certs",
+            f"--certdir={self.certdir}",
             "-a", f"127.0.0.1:{self.port}",
             "--http-port=-1",
             f"--stun-port={self.stun_port}",
-            "-c", f"{self.workdir}/{self.name}.key",
-        ]
+            "-c", f"{self.workdir}/{self.tag}.key",
+        ] + self.extra
         if self.name == "ours":
             # Our relay also serves metrics on an admin listener (default 127.0.0.1:9090);
             # upstream has none. Port 0 keeps parallel runs from colliding.
             args.append("--admin-addr=127.0.0.1:0")
         if self.pin:
             args = ["taskset", "-c", SERVER_CPU] + args
-        env = dict(os.environ, RUST_LOG="warn")
-        self.logf = open(f"{self.workdir}/{self.name}.log", "ab")
+        env = dict(os.environ, RUST_LOG="warn", **self.env)
+        self.logf = open(f"{self.workdir}/{self.tag}.log", "ab")
         self.proc = subprocess.Popen(args, stdout=self.logf, stderr=self.logf, env=env)
         deadline = time.time() + 15
         while time.time() < deadline:
@@ -92,9 +100,44 @@ class Relay:
         self.logf.close()
 
 
+class MeshPair:
+    """Two relays of one kind meshed with each other (same flags for ours and upstream:
+    --mesh-psk-file, --mesh-with the other one), both pinned to SERVER_CPU. They serve a
+    certificate from a throwaway CA that their mesh clients trust through SSL_CERT_FILE.
+    derp-bench connects senders to A and receivers to B, so every packet crosses the mesh;
+    the CPU of both relays counts as server CPU."""
+
+    def __init__(self, name, binary, workdir, pin, meshdir, psk):
+        env = {"SSL_CERT_FILE": f"{meshdir}/ca.pem"}
+        common = dict(certdir=meshdir, env=env)
+        self.name = name
+        self.a = Relay(name, binary, workdir, pin, tag=f"{name}-mesh-a", **common)
+        self.b = Relay(name, binary, workdir, pin, tag=f"{name}-mesh-b", **common)
+        self.psk = psk
+
+    def start(self):
+        pa, pb = free_port(), free_port()
+        self.a.extra = ["--mesh-psk-file", self.psk, f"--mesh-with=127.0.0.1:{pb}"]
+        self.b.extra = ["--mesh-psk-file", self.psk, f"--mesh-with=127.0.0.1:{pa}"]
+        self.a.start(pa)
+        try:
+            self.b.start(pb)
+        except Exception:
+            self.a.stop()
+            raise
+        return self
+
+    def stop(self):
+        self.a.stop()
+        self.b.stop()
+
+    def bench_args(self):
+        return self.a.bench_args() + ["--peer-addr", f"127.0.0.1:{self.b.port}",
+                                      "--peer-pid", str(self.b.proc.pid)]
+
+
 def run_bench(bench, relay, workload, wargs, common, pin, src_net):
-    args = [bench, "--addr", f"127.0.0.1:{relay.port}", "--stun-addr", f"127.0.0.1:{relay.stun_port}",
-            "--server-pid", str(relay.proc.pid), "--src-net", str(src_net)] + common + [workload] + wargs
+    args = [bench] + relay.bench_args() + ["--src-net", str(src_net)] + common + [workload] + wargs
     if pin:
         args = ["taskset", "-c", CLIENT_CPU] + args
     out = subprocess.run(args, capture_output=True, text=True, timeout=300)
@@ -137,6 +180,8 @@ METRICS = [
     ("T9", "Active pairs with 10 k idle conns ÷ without", "idle", "active_ratio", "ratio", "ours ≥ 0.95 (stretch 0.98)", "abs_ge", 0.95, 0.98),
     ("T10", "STUN responses/s", "stun", "responses_per_s", "resp/s", "≥ 2× (stretch 4×)", "higher", 2.0, 4.0),
     ("T10c", "Relay CPU per STUN response", "stun", "server_cpu_us_per_response", "µs", "(info)", "info", None, None),
+    ("M1", "Mesh-forwarded pkt/s, 1400 B (capacity, no loss; relay A → mesh → relay B)", "mesh_1400", "delivered_pps", "pkt/s", "(no §6 target)", "info", None, None),
+    ("M1c", "CPU of both relays per mesh-forwarded 1400 B packet", "mesh_1400", "server_cpu_us_per_pkt", "µs", "(info)", "info", None, None),
 ]
 
 
@@ -158,6 +203,11 @@ def workloads(smoke, cap_up=None):
         ("lat80", "rate", ["--pairs", "8", "--size", "1400", "--rate", str(round(0.8 * cap_up))]),
         ("over150", "rate", ["--pairs", "8", "--size", "1400", "--rate", str(round(1.5 * cap_up))]),
     ]
+
+
+def mesh_workloads():
+    """(key, derp-bench subcommand, args) run on MeshPairs."""
+    return [("mesh_1400", "throughput", ["--pairs", "16", "--size", "1400", "--window", "24"])]
 
 
 def run_phase(args, relays, wls, common, results, counter):
@@ -257,7 +307,6 @@ def markdown(meta, rows):
                 cb += f" (relay not saturated, core use {u}: not a capacity)"
         out.append(f"| {r['id']} | {r['title']} ({r['unit']}) | {fmt(r['ours'])} | {fmt(r['upstream'])} | "
                    f"{ratio} | {r['target']} | {r['verdict']}{cb} |")
-    out.append(f"| — | Mesh forwarding throughput | n/a | n/a | — | — | {meta['mesh']} |")
     out += ["", f"Upstream capacity used for T4/T7 (median T1 pkt/s of upstream): {fmt(meta['cap_up'])} pkt/s.", ""]
     return "\n".join(out) + "\n"
 
@@ -334,16 +383,28 @@ def main():
                                            text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip(),
                 kernel=platform.release(), cores=os.cpu_count(),
                 cpu=next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"),
-                loadavg_before=open("/proc/loadavg").read().split()[:3],
-                mesh="not measured: upstream --mesh-with needs a CA-trusted certificate on loopback (see bench/README.md)")
+                loadavg_before=open("/proc/loadavg").read().split()[:3])
     results, counter = {}, [0]
     only = set(args.only.split(",")) if args.only else None
     wa = [w for w in workloads(args.smoke) if not only or w[0] in only]
+    wm = [w for w in mesh_workloads() if not only or w[0] in only]
+    meshes = []
+    if wm:
+        meshdir = f"{work}/meshcerts"
+        out = subprocess.run([args.bench, "mesh-certs", "--dir", meshdir], capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"derp-bench mesh-certs failed: {out.stderr.strip()[-2000:]}")
+        psk = f"{work}/mesh.psk"
+        with open(psk, "w") as f:
+            f.write(os.urandom(32).hex() + "\n")
+        meshes = [MeshPair("ours", args.ours, work, not args.no_pin, meshdir, psk),
+                  MeshPair("upstream", args.upstream, work, not args.no_pin, meshdir, psk)]
     if args.smoke:
-        for relay in relays:
+        for relay in relays + meshes:
             relay.start()
     try:
         run_phase(args, relays, wa, common, results, counter)
+        run_phase(args, meshes, wm, common, results, counter)
         cap_up = median([get(x, "delivered_pps") for x in results.get("tput_1400", {}).get("upstream", [])])
         if cap_up is None:
             cap_up = 2000.0 if args.smoke else 50000.0
@@ -351,7 +412,7 @@ def main():
         run_phase(args, relays, wb, common, results, counter)
     finally:
         if args.smoke:
-            for relay in relays:
+            for relay in relays + meshes:
                 relay.stop()
     meta["finished"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
     meta["loadavg_after"] = open("/proc/loadavg").read().split()[:3]

@@ -233,3 +233,54 @@ pub async fn connect(
     let client = Client::connect_stream(tls, &cfg, key).await?;
     Ok((client, cork))
 }
+
+/// A throwaway certificate authority and a `127.0.0.1` server certificate it issued, for
+/// meshing relays on loopback: upstream derper's `--mesh-with` (and ours) verify mesh peers
+/// against the CA roots in `SSL_CERT_FILE`, so a self-signed leaf will not do.
+#[derive(Debug, Clone)]
+pub struct LoopbackCa {
+    /// The CA certificate (PEM); point `SSL_CERT_FILE` at it.
+    pub ca_pem: String,
+    /// The leaf certificate for IP `127.0.0.1` (PEM).
+    pub leaf_pem: String,
+    /// The leaf's PKCS#8 private key (PEM).
+    pub leaf_key_pem: String,
+    /// `sha256-raw:` pin of the leaf.
+    pub leaf_pin: String,
+}
+
+impl LoopbackCa {
+    /// Generate a fresh CA (ECDSA P-256) and a `127.0.0.1` server leaf.
+    ///
+    /// # Errors
+    /// Key generation or signing failed (rcgen).
+    pub fn generate() -> Result<LoopbackCa, rcgen::Error> {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+            IsCa, KeyPair, KeyUsagePurpose,
+        };
+        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "kubederp loopback test CA");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
+        let mut leaf_params = CertificateParams::new(vec!["127.0.0.1".to_owned()])?;
+        leaf_params
+            .distinguished_name
+            .push(DnType::CommonName, "127.0.0.1");
+        leaf_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let leaf_key = KeyPair::generate()?;
+        let leaf = leaf_params.signed_by(&leaf_key, &ca)?;
+        Ok(LoopbackCa {
+            ca_pem: ca.pem(),
+            leaf_pin: crate::certs::pin_of(leaf.der()),
+            leaf_pem: leaf.pem(),
+            leaf_key_pem: leaf_key.serialize_pem(),
+        })
+    }
+}

@@ -441,32 +441,12 @@ pub struct TestCa {
 impl TestCa {
     /// Generate a CA and a `127.0.0.1` server leaf.
     pub fn loopback() -> Result<Self> {
-        use rcgen::{
-            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
-            IsCa, KeyPair, KeyUsagePurpose,
-        };
-        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "kubederp interop test CA");
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
-        let mut leaf_params = CertificateParams::new(vec!["127.0.0.1".to_owned()])?;
-        leaf_params
-            .distinguished_name
-            .push(DnType::CommonName, "127.0.0.1");
-        leaf_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let leaf_key = KeyPair::generate()?;
-        let leaf = leaf_params.signed_by(&leaf_key, &ca)?;
+        let ca = derper::bench::LoopbackCa::generate()?;
         Ok(Self {
-            ca_pem: ca.pem(),
-            leaf_pin: derper::certs::pin_of(leaf.der()),
-            leaf_pem: leaf.pem(),
-            leaf_key_pem: leaf_key.serialize_pem(),
+            ca_pem: ca.ca_pem,
+            leaf_pem: ca.leaf_pem,
+            leaf_key_pem: ca.leaf_key_pem,
+            leaf_pin: ca.leaf_pin,
         })
     }
 

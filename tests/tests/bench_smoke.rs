@@ -24,21 +24,24 @@ fn bench_smoke_runs_every_workload_against_ours_and_upstream() {
         out.status
     );
     for id in [
-        "| T1 |", "| T2 |", "| T3 |", "| T5 |", "| T6 |", "| T7 |", "| T10 |",
+        "| T1 |", "| T2 |", "| T3 |", "| T5 |", "| T6 |", "| T7 |", "| T10 |", "| M1 |",
     ] {
         assert!(
             stdout.contains(id),
             "no {id} row in the smoke table:\n{stdout}"
         );
     }
-    // Every workload produced a number for both relays (a dash means a run measured nothing).
-    let t1 = stdout
-        .lines()
-        .find(|l| l.starts_with("| T1 |"))
-        .expect("T1 row");
-    let cells: Vec<&str> = t1.split('|').map(str::trim).collect();
-    assert!(
-        cells.get(3).is_some_and(|c| *c != "—") && cells.get(4).is_some_and(|c| *c != "—"),
-        "T1 has no value for one relay: {t1}"
-    );
+    // Both relays produced a number (a dash means a run measured nothing), also through a
+    // mesh of two relays of each kind (M1).
+    for id in ["| T1 |", "| M1 |"] {
+        let row = stdout
+            .lines()
+            .find(|l| l.starts_with(id))
+            .expect("row present");
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        assert!(
+            cells.get(3).is_some_and(|c| *c != "—") && cells.get(4).is_some_and(|c| *c != "—"),
+            "{id} has no value for one relay: {row}"
+        );
+    }
 }

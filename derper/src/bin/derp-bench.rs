@@ -55,6 +55,13 @@ struct Args {
     /// The relay's process id, for CPU (utime+stime) and RSS.
     #[arg(long)]
     server_pid: Option<u32>,
+    /// Mesh workload: receivers connect to this second relay, meshed with `--addr`, so every
+    /// packet crosses the mesh (throughput, rate and blast).
+    #[arg(long)]
+    peer_addr: Option<SocketAddr>,
+    /// The second relay's process id: its CPU is added to the server CPU.
+    #[arg(long)]
+    peer_pid: Option<u32>,
     /// Second octet of the loopback source addresses (127.N.x.1) used by this run.
     #[arg(long, default_value_t = 1)]
     src_net: u8,
@@ -115,6 +122,13 @@ enum Workload {
     Churn {
         #[arg(long, default_value_t = 32)]
         concurrency: usize,
+    },
+    /// Write a throwaway CA (`ca.pem`) and a `127.0.0.1` certificate it issued
+    /// (`127.0.0.1.crt`, `127.0.0.1.key`) into `dir`, for relays meshed on loopback (their
+    /// `--mesh-with` clients trust the CA through `SSL_CERT_FILE`). Prints the leaf's pin.
+    MeshCerts {
+        #[arg(long)]
+        dir: std::path::PathBuf,
     },
     /// STUN: `sockets` UDP clients keep `window` binding requests outstanding each.
     Stun {
@@ -179,13 +193,16 @@ struct Probe {
 #[derive(Debug)]
 struct Meter {
     pid: Option<String>,
+    /// A second relay (mesh workload), whose CPU counts as server CPU too.
+    peer_pid: Option<String>,
 }
 
 impl Meter {
     fn probe(&self) -> Probe {
+        let cpu = |p: &Option<String>| p.as_deref().and_then(cpu_seconds).unwrap_or(0.0);
         Probe {
             at: Instant::now(),
-            server_cpu: self.pid.as_deref().and_then(cpu_seconds).unwrap_or(0.0),
+            server_cpu: cpu(&self.pid) + cpu(&self.peer_pid),
             client_cpu: cpu_seconds("self").unwrap_or(0.0),
             steal: steal_total(),
         }
@@ -303,30 +320,60 @@ impl Sender {
     }
 }
 
+/// Connects `n` sender/receiver pairs: senders to `target`, receivers to `rx_target`
+/// (the same relay, or a second one meshed with it).
 async fn make_pairs(
     target: &Target,
+    rx_target: &Target,
     net: u8,
     n: usize,
     base: usize,
 ) -> anyhow::Result<Vec<(Sender, ClientReader)>> {
-    let mut pairs = Vec::with_capacity(n);
+    let mut clients = Vec::with_capacity(n);
     for i in 0..n {
         let ka = NodePrivateKey::generate();
         let kb = NodePrivateKey::generate();
         let (a, cork) = connect(target, Some(src_ip(net, base + 2 * i)), &ka)
             .await
             .context("connecting a sender")?;
-        let (b, _) = connect(target, Some(src_ip(net, base + 2 * i + 1)), &kb)
+        let (b, _) = connect(rx_target, Some(src_ip(net, base + 2 * i + 1)), &kb)
             .await
             .context("connecting a receiver")?;
-        let dst = b.public_key();
-        let (_, tx) = a.split();
-        let (rx, _) = b.split();
-        pairs.push((Sender { tx, cork, dst }, rx));
+        clients.push((a, cork, b));
     }
-    // Let the relay finish registering the receivers before the first packet.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    Ok(pairs)
+    if rx_target.addr == target.addr {
+        // Let the relay finish registering the receivers before the first packet.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    } else {
+        // Across a mesh the sender's relay learns of a receiver only through its mesh
+        // watch: wait until a probe gets through on every pair.
+        for (a, _, b) in &mut clients {
+            let dst = b.public_key();
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                a.send_packet(&dst, &[0u8; MIN_SIZE]).await?;
+                if b.recv_packet(Duration::from_millis(100)).await.is_ok() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "no route through the mesh from {} to {}",
+                        target.addr,
+                        rx_target.addr
+                    );
+                }
+            }
+        }
+    }
+    Ok(clients
+        .into_iter()
+        .map(|(a, cork, b)| {
+            let dst = b.public_key();
+            let (_, tx) = a.split();
+            let (rx, _) = b.split();
+            (Sender { tx, cork, dst }, rx)
+        })
+        .collect())
 }
 
 fn fill_payload(buf: &mut [u8], seq: u64) {
@@ -735,10 +782,15 @@ async fn run(args: Args) -> anyhow::Result<Value> {
     let nofile = raise_nofile();
     let meter = Meter {
         pid: args.server_pid.map(|p| p.to_string()),
+        peer_pid: args.peer_pid.map(|p| p.to_string()),
     };
     let target = Target {
         addr: args.addr,
         tls: derper::bench::tls_config(),
+    };
+    let rx_target = Target {
+        addr: args.peer_addr.unwrap_or(args.addr),
+        tls: target.tls.clone(),
     };
     let mut v = match args.workload.clone() {
         Workload::Throughput {
@@ -747,7 +799,7 @@ async fn run(args: Args) -> anyhow::Result<Value> {
             window,
         } => {
             check_size(size)?;
-            let p = make_pairs(&target, args.src_net, pairs, 0).await?;
+            let p = make_pairs(&target, &rx_target, args.src_net, pairs, 0).await?;
             let r = run_flows(
                 &meter,
                 p,
@@ -761,7 +813,7 @@ async fn run(args: Args) -> anyhow::Result<Value> {
         }
         Workload::Rate { pairs, size, rate } => {
             check_size(size)?;
-            let p = make_pairs(&target, args.src_net, pairs, 0).await?;
+            let p = make_pairs(&target, &rx_target, args.src_net, pairs, 0).await?;
             let per = rate / pairs.max(1) as f64;
             let r = run_flows(&meter, p, size, Mode::Rate(per), args.warmup, args.duration).await;
             let mut v = r.summary(&meter, size);
@@ -770,7 +822,7 @@ async fn run(args: Args) -> anyhow::Result<Value> {
         }
         Workload::Blast { flows, size } => {
             check_size(size)?;
-            let p = make_pairs(&target, args.src_net, flows, 0).await?;
+            let p = make_pairs(&target, &rx_target, args.src_net, flows, 0).await?;
             let r = run_flows(&meter, p, size, Mode::Blast, args.warmup, args.duration).await;
             r.summary(&meter, size)
         }
@@ -784,7 +836,7 @@ async fn run(args: Args) -> anyhow::Result<Value> {
                 bail!("{conns} connections need more than the fd limit {nofile}");
             }
             let before_pps = if pairs > 0 {
-                let p = make_pairs(&target, args.src_net, pairs, 0).await?;
+                let p = make_pairs(&target, &rx_target, args.src_net, pairs, 0).await?;
                 let r = run_flows(
                     &meter,
                     p,
@@ -804,7 +856,7 @@ async fn run(args: Args) -> anyhow::Result<Value> {
             tokio::time::sleep(Duration::from_secs_f64(settle)).await;
             let rss1 = meter.rss();
             let with_pps = if pairs > 0 {
-                let p = make_pairs(&target, args.src_net, pairs, 200).await?;
+                let p = make_pairs(&target, &rx_target, args.src_net, pairs, 200).await?;
                 let r = run_flows(
                     &meter,
                     p,
@@ -839,6 +891,20 @@ async fn run(args: Args) -> anyhow::Result<Value> {
             })
         }
         Workload::Churn { concurrency } => churn(&target, &meter, &args, concurrency).await,
+        Workload::MeshCerts { dir } => {
+            let ca = derper::bench::LoopbackCa::generate().context("generating the test CA")?;
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            for (name, pem) in [
+                ("ca.pem", &ca.ca_pem),
+                ("127.0.0.1.crt", &ca.leaf_pem),
+                ("127.0.0.1.key", &ca.leaf_key_pem),
+            ] {
+                let path = dir.join(name);
+                std::fs::write(&path, pem)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            json!({ "dir": dir.display().to_string(), "leaf_pin": ca.leaf_pin })
+        }
         Workload::Stun { sockets, window } => {
             let sa = args.stun_addr.context("--stun-addr is required for stun")?;
             stun(sa, &meter, &args, sockets, window).await?
