@@ -126,6 +126,7 @@ pub fn server_tls_config(cert: Vec<u8>, key: Vec<u8>) -> Arc<rustls::ServerConfi
         )
         .expect("generated key matches the certificate");
     c.alpn_protocols = vec![b"http/1.1".to_vec()];
+    c.enable_secret_extraction = true;
     Arc::new(c)
 }
 

@@ -356,7 +356,8 @@ impl Reloader {
 }
 
 /// The rustls server config for the DERP listener (spec §1.2): ring provider, TLS 1.3 and
-/// 1.2, ALPN `http/1.1`, certificates from `resolver`, no client authentication.
+/// 1.2, ALPN `http/1.1`, certificates from `resolver`, no client authentication, secret
+/// extraction on (for [`crate::tls_stream`]).
 pub fn server_config(resolver: Arc<CertResolver>) -> Arc<rustls::ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
@@ -365,6 +366,9 @@ pub fn server_config(resolver: Arc<CertResolver>) -> Arc<rustls::ServerConfig> {
         .with_no_client_auth()
         .with_cert_resolver(resolver);
     config.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
+    // TLS 1.3 connections hand their keys to `tls_stream`'s own record layer after the
+    // handshake (rustls' kernel-connection API); the keys never leave the process.
+    config.enable_secret_extraction = true;
     Arc::new(config)
 }
 

@@ -19,12 +19,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker, ready};
 
-use rustls::ServerConfig;
 use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{
     ConnectionState, EncodeError, EncodeTlsData, EncryptError, InsufficientSizeError,
     UnbufferedStatus, WriteTraffic,
 };
+use rustls::{ProtocolVersion, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -45,7 +45,7 @@ const MAX_FRAGMENT: usize = 16 * 1024;
 /// reader and one writer task (all its state sits behind that split's lock).
 pub struct TlsServerStream {
     tcp: TcpStream,
-    conn: UnbufferedServerConnection,
+    engine: Engine,
     /// Received TLS bytes rustls has not consumed yet (an incomplete record).
     rx: Vec<u8>,
     /// Decrypted application data the reader had no room for; `plain[plain_pos..]` is left.
@@ -64,6 +64,41 @@ pub struct TlsServerStream {
     /// The reader's waker, when it waits for the socket: the write side may decrypt
     /// application data while handling rustls' state and must then wake it.
     read_waker: Option<Waker>,
+}
+
+/// Who protects records after the handshake.
+enum Engine {
+    /// TLS 1.3: [`records::Records`] on the keys rustls extracted (no allocation per
+    /// record, less state per connection).
+    Records(Box<records::Records>),
+    /// TLS 1.2, or a configuration without secret extraction: rustls' unbuffered
+    /// connection does everything.
+    Rustls(Box<UnbufferedServerConnection>),
+}
+
+/// Run `engine` over received TLS bytes; application data goes to `sink`, TLS-layer
+/// replies (KeyUpdate) to `tx`.
+fn process_engine(
+    engine: &mut Engine,
+    data: &mut [u8],
+    sink: &mut Sink<'_, '_>,
+    tx: &mut Vec<u8>,
+) -> io::Result<Processed> {
+    match engine {
+        Engine::Rustls(conn) => process(conn, data, sink, tx),
+        Engine::Records(r) => {
+            let mut delivered = false;
+            let o = r.open(data, tx, |content| {
+                delivered |= !content.is_empty();
+                sink.put(content);
+            })?;
+            Ok(Processed {
+                consumed: o.consumed,
+                data: delivered,
+                eof: o.eof,
+            })
+        }
+    }
 }
 
 impl std::fmt::Debug for TlsServerStream {
@@ -88,6 +123,7 @@ fn tls_err(e: rustls::Error) -> io::Error {
 /// I/O errors, a TLS error from rustls (`InvalidData`), or `UnexpectedEof` if the client
 /// goes away mid-handshake.
 pub async fn accept(config: Arc<ServerConfig>, mut tcp: TcpStream) -> io::Result<TlsServerStream> {
+    let extract = config.enable_secret_extraction;
     let mut conn = UnbufferedServerConnection::new(config).map_err(tls_err)?;
     let mut rx: Vec<u8> = Vec::new();
     let mut tx: Vec<u8> = Vec::new();
@@ -127,16 +163,37 @@ pub async fn accept(config: Arc<ServerConfig>, mut tcp: TcpStream) -> io::Result
             tx = Vec::new();
         }
         if done {
+            let mut plain = Vec::new();
+            let mut read_eof = false;
+            let engine = if extract && conn.protocol_version() == Some(ProtocolVersion::TLSv1_3) {
+                // Let rustls finish what it holds (records that came with the client's
+                // Finished), then take its keys and protect records ourselves.
+                let mut sink = Sink {
+                    out: None,
+                    plain: &mut plain,
+                };
+                let p = process(&mut conn, &mut rx, &mut sink, &mut tx)?;
+                rx.drain(..p.consumed);
+                read_eof = p.eof;
+                if !tx.is_empty() {
+                    tcp.write_all(&tx).await?;
+                }
+                let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(tls_err)?;
+                Engine::Records(Box::new(records::Records::new(kernel, secrets)?))
+            } else {
+                Engine::Rustls(Box::new(conn))
+            };
+            let conn_has_data = has_data && matches!(engine, Engine::Rustls(_));
             return Ok(TlsServerStream {
                 tcp,
-                conn,
+                engine,
                 rx: if rx.is_empty() { Vec::new() } else { rx },
-                plain: Vec::new(),
+                plain,
                 plain_pos: 0,
                 tx: Vec::new(),
                 tx_pos: 0,
-                conn_has_data: has_data,
-                read_eof: false,
+                conn_has_data,
+                read_eof,
                 close_queued: false,
                 read_waker: None,
             });
@@ -306,7 +363,7 @@ impl TlsServerStream {
             out,
             plain: &mut self.plain,
         };
-        let r = process(&mut self.conn, &mut rx, &mut sink, &mut self.tx);
+        let r = process_engine(&mut self.engine, &mut rx, &mut sink, &mut self.tx);
         if let Ok(p) = &r {
             rx.drain(..p.consumed);
         }
@@ -345,18 +402,55 @@ impl TlsServerStream {
         self.tx_pos = 0;
     }
 
-    /// Let rustls run (with no new input) and hand out the write state, then call `f`.
+    /// Which record layer the connection ended up with (tests).
+    #[cfg(test)]
+    fn engine_name(&self) -> &'static str {
+        match self.engine {
+            Engine::Records(_) => "records",
+            Engine::Rustls(_) => "rustls",
+        }
+    }
+
+    /// Append `data`, encrypted, to `tx`.
+    fn encrypt(&mut self, data: &[u8]) -> io::Result<()> {
+        match &mut self.engine {
+            Engine::Records(r) => r.seal(data, &mut self.tx),
+            Engine::Rustls(_) => self.with_write_traffic(|w, tx| encrypt_into(w, data, tx)),
+        }
+    }
+
+    /// Append a close_notify alert to `tx`.
+    fn queue_close_notify(&mut self) -> io::Result<()> {
+        match &mut self.engine {
+            Engine::Records(r) => r.close_notify(&mut self.tx),
+            Engine::Rustls(_) => self.with_write_traffic(|w, tx| {
+                let start = tx.len();
+                tx.resize(start + 64, 0);
+                let n = w
+                    .queue_close_notify(tx.get_mut(start..).unwrap_or_default())
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                tx.truncate(start + n);
+                Ok(())
+            }),
+        }
+    }
+
+    /// (rustls engine) Let rustls run (with no new input) and hand out the write state,
+    /// then call `f`.
     fn with_write_traffic(
         &mut self,
         f: impl FnOnce(&mut WriteTraffic<'_, ServerConnectionData>, &mut Vec<u8>) -> io::Result<()>,
     ) -> io::Result<()> {
+        let Engine::Rustls(conn) = &mut self.engine else {
+            return Ok(());
+        };
         let mut rx = std::mem::take(&mut self.rx);
         let mut f = Some(f);
         let mut consumed = 0usize;
         let mut woke_reader = false;
         let r = loop {
             let rest = rx.get_mut(consumed..).unwrap_or_default();
-            let UnbufferedStatus { mut discard, state } = self.conn.process_tls_records(rest);
+            let UnbufferedStatus { mut discard, state } = conn.process_tls_records(rest);
             let step = match state {
                 Err(e) => Err(tls_err(e)),
                 Ok(ConnectionState::WriteTraffic(mut w)) => match f.take() {
@@ -437,8 +531,9 @@ impl AsyncRead for TlsServerStream {
             if buf.filled().len() > start || this.read_eof {
                 return Poll::Ready(Ok(()));
             }
-            let mut chunk = [0u8; READ_CHUNK];
-            let mut rb = ReadBuf::new(&mut chunk);
+            // Not zeroed: 32 KiB of memset per read would cost more than the read.
+            let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
+            let mut rb = ReadBuf::uninit(&mut chunk);
             if Pin::new(&mut this.tcp).poll_read(cx, &mut rb)?.is_pending() {
                 this.read_waker = Some(cx.waker().clone());
                 return Poll::Pending;
@@ -453,12 +548,12 @@ impl AsyncRead for TlsServerStream {
             let p = if this.rx.is_empty() {
                 // The common case: whole records in one read, processed on the stack; a
                 // trailing partial record is kept on the heap.
-                let data = chunk.get_mut(..n).unwrap_or_default();
+                let data = rb.filled_mut();
                 let mut sink = Sink {
                     out: Some(buf),
                     plain: &mut this.plain,
                 };
-                let p = process(&mut this.conn, data, &mut sink, &mut this.tx)?;
+                let p = process_engine(&mut this.engine, data, &mut sink, &mut this.tx)?;
                 if let Some(left) = data.get(p.consumed..)
                     && !left.is_empty()
                 {
@@ -466,8 +561,7 @@ impl AsyncRead for TlsServerStream {
                 }
                 p
             } else {
-                this.rx
-                    .extend_from_slice(chunk.get(..n).unwrap_or_default());
+                this.rx.extend_from_slice(rb.filled());
                 this.process_rx(Some(buf))?
             };
             this.try_flush_tx();
@@ -496,7 +590,7 @@ impl AsyncWrite for TlsServerStream {
         if this.close_queued {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
-        this.with_write_traffic(|w, tx| encrypt_into(w, data, tx))?;
+        this.encrypt(data)?;
         // Start sending now; whatever the socket does not take waits for the next call.
         match this.poll_flush_tx(cx) {
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
@@ -516,20 +610,14 @@ impl AsyncWrite for TlsServerStream {
             ready!(this.poll_flush_tx(cx))?;
             this.close_queued = true;
             // A failure here (connection already broken) still shuts the socket down.
-            let _ = this.with_write_traffic(|w, tx| {
-                let start = tx.len();
-                tx.resize(start + 64, 0);
-                let n = w
-                    .queue_close_notify(tx.get_mut(start..).unwrap_or_default())
-                    .map_err(|e| io::Error::other(e.to_string()))?;
-                tx.truncate(start + n);
-                Ok(())
-            });
+            let _ = this.queue_close_notify();
         }
         ready!(this.poll_flush_tx(cx))?;
         Pin::new(&mut this.tcp).poll_shutdown(cx)
     }
 }
+
+mod records;
 
 #[cfg(test)]
 #[allow(clippy::indexing_slicing)]

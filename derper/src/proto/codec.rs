@@ -467,48 +467,58 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         (self.inner, self.buf)
     }
 
+    /// The next frame if the buffer already holds all of it, without I/O; `Ok(None)` when
+    /// more bytes are needed (a frame being skipped is consumed as far as buffered).
+    pub fn try_frame(&mut self) -> Result<Option<RawFrame>, ReadError> {
+        if self.skip > 0 {
+            let n = self.skip.min(self.buf.len());
+            self.buf.advance(n);
+            self.skip -= n;
+            if self.skip > 0 {
+                return Ok(None);
+            }
+        }
+        let Some(hdr) = self.buf.get(..FRAME_HEADER_LEN) else {
+            return Ok(None);
+        };
+        let typ = hdr[0];
+        let len = u32::from_be_bytes([hdr[1], hdr[2], hdr[3], hdr[4]]) as usize;
+        match self.policy.limit(typ) {
+            Limit::Max(m) if len > m => Err(ReadError::TooLarge { typ, len }),
+            Limit::Skip if len > SKIP_BUFFER_MAX => {
+                self.buf.advance(FRAME_HEADER_LEN);
+                self.skip = len;
+                Ok(Some(RawFrame {
+                    typ,
+                    payload: Bytes::new(),
+                    skipped_len: len,
+                }))
+            }
+            _ => {
+                let need = FRAME_HEADER_LEN + len;
+                if self.buf.len() >= need {
+                    self.buf.advance(FRAME_HEADER_LEN);
+                    let payload = self.buf.split_to(len).freeze();
+                    return Ok(Some(RawFrame {
+                        typ,
+                        payload,
+                        skipped_len: 0,
+                    }));
+                }
+                self.buf.reserve(need - self.buf.len());
+                Ok(None)
+            }
+        }
+    }
+
     /// Reads the next frame. `Ok(None)` is a clean EOF at a frame boundary.
     pub async fn read_frame(&mut self) -> Result<Option<RawFrame>, ReadError> {
         loop {
-            if self.skip > 0 {
-                let n = self.skip.min(self.buf.len());
-                self.buf.advance(n);
-                self.skip -= n;
-                if self.skip > 0 {
-                    self.fill(true).await?;
-                    continue;
-                }
+            if let Some(f) = self.try_frame()? {
+                return Ok(Some(f));
             }
-            if let Some(hdr) = self.buf.get(..FRAME_HEADER_LEN) {
-                let typ = hdr[0];
-                let len = u32::from_be_bytes([hdr[1], hdr[2], hdr[3], hdr[4]]) as usize;
-                match self.policy.limit(typ) {
-                    Limit::Max(m) if len > m => return Err(ReadError::TooLarge { typ, len }),
-                    Limit::Skip if len > SKIP_BUFFER_MAX => {
-                        self.buf.advance(FRAME_HEADER_LEN);
-                        self.skip = len;
-                        return Ok(Some(RawFrame {
-                            typ,
-                            payload: Bytes::new(),
-                            skipped_len: len,
-                        }));
-                    }
-                    _ => {
-                        let need = FRAME_HEADER_LEN + len;
-                        if self.buf.len() >= need {
-                            self.buf.advance(FRAME_HEADER_LEN);
-                            let payload = self.buf.split_to(len).freeze();
-                            return Ok(Some(RawFrame {
-                                typ,
-                                payload,
-                                skipped_len: 0,
-                            }));
-                        }
-                        self.buf.reserve(need - self.buf.len());
-                    }
-                }
-            }
-            if !self.fill(false).await? {
+            // Inside a skipped frame, EOF is a truncation.
+            if !self.fill(self.skip > 0).await? {
                 return Ok(None);
             }
         }

@@ -28,12 +28,21 @@ fn client(version: &'static rustls::SupportedProtocolVersion) -> tokio_rustls::T
 /// A server that accepts one connection with [`accept`] and echoes it until EOF, then
 /// shuts down (close_notify). Returns the address and the server task.
 async fn echo_once(read_size: usize) -> (SocketAddr, tokio::task::JoinHandle<io::Result<u64>>) {
+    echo_once_with(read_size, |_| {}).await
+}
+
+/// [`echo_once`] with a hook that sees the stream right after the handshake.
+async fn echo_once_with(
+    read_size: usize,
+    hook: impl FnOnce(&mut TlsServerStream) + Send + 'static,
+) -> (SocketAddr, tokio::task::JoinHandle<io::Result<u64>>) {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
     let cfg = server_config();
     let task = tokio::spawn(async move {
         let (tcp, _) = l.accept().await?;
-        let s = accept(cfg, tcp).await?;
+        let mut s = accept(cfg, tcp).await?;
+        hook(&mut s);
         let (mut r, mut w) = tokio::io::split(s);
         let mut buf = vec![0u8; read_size];
         let mut total = 0u64;
@@ -58,7 +67,14 @@ fn pattern(len: usize) -> Vec<u8> {
 }
 
 async fn echo_round_trip(version: &'static rustls::SupportedProtocolVersion, read_size: usize) {
-    let (addr, server) = echo_once(read_size).await;
+    // TLS 1.3 runs on our own record layer, TLS 1.2 stays with rustls.
+    let want = if version.version == ProtocolVersion::TLSv1_3 {
+        "records"
+    } else {
+        "rustls"
+    };
+    let (addr, server) =
+        echo_once_with(read_size, move |s| assert_eq!(s.engine_name(), want)).await;
     let tcp = TcpStream::connect(addr).await.expect("connect");
     let name = ServerName::try_from("127.0.0.1").expect("name");
     let tls = client(version).connect(name, tcp).await.expect("handshake");
@@ -271,4 +287,79 @@ async fn idle_stream_holds_no_buffers() {
         (0, 0, 0),
         "{s:?}"
     );
+}
+
+#[tokio::test]
+async fn sending_key_is_replaced_after_its_record_budget() {
+    // Every 3 records the server sends KeyUpdate and switches keys; the client (rustls)
+    // follows, or it could not read what comes after.
+    let (addr, server) = echo_once_with(64 * 1024, |s| {
+        if let Engine::Records(r) = &mut s.engine {
+            r.set_tx_records_per_key(3);
+        } else {
+            panic!("TLS 1.3 should use the record layer");
+        }
+    })
+    .await;
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let name = ServerName::try_from("127.0.0.1").expect("name");
+    let mut tls = client(&rustls::version::TLS13)
+        .connect(name, tcp)
+        .await
+        .expect("handshake");
+    for i in 0..20u8 {
+        let msg = vec![i; 100 + usize::from(i)];
+        tls.write_all(&msg).await.expect("write");
+        let mut back = vec![0u8; msg.len()];
+        tls.read_exact(&mut back)
+            .await
+            .expect("echo across key updates");
+        assert_eq!(back, msg);
+    }
+    tls.shutdown().await.expect("close");
+    let mut rest = Vec::new();
+    tls.read_to_end(&mut rest)
+        .await
+        .expect("clean close_notify");
+    server.await.expect("join").expect("server");
+}
+
+/// Handshake, then write `raw` straight onto the TCP stream (bypassing the client's TLS)
+/// and return what the server's next read gives.
+async fn server_read_after_raw(raw: Vec<u8>) -> io::Result<usize> {
+    let (addr, server) = echo_once(1024).await;
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let name = ServerName::try_from("127.0.0.1").expect("name");
+    let mut tls = client(&rustls::version::TLS13)
+        .connect(name, tcp)
+        .await
+        .expect("handshake");
+    tls.get_mut().0.write_all(&raw).await.expect("raw write");
+    let r = tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("server ends on its own")
+        .expect("join");
+    r.map(|n| usize::try_from(n).unwrap_or(usize::MAX))
+}
+
+#[tokio::test]
+async fn tampered_and_oversized_records_are_errors() {
+    // An application-data record whose ciphertext is garbage: bad_record_mac.
+    let mut forged = vec![23, 3, 3, 0, 40];
+    forged.extend(0..40u8);
+    let e = server_read_after_raw(forged)
+        .await
+        .expect_err("forged record");
+    assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+    assert!(e.to_string().contains("decrypt"), "{e}");
+    // A header declaring more than 2^14 + 256 bytes.
+    let e = server_read_after_raw(vec![23, 3, 3, 0xff, 0xff])
+        .await
+        .expect_err("oversized");
+    assert!(e.to_string().contains("out of range"), "{e}");
+    // A plaintext handshake record after the handshake.
+    let e = server_read_after_raw(vec![22, 3, 3, 0, 4, 1, 0, 0, 0])
+        .await
+        .expect_err("plaintext record");
+    assert!(e.to_string().contains("unexpected TLS record type"), "{e}");
 }
