@@ -24,7 +24,7 @@ use super::registry::Lookup;
 use crate::key::NodePublicKey;
 use crate::metrics::{DropReason, Metrics};
 use crate::proto::codec::{self, ClientFrame, FrameReader, ReadError, ReadPolicy};
-use crate::proto::handshake::{self, ClientInfo};
+use crate::proto::handshake;
 use crate::proto::{
     FrameType, PEER_PRESENT_IS_MESH_PEER, PEER_PRESENT_IS_PROBER, PEER_PRESENT_IS_REGULAR,
     PEER_PRESENT_NOT_IDEAL, PeerGoneReason, looks_like_disco,
@@ -268,7 +268,8 @@ struct Admitted<S> {
     reader: FrameReader<tokio::io::ReadHalf<S>>,
     wr: WriteHalf<S>,
     key: NodePublicKey,
-    client_info: ClientInfo,
+    /// The client said it is a prober (the rest of its ClientInfo is not kept).
+    is_prober: bool,
     can_mesh: bool,
     info: ConnInfo,
     cancel: CancellationToken,
@@ -284,12 +285,12 @@ where
             reader,
             wr,
             key,
-            client_info,
+            is_prober,
             can_mesh,
             info,
             cancel,
         } = self;
-        run_registered(server, reader, wr, key, client_info, can_mesh, info, cancel).await;
+        run_registered(server, reader, wr, key, is_prober, can_mesh, info, cancel).await;
     }
 }
 
@@ -299,7 +300,7 @@ async fn handshake<S>(
     server: Server,
     stream: S,
     initial: BytesMut,
-    info: ConnInfo,
+    mut info: ConnInfo,
 ) -> Option<Admitted<S>>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -313,6 +314,8 @@ where
     // spec §5.1: write ServerKey (10 s), read ClientInfo (10 s).
     let mut out = BytesMut::with_capacity(info.prelude.len() + 64);
     out.extend_from_slice(&info.prelude);
+    // Not needed again; do not keep it for the life of the connection (T5).
+    info.prelude = Bytes::new();
     handshake::write_server_key(&mut out, &server.public_key());
     if write_with_timeout(&mut wr, &out, Some(opts.server_key_timeout))
         .await
@@ -404,7 +407,7 @@ where
         reader,
         wr,
         key,
-        client_info,
+        is_prober: client_info.is_prober,
         can_mesh,
         info,
         cancel,
@@ -422,7 +425,7 @@ async fn run_registered<S>(
     mut reader: FrameReader<tokio::io::ReadHalf<S>>,
     mut wr: WriteHalf<S>,
     key: NodePublicKey,
-    client_info: ClientInfo,
+    is_prober: bool,
     can_mesh: bool,
     info: ConnInfo,
     cancel: CancellationToken,
@@ -435,7 +438,7 @@ async fn run_registered<S>(
     if can_mesh {
         flags |= PEER_PRESENT_IS_MESH_PEER;
     }
-    if client_info.is_prober {
+    if is_prober {
         flags |= PEER_PRESENT_IS_PROBER;
     }
     if info.not_ideal {
