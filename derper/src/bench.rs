@@ -21,6 +21,7 @@ use tokio::net::{TcpSocket, TcpStream};
 
 use crate::client::{Client, ClientConfig, ClientError, UpgradeMode};
 use crate::key::NodePrivateKey;
+use crate::tls_stream::records::{self, RecordKeys};
 
 /// Bytes buffered by a corked socket before a write is forced even while corked.
 const CORK_MAX: usize = 256 * 1024;
@@ -78,6 +79,8 @@ pub fn tls_config() -> Arc<rustls::ClientConfig> {
     };
     let mut c = insecure_client_config(provider, &[&rustls::version::TLS13]);
     c.resumption = rustls::client::Resumption::disabled();
+    // After the handshake the generator seals and opens records itself ([`RecordStream`]).
+    c.enable_secret_extraction = true;
     c.alpn_protocols = vec![b"http/1.1".to_vec()];
     Arc::new(c)
 }
@@ -228,10 +231,168 @@ pub async fn connect(
     let tls = tokio_rustls::TlsConnector::from(target.tls.clone())
         .connect(name, io)
         .await?;
+    let (io, conn) = tls.into_inner();
+    // Nothing can be buffered yet: the client spoke last (its Finished) and the relay's
+    // first records (session tickets) arrive after this.
+    #[allow(deprecated)]
+    let secrets = conn.dangerous_extract_secrets()?;
+    let stream = RecordStream::new(io, RecordKeys::new(secrets)?);
     let mut cfg = ClientConfig::new(target.addr);
     cfg.upgrade = UpgradeMode::Plain;
-    let client = Client::connect_stream(tls, &cfg, key).await?;
+    let client = Client::connect_stream(stream, &cfg, key).await?;
     Ok((client, cork))
+}
+
+/// The load generator's TLS 1.3 connection after the handshake: records sealed and opened
+/// in place with the keys rustls extracted, written straight into the [`CorkedIo`] buffer
+/// (one record per write call, as tailscaled sends one record per packet). It makes the
+/// generator cheaper per packet than rustls' buffered connection, so that it saturates
+/// the relay rather than itself. Session tickets from the server are ignored (resumption
+/// is off); a KeyUpdate from the server ends the connection (the relay sends one only
+/// after 2^23 records).
+pub struct RecordStream {
+    io: CorkedIo,
+    keys: RecordKeys,
+    /// Received bytes: `rbuf[start..end]` not yet opened, `rbuf[plain]` opened content
+    /// not yet read.
+    rbuf: Box<[u8]>,
+    start: usize,
+    end: usize,
+    plain: std::ops::Range<usize>,
+    eof: bool,
+}
+
+impl std::fmt::Debug for RecordStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecordStream")
+            .field("io", &self.io)
+            .field("buffered", &(self.end - self.start))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Receive buffer of a [`RecordStream`]: several full records.
+const RECORD_RBUF: usize = 64 * 1024;
+
+impl RecordStream {
+    fn new(io: CorkedIo, keys: RecordKeys) -> RecordStream {
+        RecordStream {
+            io,
+            keys,
+            rbuf: vec![0u8; RECORD_RBUF].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            plain: 0..0,
+            eof: false,
+        }
+    }
+
+    /// Open the next complete record, if any; true if one was opened.
+    fn open_next(&mut self) -> io::Result<bool> {
+        let data = self.rbuf.get_mut(self.start..self.end).unwrap_or_default();
+        let Some(rec) = self.keys.open_one(data)? else {
+            return Ok(false);
+        };
+        let content = data.get(rec.content.clone()).unwrap_or_default();
+        let at = self.start;
+        self.start += rec.len;
+        match rec.typ {
+            records::CONTENT_APPLICATION_DATA => {
+                self.plain = at + rec.content.start..at + rec.content.end;
+            }
+            records::CONTENT_ALERT if content.get(1) == Some(&records::ALERT_CLOSE_NOTIFY) => {
+                self.eof = true;
+            }
+            records::CONTENT_ALERT => {
+                return Err(io::Error::other(format!(
+                    "relay sent TLS alert {content:?}"
+                )));
+            }
+            // NewSessionTicket(s): resumption is off, nothing to keep.
+            records::CONTENT_HANDSHAKE if content.first() == Some(&4) => {}
+            _ => {
+                return Err(io::Error::other(
+                    "unexpected post-handshake TLS message (KeyUpdate is not supported here)",
+                ));
+            }
+        }
+        Ok(true)
+    }
+}
+
+impl AsyncRead for RecordStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if !this.plain.is_empty() {
+                let n = this.plain.len().min(buf.remaining());
+                let from = this.plain.start;
+                buf.put_slice(this.rbuf.get(from..from + n).unwrap_or_default());
+                this.plain.start += n;
+                return Poll::Ready(Ok(()));
+            }
+            if this.eof {
+                return Poll::Ready(Ok(()));
+            }
+            if this.open_next()? {
+                continue;
+            }
+            // Need more bytes: move the partial record to the front, then read.
+            if this.start > 0 {
+                this.rbuf.copy_within(this.start..this.end, 0);
+                this.end -= this.start;
+                this.start = 0;
+            }
+            let mut rb = ReadBuf::new(this.rbuf.get_mut(this.end..).unwrap_or_default());
+            ready!(Pin::new(&mut this.io).poll_read(cx, &mut rb))?;
+            let n = rb.filled().len();
+            if n == 0 {
+                this.eof = true;
+                return Poll::Ready(Ok(()));
+            }
+            this.end += n;
+        }
+    }
+}
+
+impl AsyncWrite for RecordStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.io.buf.len() >= CORK_MAX {
+            ready!(this.io.poll_drain(cx))?;
+        }
+        let n = data.len().min(records::MAX_PLAINTEXT);
+        let chunk = data.get(..n).unwrap_or_default();
+        this.keys
+            .seal_record(records::CONTENT_APPLICATION_DATA, chunk, &mut this.io.buf)?;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.eof {
+            // Best effort close_notify; the socket is shut down either way.
+            let _ = this.keys.seal_record(
+                records::CONTENT_ALERT,
+                &[1, records::ALERT_CLOSE_NOTIFY],
+                &mut this.io.buf,
+            );
+            this.eof = true;
+        }
+        Pin::new(&mut this.io).poll_shutdown(cx)
+    }
 }
 
 /// A throwaway certificate authority and a `127.0.0.1` server certificate it issued, for

@@ -617,7 +617,7 @@ impl AsyncWrite for TlsServerStream {
     }
 }
 
-mod records;
+pub(crate) mod records;
 
 #[cfg(test)]
 #[allow(clippy::indexing_slicing)]

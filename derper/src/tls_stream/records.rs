@@ -20,7 +20,7 @@ use rustls::server::ServerConnectionData;
 /// TLS record header length.
 pub(super) const HEADER_LEN: usize = 5;
 /// Largest plaintext per record (RFC 8446 §5.1).
-pub(super) const MAX_PLAINTEXT: usize = 16 * 1024;
+pub(crate) const MAX_PLAINTEXT: usize = 16 * 1024;
 /// Largest ciphertext length a record may declare (RFC 8446 §5.2: 2^14 + 256).
 const MAX_CIPHERTEXT: usize = MAX_PLAINTEXT + 256;
 /// AEAD tag length of every TLS 1.3 suite.
@@ -29,11 +29,16 @@ const TAG_LEN: usize = 16;
 /// full-size AES-GCM records per key; ChaCha20-Poly1305 has no practical limit).
 const TX_RECORDS_PER_KEY: u64 = 1 << 23;
 
-const CONTENT_ALERT: u8 = 21;
-const CONTENT_HANDSHAKE: u8 = 22;
-const CONTENT_APPLICATION_DATA: u8 = 23;
-const HANDSHAKE_KEY_UPDATE: u8 = 24;
-const ALERT_CLOSE_NOTIFY: u8 = 0;
+/// Alert content type.
+pub(crate) const CONTENT_ALERT: u8 = 21;
+/// Handshake content type.
+pub(crate) const CONTENT_HANDSHAKE: u8 = 22;
+/// Application data content type.
+pub(crate) const CONTENT_APPLICATION_DATA: u8 = 23;
+/// KeyUpdate handshake message type.
+pub(crate) const HANDSHAKE_KEY_UPDATE: u8 = 24;
+/// close_notify alert description.
+pub(crate) const ALERT_CLOSE_NOTIFY: u8 = 0;
 
 fn bad(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
@@ -80,11 +85,105 @@ impl DirectionKey {
     }
 }
 
-/// A TLS 1.3 connection's record layer after the handshake.
-pub(super) struct Records {
-    kernel: KernelConnection<ServerConnectionData>,
+/// Both directions' keys: opens and seals single records.
+pub(crate) struct RecordKeys {
     rx: DirectionKey,
     tx: DirectionKey,
+}
+
+/// One opened record.
+#[derive(Debug, Clone)]
+pub(crate) struct OpenedRecord {
+    /// Bytes the record took in the input (header included).
+    pub len: usize,
+    /// Inner content type (RFC 8446 §5.4).
+    pub typ: u8,
+    /// Where the decrypted content sits in the input.
+    pub content: std::ops::Range<usize>,
+}
+
+impl RecordKeys {
+    /// Keys and sequence numbers as rustls extracted them.
+    pub(crate) fn new(secrets: rustls::ExtractedSecrets) -> io::Result<RecordKeys> {
+        let (tx_seq, tx) = secrets.tx;
+        let (rx_seq, rx) = secrets.rx;
+        Ok(RecordKeys {
+            rx: DirectionKey::new(rx_seq, rx)?,
+            tx: DirectionKey::new(tx_seq, tx)?,
+        })
+    }
+
+    /// Open the record at the start of `data` in place; `None` if it is not complete yet.
+    pub(crate) fn open_one(&mut self, data: &mut [u8]) -> io::Result<Option<OpenedRecord>> {
+        let Some(&[typ, v0, v1, l0, l1]) = data.get(..HEADER_LEN) else {
+            return Ok(None);
+        };
+        let len = usize::from(u16::from_be_bytes([l0, l1]));
+        if typ != CONTENT_APPLICATION_DATA || [v0, v1] != [3, 3] {
+            return Err(bad(format!(
+                "unexpected TLS record type {typ} (version {v0}.{v1}) after the handshake"
+            )));
+        }
+        if !(TAG_LEN + 1..=MAX_CIPHERTEXT).contains(&len) {
+            return Err(bad(format!("TLS record length {len} out of range")));
+        }
+        let Some(record) = data.get_mut(..HEADER_LEN + len) else {
+            return Ok(None);
+        };
+        let (header, body) = record.split_at_mut(HEADER_LEN);
+        let nonce = self.rx.next_nonce()?;
+        let plain = self
+            .rx
+            .key
+            .open_in_place(nonce, Aad::from(&*header), body)
+            .map_err(|_| bad("TLS record failed to decrypt (bad_record_mac)"))?;
+        // Inner plaintext: content ‖ type ‖ zero padding (RFC 8446 §5.4).
+        let Some(type_at) = plain.iter().rposition(|b| *b != 0) else {
+            return Err(bad("TLS record without a content type"));
+        };
+        if type_at > MAX_PLAINTEXT {
+            return Err(bad("TLS record plaintext too long (record_overflow)"));
+        }
+        let typ = plain.get(type_at).copied().unwrap_or(0);
+        Ok(Some(OpenedRecord {
+            len: HEADER_LEN + len,
+            typ,
+            content: HEADER_LEN..HEADER_LEN + type_at,
+        }))
+    }
+
+    /// Append one record of type `typ` holding `content` (at most 16 KiB) to `tx`.
+    pub(crate) fn seal_record(
+        &mut self,
+        typ: u8,
+        content: &[u8],
+        tx: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        let len = content.len() + 1 + TAG_LEN;
+        let len16 = u16::try_from(len).map_err(|_| bad("record too long"))?;
+        let [l0, l1] = len16.to_be_bytes();
+        let header = [CONTENT_APPLICATION_DATA, 3, 3, l0, l1];
+        tx.reserve(HEADER_LEN + len);
+        tx.extend_from_slice(&header);
+        let start = tx.len();
+        tx.extend_from_slice(content);
+        tx.push(typ);
+        let nonce = self.tx.next_nonce()?;
+        let body = tx.get_mut(start..).unwrap_or_default();
+        let tag = self
+            .tx
+            .key
+            .seal_in_place_separate_tag(nonce, Aad::from(header), body)
+            .map_err(|_| bad("TLS record encryption failed"))?;
+        tx.extend_from_slice(tag.as_ref());
+        Ok(())
+    }
+}
+
+/// A TLS 1.3 server connection's record layer after the handshake.
+pub(super) struct Records {
+    kernel: KernelConnection<ServerConnectionData>,
+    keys: RecordKeys,
     /// Records sealed under one key before a KeyUpdate ([`TX_RECORDS_PER_KEY`]).
     tx_records_per_key: u64,
 }
@@ -104,12 +203,9 @@ impl Records {
         kernel: KernelConnection<ServerConnectionData>,
         secrets: rustls::ExtractedSecrets,
     ) -> io::Result<Records> {
-        let (tx_seq, tx) = secrets.tx;
-        let (rx_seq, rx) = secrets.rx;
         Ok(Records {
             kernel,
-            rx: DirectionKey::new(rx_seq, rx)?,
-            tx: DirectionKey::new(tx_seq, tx)?,
+            keys: RecordKeys::new(secrets)?,
             tx_records_per_key: TX_RECORDS_PER_KEY,
         })
     }
@@ -131,40 +227,14 @@ impl Records {
         let mut out = Opened::default();
         loop {
             let rest = data.get_mut(out.consumed..).unwrap_or_default();
-            let Some(&[typ, v0, v1, l0, l1]) = rest.get(..HEADER_LEN) else {
+            let Some(rec) = self.keys.open_one(rest)? else {
                 return Ok(out);
             };
-            let len = usize::from(u16::from_be_bytes([l0, l1]));
-            if typ != CONTENT_APPLICATION_DATA || [v0, v1] != [3, 3] {
-                return Err(bad(format!(
-                    "unexpected TLS record type {typ} (version {v0}.{v1}) after the handshake"
-                )));
-            }
-            if !(TAG_LEN + 1..=MAX_CIPHERTEXT).contains(&len) {
-                return Err(bad(format!("TLS record length {len} out of range")));
-            }
-            let Some(record) = rest.get_mut(..HEADER_LEN + len) else {
-                return Ok(out); // incomplete
-            };
-            let (header, body) = record.split_at_mut(HEADER_LEN);
-            let nonce = self.rx.next_nonce()?;
-            let plain = self
-                .rx
-                .key
-                .open_in_place(nonce, Aad::from(&*header), body)
-                .map_err(|_| bad("TLS record failed to decrypt (bad_record_mac)"))?;
-            // Inner plaintext: content ‖ type ‖ zero padding (RFC 8446 §5.4).
-            let Some(type_at) = plain.iter().rposition(|b| *b != 0) else {
-                return Err(bad("TLS record without a content type"));
-            };
-            let (content, inner_type) = plain.split_at(type_at);
-            if content.len() > MAX_PLAINTEXT {
-                return Err(bad("TLS record plaintext too long (record_overflow)"));
-            }
-            out.consumed += HEADER_LEN + len;
-            match inner_type.first().copied() {
-                Some(CONTENT_APPLICATION_DATA) => deliver(content),
-                Some(CONTENT_ALERT) => match content {
+            let content = rest.get(rec.content.clone()).unwrap_or_default();
+            out.consumed += rec.len;
+            match rec.typ {
+                CONTENT_APPLICATION_DATA => deliver(content),
+                CONTENT_ALERT => match content {
                     [_, ALERT_CLOSE_NOTIFY] => {
                         out.eof = true;
                         return Ok(out);
@@ -172,7 +242,7 @@ impl Records {
                     [_, desc] => return Err(bad(format!("peer sent TLS alert {desc}"))),
                     _ => return Err(bad("malformed TLS alert")),
                 },
-                Some(CONTENT_HANDSHAKE) => {
+                CONTENT_HANDSHAKE => {
                     // Only KeyUpdate is expected, alone in its record (it changes the key
                     // for the next record, RFC 8446 §4.6.3).
                     let &[HANDSHAKE_KEY_UPDATE, 0, 0, 1, request] = content else {
@@ -182,7 +252,7 @@ impl Records {
                         return Err(bad("malformed KeyUpdate"));
                     }
                     let (seq, secrets) = self.kernel.update_rx_secret().map_err(tls_err)?;
-                    self.rx = DirectionKey::new(seq, secrets)?;
+                    self.keys.rx = DirectionKey::new(seq, secrets)?;
                     if request == 1 {
                         self.update_tx_key(tx)?;
                     }
@@ -195,45 +265,26 @@ impl Records {
     /// Append `data` to `tx` as application data records.
     pub(super) fn seal(&mut self, data: &[u8], tx: &mut Vec<u8>) -> io::Result<()> {
         for chunk in data.chunks(MAX_PLAINTEXT) {
-            if self.tx.seq >= self.tx_records_per_key {
+            if self.keys.tx.seq >= self.tx_records_per_key {
                 self.update_tx_key(tx)?;
             }
-            self.seal_record(CONTENT_APPLICATION_DATA, chunk, tx)?;
+            self.keys.seal_record(CONTENT_APPLICATION_DATA, chunk, tx)?;
         }
         Ok(())
     }
 
     /// Append a close_notify alert to `tx`.
     pub(super) fn close_notify(&mut self, tx: &mut Vec<u8>) -> io::Result<()> {
-        self.seal_record(CONTENT_ALERT, &[1, ALERT_CLOSE_NOTIFY], tx)
+        self.keys
+            .seal_record(CONTENT_ALERT, &[1, ALERT_CLOSE_NOTIFY], tx)
     }
 
     /// Send KeyUpdate(update_not_requested) under the current key, then switch keys.
     fn update_tx_key(&mut self, tx: &mut Vec<u8>) -> io::Result<()> {
-        self.seal_record(CONTENT_HANDSHAKE, &[HANDSHAKE_KEY_UPDATE, 0, 0, 1, 0], tx)?;
+        self.keys
+            .seal_record(CONTENT_HANDSHAKE, &[HANDSHAKE_KEY_UPDATE, 0, 0, 1, 0], tx)?;
         let (seq, secrets) = self.kernel.update_tx_secret().map_err(tls_err)?;
-        self.tx = DirectionKey::new(seq, secrets)?;
-        Ok(())
-    }
-
-    fn seal_record(&mut self, typ: u8, content: &[u8], tx: &mut Vec<u8>) -> io::Result<()> {
-        let len = content.len() + 1 + TAG_LEN;
-        let len16 = u16::try_from(len).map_err(|_| bad("record too long"))?;
-        let [l0, l1] = len16.to_be_bytes();
-        let header = [CONTENT_APPLICATION_DATA, 3, 3, l0, l1];
-        tx.reserve(HEADER_LEN + len);
-        tx.extend_from_slice(&header);
-        let start = tx.len();
-        tx.extend_from_slice(content);
-        tx.push(typ);
-        let nonce = self.tx.next_nonce()?;
-        let body = tx.get_mut(start..).unwrap_or_default();
-        let tag = self
-            .tx
-            .key
-            .seal_in_place_separate_tag(nonce, Aad::from(header), body)
-            .map_err(|_| bad("TLS record encryption failed"))?;
-        tx.extend_from_slice(tag.as_ref());
+        self.keys.tx = DirectionKey::new(seq, secrets)?;
         Ok(())
     }
 }
