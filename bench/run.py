@@ -178,6 +178,8 @@ METRICS = [
     ("T3", "Relay CPU-s per GB at fixed load (1312 B)", "cpu_gb", "server_cpu_s_per_gb", "CPU-s/GB", "≤ 0.6× (stretch 0.4×)", "lower", 0.6, 0.4),
     ("T4", "Goodput at 1.5× upstream capacity, 1400 B", "over150", "delivered_pps", "pkt/s", "ours ≥ upstream capacity, loss ≤ 2 %", "t4", None, None),
     ("T4b", "Loss at 1.5× upstream capacity", "over150", "loss_pct_window", "%", "≤ 2 %", "info", None, None),
+    ("T4c", "Goodput at 3× upstream capacity, 1400 B", "over300", "delivered_pps", "pkt/s", "(stretch of T4: no collapse up to 3×)", "info", None, None),
+    ("T4d", "Loss at 3× upstream capacity", "over300", "loss_pct_window", "%", "(info)", "info", None, None),
     ("T5", "RSS per idle TLS connection (10 k conns)", "idle", "kib_per_conn", "KiB", "≤ 10 KiB (stretch 6 KiB)", "abs_le", 10.0, 6.0),
     ("T6", "TLS+DERP handshakes/s (32 dialers)", "churn", "handshakes_per_s", "conn/s", "≥ 1.5× (stretch 2×)", "higher", 1.5, 2.0),
     ("T6b", "Relay CPU per handshake", "churn", "server_cpu_us_per_conn", "µs", "(info)", "info", None, None),
@@ -208,8 +210,16 @@ def workloads(smoke, cap_up=None):
         ]
     return [
         ("lat_idle", "rate", ["--pairs", "1", "--size", "1400", "--rate", "1000"]),
-        ("lat80", "rate", ["--pairs", "8", "--size", "1400", "--rate", str(round(0.8 * cap_up))]),
-        ("over150", "rate", ["--pairs", "8", "--size", "1400", "--rate", str(round(1.5 * cap_up))]),
+        ("lat80", "rate", ["--pairs", "16", "--size", "1400", "--rate", str(round(0.8 * cap_up))]),
+        # Overload comes from the total rate, not from bursts. derp-bench paces each flow on
+        # a 1 ms timer that fires up to ~0.5 ms late, so a flow sends up to ~1.5 ms of its
+        # rate at once, while the generator's one core seals every flow's burst before its
+        # receivers read again. A burst longer than the relay's 32-packet queue (both
+        # relays: the upstream constant) is head-dropped at any load: with 8 pairs at 1.5×
+        # both relays lost ~25 % with ours at 25 % CPU. 48 pairs keep a flow's burst at
+        # 5-12 packets at 1.5× and 3× (bench/README.md, "T4").
+        ("over150", "rate", ["--pairs", "48", "--size", "1400", "--rate", str(round(1.5 * cap_up))]),
+        ("over300", "rate", ["--pairs", "48", "--size", "1400", "--rate", str(round(3.0 * cap_up))]),
     ]
 
 
@@ -273,8 +283,14 @@ def summarize(results, cap_up):
         elif direction == "abs_ge" and mo is not None:
             verdict = "stretch" if stretch and mo >= stretch else ("pass" if mo >= bar else "FAIL")
         elif direction == "t4" and mo is not None and cap_up:
-            loss = median([get(x, "loss_pct_window") for x in runs.get("ours", [])]) or 0.0
-            verdict = "pass" if (mo >= cap_up and loss <= 2.0) else "FAIL"
+            def holds(k):
+                """Ours at workload k: goodput ≥ upstream's capacity with ≤ 2 % loss."""
+                xs = results.get(k, {}).get("ours", [])
+                g = median([get(x, "delivered_pps") for x in xs])
+                loss = median([get(x, "loss_pct_window") for x in xs])
+                return g is not None and loss is not None and g >= cap_up and loss <= 2.0
+            # Stretch (§6): no collapse up to 3×, i.e. the 3× run holds the same bar.
+            verdict = ("stretch" if holds("over300") else "pass") if holds(key) else "FAIL"
         rows.append(dict(id=tid, title=title, workload=key, metric=path, unit=unit, target=target,
                          ours=mo, upstream=mu, ratio=ratio, pair_ratio=pair_ratio,
                          ours_runs=ours, upstream_runs=up, verdict=verdict,

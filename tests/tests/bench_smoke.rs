@@ -24,7 +24,8 @@ fn bench_smoke_runs_every_workload_against_ours_and_upstream() {
         out.status
     );
     for id in [
-        "| T1 |", "| T2 |", "| T3 |", "| T5 |", "| T6 |", "| T7 |", "| T10 |", "| M1 |",
+        "| T1 |", "| T2 |", "| T3 |", "| T4 |", "| T4c |", "| T5 |", "| T6 |", "| T7 |", "| T10 |",
+        "| M1 |",
     ] {
         assert!(
             stdout.contains(id),
