@@ -25,6 +25,16 @@ fn client(version: &'static rustls::SupportedProtocolVersion) -> tokio_rustls::T
     tokio_rustls::TlsConnector::from(Arc::new(c))
 }
 
+/// A tokio-rustls client connection to `addr` with only `version` enabled.
+async fn connect(
+    addr: SocketAddr,
+    version: &'static rustls::SupportedProtocolVersion,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let name = ServerName::try_from("127.0.0.1").expect("name");
+    client(version).connect(name, tcp).await.expect("handshake")
+}
+
 /// A server that accepts one connection with [`accept`] and echoes it until EOF, then
 /// shuts down (close_notify). Returns the address and the server task.
 async fn echo_once(read_size: usize) -> (SocketAddr, tokio::task::JoinHandle<io::Result<u64>>) {
@@ -75,9 +85,7 @@ async fn echo_round_trip(version: &'static rustls::SupportedProtocolVersion, rea
     };
     let (addr, server) =
         echo_once_with(read_size, move |s| assert_eq!(s.engine_name(), want)).await;
-    let tcp = TcpStream::connect(addr).await.expect("connect");
-    let name = ServerName::try_from("127.0.0.1").expect("name");
-    let tls = client(version).connect(name, tcp).await.expect("handshake");
+    let tls = connect(addr, version).await;
     assert_eq!(tls.get_ref().1.protocol_version(), Some(version.version));
     let (mut r, mut w) = tokio::io::split(tls);
     // One byte, a few small writes, then 200 KiB (many full records).
@@ -202,12 +210,7 @@ async fn data_sent_with_the_client_finished_is_read() {
 #[tokio::test]
 async fn key_update_from_the_client_is_answered() {
     let (addr, server) = echo_once(64 * 1024).await;
-    let tcp = TcpStream::connect(addr).await.expect("connect");
-    let name = ServerName::try_from("127.0.0.1").expect("name");
-    let mut tls = client(&rustls::version::TLS13)
-        .connect(name, tcp)
-        .await
-        .expect("handshake");
+    let mut tls = connect(addr, &rustls::version::TLS13).await;
     for round in 0..3u8 {
         // KeyUpdate(update_requested): the server must switch its receive key and answer
         // with its own KeyUpdate before the echo, or the client cannot decrypt the echo.
@@ -272,12 +275,7 @@ async fn idle_stream_holds_no_buffers() {
         ((addr, rx), t)
     };
     let (addr, rx) = addr;
-    let tcp = TcpStream::connect(addr).await.expect("connect");
-    let name = ServerName::try_from("127.0.0.1").expect("name");
-    let mut tls = client(&rustls::version::TLS13)
-        .connect(name, tcp)
-        .await
-        .expect("handshake");
+    let mut tls = connect(addr, &rustls::version::TLS13).await;
     tls.write_all(b"ping").await.expect("write");
     let mut back = [0u8; 4];
     tls.read_exact(&mut back).await.expect("read");
@@ -301,12 +299,7 @@ async fn sending_key_is_replaced_after_its_record_budget() {
         }
     })
     .await;
-    let tcp = TcpStream::connect(addr).await.expect("connect");
-    let name = ServerName::try_from("127.0.0.1").expect("name");
-    let mut tls = client(&rustls::version::TLS13)
-        .connect(name, tcp)
-        .await
-        .expect("handshake");
+    let mut tls = connect(addr, &rustls::version::TLS13).await;
     for i in 0..20u8 {
         let msg = vec![i; 100 + usize::from(i)];
         tls.write_all(&msg).await.expect("write");
@@ -328,12 +321,7 @@ async fn sending_key_is_replaced_after_its_record_budget() {
 /// and return what the server's next read gives.
 async fn server_read_after_raw(raw: Vec<u8>) -> io::Result<usize> {
     let (addr, server) = echo_once(1024).await;
-    let tcp = TcpStream::connect(addr).await.expect("connect");
-    let name = ServerName::try_from("127.0.0.1").expect("name");
-    let mut tls = client(&rustls::version::TLS13)
-        .connect(name, tcp)
-        .await
-        .expect("handshake");
+    let mut tls = connect(addr, &rustls::version::TLS13).await;
     tls.get_mut().0.write_all(&raw).await.expect("raw write");
     let r = tokio::time::timeout(Duration::from_secs(5), server)
         .await
