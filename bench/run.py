@@ -211,13 +211,10 @@ def workloads(smoke, cap_up=None):
     return [
         ("lat_idle", "rate", ["--pairs", "1", "--size", "1400", "--rate", "1000"]),
         ("lat80", "rate", ["--pairs", "16", "--size", "1400", "--rate", str(round(0.8 * cap_up))]),
-        # Overload comes from the total rate, not from bursts. derp-bench paces each flow on
-        # a 1 ms timer that fires up to ~0.5 ms late, so a flow sends up to ~1.5 ms of its
-        # rate at once, while the generator's one core seals every flow's burst before its
-        # receivers read again. A burst longer than the relay's 32-packet queue (both
-        # relays: the upstream constant) is head-dropped at any load: with 8 pairs at 1.5×
-        # both relays lost ~25 % with ours at 25 % CPU. 48 pairs keep a flow's burst at
-        # 5-12 packets at 1.5× and 3× (bench/README.md, "T4").
+        # Overload comes from the total rate, not from bursts: derp-bench's 1 ms pacing timer
+        # fires late, and a flow's burst longer than the relay's 32-packet queue (both relays)
+        # is head-dropped at any load. 48 pairs keep a flow's nominal burst near 6 packets
+        # per tick at 1.5× and 12 at 3× (bench/README.md, "T4: why ... 48 pairs").
         ("over150", "rate", ["--pairs", "48", "--size", "1400", "--rate", str(round(1.5 * cap_up))]),
         ("over300", "rate", ["--pairs", "48", "--size", "1400", "--rate", str(round(3.0 * cap_up))]),
     ]
