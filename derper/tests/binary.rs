@@ -116,7 +116,7 @@ async fn binary_serves_pinned_tls_stun_and_restarts_with_the_same_identity() {
     assert!(dir.path().join("127.0.0.1.crt").exists());
 
     let mut cfg = ClientConfig::new(s.main);
-    cfg.tls = TlsMode::Pinned(pin.clone());
+    cfg.tls = TlsMode::Pinned(pin.parse().unwrap());
     cfg.upgrade = UpgradeMode::Auto;
     let ka = NodePrivateKey::generate();
     let kb = NodePrivateKey::generate();

@@ -171,7 +171,8 @@ async fn tls12_and_tls13_both_work_with_pin() {
         .await
         .unwrap();
     // A wrong pin is refused.
-    cfg.tls = derper::client::TlsMode::Pinned(format!("sha256-raw:{}", "00".repeat(32)));
+    cfg.tls =
+        derper::client::TlsMode::Pinned(derper::pin::Pin::parse_hex(&"00".repeat(32)).unwrap());
     assert!(
         Client::connect(&cfg, &NodePrivateKey::generate())
             .await
