@@ -611,3 +611,42 @@ async fn truncated_frame_then_eof_is_counted() {
     .await;
     assert_eq!(s.metrics().current_connections.get(), 0);
 }
+
+#[tokio::test]
+async fn key_update_flood_before_client_info_is_cut_off_and_counted() {
+    // An unauthenticated client past the upgrade asks for 10,000 TLS 1.3 KeyUpdates and
+    // reads nothing: the record layer ends the connection at its limit and the metric
+    // names it.
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = start(TestServerOptions {
+        tls: true,
+        ..Default::default()
+    })
+    .await;
+    let cfg = derper::bench::insecure_client_config(
+        rustls::crypto::ring::default_provider(),
+        &[&rustls::version::TLS13],
+    );
+    let tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    tls.write_all(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    tls.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 101");
+    for _ in 0..10_000 {
+        tls.get_mut().1.refresh_traffic_keys().unwrap();
+    }
+    // The relay hangs up part-way; the write may then fail.
+    let _ = tls.flush().await;
+    s.wait_for("KeyUpdate flood counted", T, |s| {
+        s.metrics().handshake_failures("tls_key_update_limit") == 1
+    })
+    .await;
+}

@@ -339,6 +339,11 @@ where
             m.handshake_failure("long_client_info");
             return None;
         }
+        Ok(Err(ReadError::Io(e))) => {
+            // A limit of our TLS record layer counts under its own name.
+            m.handshake_failure(crate::tls_stream::error_reason(&e).unwrap_or("eof"));
+            return None;
+        }
         Ok(Err(_)) | Ok(Ok(None)) => {
             m.handshake_failure("eof");
             return None;
@@ -599,7 +604,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
             Ok(None) => break "eof",
             Err(ReadError::TooLarge { .. }) => break "frame_too_large",
             Err(ReadError::UnexpectedEof) => break "truncated_frame",
-            Err(ReadError::Io(_)) => break "read_error",
+            Err(ReadError::Io(e)) => {
+                break crate::tls_stream::error_reason(&e).unwrap_or("read_error");
+            }
         };
         if let Some(b) = &mut recv_bucket {
             #[allow(clippy::cast_precision_loss)]
