@@ -724,3 +724,84 @@ async fn handshaking_connections_are_capped_in_total_and_per_source() {
     assert_eq!(m.handshake_limit_rejections("per_ip"), 1);
     assert_eq!(m.handshake_limit_rejections("total"), 2);
 }
+
+#[tokio::test]
+async fn derp_upgrade_after_a_kept_alive_request_keeps_its_handshake_slot() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let s = start(TestServerOptions {
+        tls: false,
+        server: ServerOptions {
+            handshake_limit_per_ip: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let m = s.metrics().clone();
+    let mut c = half_open([127, 0, 0, 1], s.addr).await;
+    // A plain request first (served by hyper, connection kept alive): still counted.
+    c.write_all(b"GET /robots.txt HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("Disallow") {
+        let n = tokio::time::timeout(T, c.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+    closed_at_accept(half_open([127, 0, 0, 1], s.addr).await).await;
+    // Then the DERP upgrade on the same connection: the slot moves to the DERP handshake.
+    c.write_all(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let head_end = loop {
+        let n = tokio::time::timeout(T, c.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+        if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n")
+            && got.len() >= i + 4 + 45
+        {
+            break i + 4;
+        }
+    };
+    assert!(got.starts_with(b"HTTP/1.1 101"));
+    let server_key =
+        derper::key::NodePublicKey::from_slice(&got[head_end + 13..head_end + 45]).unwrap();
+    assert_eq!(server_key, s.server_key);
+    // ServerKey arrived: hyper is done with the connection, the handshake still counts.
+    assert_eq!(m.handshaking_connections.get(), 1);
+    closed_at_accept(half_open([127, 0, 0, 1], s.addr).await).await;
+    assert_eq!(m.handshake_limit_rejections("per_ip"), 2);
+    // Admitted: released.
+    let mut ci = bytes::BytesMut::new();
+    derper::proto::handshake::write_client_info(
+        &mut ci,
+        &NodePrivateKey::generate(),
+        &server_key,
+        &derper::proto::handshake::ClientInfo {
+            version: 2,
+            ..Default::default()
+        },
+        &[1; 24],
+    );
+    c.write_all(&ci).await.unwrap();
+    s.wait_for("admitted", T, |s| {
+        s.metrics().current_connections.get() == 1
+    })
+    .await;
+    s.wait_for("slot released", T, |s| {
+        s.metrics().handshaking_connections.get() == 0
+    })
+    .await;
+    s.connect(&NodePrivateKey::generate(), UpgradeMode::Plain)
+        .await
+        .unwrap();
+}
