@@ -626,6 +626,17 @@ fn create_certdir(dir: &Path) -> Result<(), CertError> {
 
 /// Write `data` to a temporary file next to `path` with `mode`, fsync, then rename.
 fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), CertError> {
+    write_file_atomic(path, data, mode).map_err(|source| CertError::Write {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Writes `data` to `path` atomically: a new, randomly named temporary file next to it,
+/// created exclusively (`O_EXCL`, so nothing planted at that name, file or symlink, is
+/// followed or reused) with `mode` from the start, fsynced, then renamed over `path`.
+/// Readers see the old file or the whole new one, never a partial or wider-permission one.
+pub(crate) fn write_file_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     let file_name = path
         .file_name()
@@ -652,10 +663,7 @@ fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), CertError> {
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
-    result.map_err(|source| CertError::Write {
-        path: path.to_owned(),
-        source,
-    })?;
+    result?;
     // Best effort: make the rename durable.
     if let Ok(d) = fs::File::open(dir) {
         let _ = d.sync_all();

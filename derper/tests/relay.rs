@@ -650,3 +650,81 @@ async fn key_update_flood_before_client_info_is_cut_off_and_counted() {
     })
     .await;
 }
+
+/// Sends the DERP upgrade and a ClientInfo "from" `key`, sealed so that it opens with the
+/// all-zero shared secret (what X25519 with a small-order key gives, whatever the server's
+/// private key), and returns every frame type the server sent before closing.
+async fn forged_client_info(s: &TestServer, key: [u8; 32]) -> Vec<u8> {
+    use crypto_box::aead::Aead as _;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // X25519(any secret, small-order point) = 0 = X25519(server secret, same point).
+    let b = crypto_box::SalsaBox::new(
+        &crypto_box::PublicKey::from_bytes(key),
+        &crypto_box::SecretKey::from_bytes([0x42; 32]),
+    );
+    let nonce = [7u8; 24];
+    let sealed = b
+        .encrypt(
+            crypto_box::Nonce::from_slice(&nonce),
+            &b"{\"version\":2}"[..],
+        )
+        .unwrap();
+    let mut payload = key.to_vec();
+    payload.extend_from_slice(&nonce);
+    payload.extend_from_slice(&sealed);
+    let mut out = bytes::BytesMut::new();
+    out.extend_from_slice(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\n\r\n");
+    codec::write_raw_frame(
+        &mut out,
+        derper::proto::FrameType::ClientInfo as u8,
+        &payload,
+    );
+    let mut tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    tcp.write_all(&out).await.unwrap();
+    let mut v = Vec::new();
+    // The server closes a refused connection; an admitted one stays open.
+    let _ = tokio::time::timeout(T, tcp.read_to_end(&mut v)).await;
+    let head_end = v.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let mut frames = Vec::new();
+    let mut rest = &v[head_end..];
+    while rest.len() >= 5 {
+        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        frames.push(rest[0]);
+        rest = &rest[(5 + len).min(rest.len())..];
+    }
+    frames
+}
+
+#[tokio::test]
+async fn small_order_client_keys_are_refused() {
+    let s = plain_server().await;
+    let mut one = [0u8; 32];
+    one[0] = 1;
+    let mut order8 = [0u8; 32];
+    hex::decode_to_slice(
+        "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
+        &mut order8,
+    )
+    .unwrap();
+    let mut p_plus_1 = [0xffu8; 32];
+    p_plus_1[0] = 0xee;
+    p_plus_1[31] = 0x7f;
+    let mut one_top_bit = one;
+    one_top_bit[31] = 0x80;
+    let keys = [one, order8, p_plus_1, one_top_bit];
+    for k in keys {
+        let frames = forged_client_info(&s, k).await;
+        // ServerKey only: no ServerInfo, the connection is closed.
+        assert_eq!(
+            frames,
+            [derper::proto::FrameType::ServerKey as u8],
+            "{}",
+            hex::encode(k)
+        );
+    }
+    assert_eq!(
+        s.metrics().handshake_failures("small_order_key"),
+        keys.len() as u64
+    );
+    assert_eq!(s.metrics().current_connections.get(), 0);
+}
