@@ -328,30 +328,30 @@ pub struct RelaySpec {
     #[schemars(length(max = 253))]
     #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$')").message("spec.relay.priorityClassName must be a DNS subdomain name"))]
     pub priority_class_name: Option<String>,
-    /// Extra labels on the relay Pods. Keys under `kubederp.io/` and `app.kubernetes.io/`
-    /// belong to the operator.
+    /// Extra labels on the relay Pods (values: label values, at most 63 characters). Keys
+    /// under `kubederp.io/` and `app.kubernetes.io/` belong to the operator.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 64))]
     #[x_kube(validation = Rule::new("self.all(k, !k.startsWith('kubederp.io/') && !k.startsWith('app.kubernetes.io/'))").message("spec.relay.podLabels must not set kubederp.io/ or app.kubernetes.io/ keys (the operator owns them)"))]
-    #[x_kube(validation = Rule::new("self.all(k, size(self[k]) <= 63 && self[k].matches('^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$'))").message("spec.relay.podLabels values must be valid label values (at most 63 characters: letters, digits, '-', '_', '.')"))]
+    #[schemars(extend("additionalProperties" = {"type": "string", "maxLength": 63, "pattern": "^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"}))]
     pub pod_labels: BTreeMap<String, String>,
     /// Extra annotations on the relay Pods. Keys under `kubederp.io/` belong to the operator.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 64))]
     #[x_kube(validation = Rule::new("self.all(k, !k.startsWith('kubederp.io/'))").message("spec.relay.podAnnotations must not set kubederp.io/ keys (the operator owns them)"))]
     pub pod_annotations: BTreeMap<String, String>,
-    /// Extra volumes of the relay Pods, for files a relay flag reads (e.g. a ConfigMap for
+    /// Up to 4 extra volumes of the relay Pods, for files a relay flag reads (e.g. a ConfigMap for
     /// `--rate-config`). The names `certs`, `state`, `mesh-psk`, `mesh-peers` and `tailscaled`
     /// are the operator's.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 8))]
+    #[schemars(length(max = 4))]
     #[x_kube(validation = Rule::new("self.all(v, !(v.name in ['certs', 'state', 'mesh-psk', 'mesh-peers', 'tailscaled']))").message("spec.relay.extraVolumes must not use the names certs, state, mesh-psk, mesh-peers or tailscaled (the operator's)"))]
     pub extra_volumes: Vec<Volume>,
-    /// Where the extra volumes are mounted in the relay container. Each names a volume of
+    /// Where the extra volumes are mounted in the relay container (up to 4). Each names a volume of
     /// `extraVolumes`; the operator's mount paths (`/certs`, `/var/lib/derper`, `/etc/derp/…`,
     /// `/var/run/tailscale`) cannot be used.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 8))]
+    #[schemars(length(max = 4))]
     #[x_kube(validation = Rule::new("self.all(m, !(m.mountPath in ['/certs', '/var/lib/derper', '/etc/derp/mesh-psk', '/etc/derp/mesh', '/var/run/tailscale']))").message("spec.relay.extraVolumeMounts must not use the operator's mount paths (/certs, /var/lib/derper, /etc/derp/mesh-psk, /etc/derp/mesh, /var/run/tailscale)"))]
     pub extra_volume_mounts: Vec<VolumeMount>,
 }
