@@ -378,7 +378,8 @@ pub fn region_key(region: &DerpRegion) -> String {
 }
 
 /// The derpMap region to probe: every node in the region's status (published or withheld),
-/// with its pin and the region's ports.
+/// with its pin and its published addresses and ports (a Node's NAT/port-forward annotations
+/// included: the probe dials what clients dial).
 pub fn probe_target(region: &DerpRegion) -> probe::DerpRegion {
     let spec = &region.spec;
     let region_id = i64::from(spec.region_id);
@@ -400,9 +401,9 @@ pub fn probe_target(region: &DerpRegion) -> probe::DerpRegion {
             cert_name: n.cert_name.clone(),
             ipv4: n.ipv4.clone().unwrap_or_else(|| "none".to_owned()),
             ipv6: n.ipv6.clone().unwrap_or_else(|| "none".to_owned()),
-            stun_port: i64::from(spec.ports.stun),
+            stun_port: i64::from(n.stun_port.unwrap_or(spec.ports.stun)),
             stun_only: spec.stun_only,
-            derp_port: i64::from(spec.ports.derp),
+            derp_port: i64::from(n.derp_port.unwrap_or(spec.ports.derp)),
             can_port80: spec.ports.http == 80,
             ..Default::default()
         })

@@ -42,6 +42,14 @@ pub struct NodeLabels {
     pub node: String,
 }
 
+/// Labels of per-region counters: the region (`namespace/name`), bounded by the regions the
+/// operator manages.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RegionLabels {
+    /// `namespace/name` of the region.
+    pub region: String,
+}
+
 /// Labels of [`Metrics::probes`].
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProbeResultLabels {
@@ -64,6 +72,8 @@ pub struct Metrics {
     pub certs_issued: Counter,
     /// Events published on regions.
     pub events: Counter,
+    /// Published pins replaced by a new certificate, by region.
+    pub pin_changes: Family<RegionLabels, Counter>,
     /// Node probes finished, by result.
     pub probes: Family<ProbeResultLabels, Counter>,
     /// 1 when the last probe of a node passed, 0 when it failed.
@@ -89,6 +99,7 @@ impl Metrics {
             writes: Family::default(),
             certs_issued: Counter::default(),
             events: Counter::default(),
+            pin_changes: Family::default(),
             probes: Family::default(),
             probe_success: Family::default(),
             probe_latency: Family::default(),
@@ -125,6 +136,12 @@ impl Metrics {
             "events",
             "Kubernetes Events published on DerpRegions",
             m.events.clone(),
+        );
+        r.register(
+            "pin_changes",
+            "Published certificate pins replaced by a new certificate (address change, \
+             rotation, lost Secret), by region: clients need the new derpMap after each",
+            m.pin_changes.clone(),
         );
         r.register(
             "probes",

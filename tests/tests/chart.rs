@@ -263,6 +263,47 @@ async fn rendered_deployment_is_hardened_and_probes_the_admin_port() {
 }
 
 #[tokio::test]
+async fn relay_pull_secrets_value_becomes_the_operator_flag() {
+    let cp = ControlPlane::shared();
+    let args = |docs: &[Value]| {
+        find(docs, "Deployment", "kubederp")["spec"]["template"]["spec"]["containers"][0]["args"]
+            .as_array()
+            .expect("args")
+            .clone()
+    };
+    let default = render(cp, "kubederp", "kubederp", &[]).await;
+    assert!(
+        !args(&default).iter().any(|a| a
+            .as_str()
+            .is_some_and(|a| a.starts_with("--relay-image-pull-secrets"))),
+        "no flag without the value"
+    );
+    let set = render(
+        cp,
+        "kubederp",
+        "kubederp",
+        &["relayImage.pullSecrets={regcred,mirror.creds}"],
+    )
+    .await;
+    assert!(
+        args(&set).contains(&json!("--relay-image-pull-secrets=regcred,mirror.creds")),
+        "{:?}",
+        args(&set)
+    );
+    // the operator accepts what the chart renders
+    let flag = "--relay-image-pull-secrets=regcred,mirror.creds";
+    let parsed = <derp_operator::args::Args as clap::Parser>::try_parse_from([
+        "derp-operator",
+        "--leader-election=false",
+        flag,
+    ])
+    .expect("flag parses")
+    .into_config()
+    .expect("valid");
+    assert_eq!(parsed.relay_image_pull_secrets, ["regcred", "mirror.creds"]);
+}
+
+#[tokio::test]
 async fn rbac_is_namespaced_when_a_namespace_is_watched_and_never_uses_wildcards() {
     let cp = ControlPlane::shared();
     let all = render(cp, "kubederp", "kubederp", &[]).await;
@@ -352,6 +393,10 @@ async fn values_schema_rejects_bad_values_at_install_with_a_clear_message() {
             &["/watchNamespaces", "maxItems"],
         ),
         (&["watchNamespaces={Not_A_Name}"], &["/watchNamespaces/0"]),
+        (
+            &["relayImage.pullSecrets={Reg_Cred}"],
+            &["/relayImage/pullSecrets/0"],
+        ),
         (
             &["resources.limits.memory=lots"],
             &["/resources/limits/memory"],
