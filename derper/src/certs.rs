@@ -225,6 +225,13 @@ pub fn cert_paths(certdir: &Path, hostname: &str) -> (PathBuf, PathBuf) {
     )
 }
 
+/// The leaf's notAfter as Unix seconds (`None` when the DER does not parse).
+pub fn not_after_unix(der: &[u8]) -> Option<i64> {
+    x509_parser::parse_x509_certificate(der)
+        .ok()
+        .map(|(_, c)| c.validity().not_after.timestamp())
+}
+
 /// The pin of a DER certificate: `sha256-raw:` + lowercase hex SHA-256 of the bytes (§3.1).
 pub fn pin_of(der: &[u8]) -> String {
     format!("{PIN_PREFIX}{}", hex::encode(Sha256::digest(der)))
