@@ -596,7 +596,7 @@ mod tests {
         let from_cli = m.value_source(&id) == Some(clap::parser::ValueSource::CommandLine);
         let text = m
             .get_raw(&id)
-            .and_then(|v| v.last())
+            .and_then(|mut v| v.next_back())
             .map(|v| v.to_string_lossy().into_owned())
             .unwrap_or_default();
         (text, from_cli)
