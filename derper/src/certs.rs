@@ -220,6 +220,13 @@ pub fn cert_paths(certdir: &Path, hostname: &str) -> (PathBuf, PathBuf) {
     )
 }
 
+/// The leaf's notAfter as Unix seconds (`None` when the DER does not parse).
+pub fn not_after_unix(der: &[u8]) -> Option<i64> {
+    x509_parser::parse_x509_certificate(der)
+        .ok()
+        .map(|(_, c)| c.validity().not_after.timestamp())
+}
+
 /// Manual cert mode (spec §3.2): load `<certdir>/<stem>.crt` and `.key` when both exist;
 /// when neither exists and `hostname` is an IP address, generate a self-signed certificate,
 /// write both files (key mode 0600) and return it with `generated = true`; otherwise fail.

@@ -253,6 +253,8 @@ async fn reconcile(region: Arc<DerpRegion>, ctx: Arc<Context>) -> Result<Action,
         let started = Instant::now();
         if region.metadata.deletion_timestamp.is_some() {
             // children go with the owner references (garbage collector)
+            ctx.metrics
+                .forget_conditions_except(&live_region_keys(&ctx));
             ctx.shared.set_map(key, None);
             return Ok(Action::await_change());
         }
@@ -306,6 +308,11 @@ async fn reconcile(region: Arc<DerpRegion>, ctx: Arc<Context>) -> Result<Action,
         let api: Api<DerpRegion> = Api::namespaced(ctx.client.clone(), &ns);
         let status_written =
             status::patch_if_changed(&api, &region, &plan.status, &ctx.metrics).await?;
+        // deleted regions are never reconciled again: drop their gauges here (and in the
+        // probe loop); this region's gauges are written after that
+        ctx.metrics
+            .forget_conditions_except(&live_region_keys(&ctx));
+        ctx.metrics.record_conditions(&key, &plan.status.conditions);
         ctx.events
             .publish(&region, &plan.events, &ctx.metrics)
             .await;
@@ -328,6 +335,16 @@ async fn reconcile(region: Arc<DerpRegion>, ctx: Arc<Context>) -> Result<Action,
     }
     .instrument(span)
     .await
+}
+
+/// `namespace/name` of every region in the controller's cache that is not being deleted.
+fn live_region_keys(ctx: &Context) -> Vec<String> {
+    ctx.regions
+        .state()
+        .iter()
+        .filter(|r| r.metadata.deletion_timestamp.is_none())
+        .map(|r| crate::health::region_key(r))
+        .collect()
 }
 
 fn error_policy(region: Arc<DerpRegion>, error: &Error, ctx: Arc<Context>) -> Action {

@@ -496,6 +496,7 @@ impl Prober {
             debug!(regions = keys.len(), "probe round");
             self.tracker.retain_regions(&keys);
             self.metrics.forget_probed_regions(&keys);
+            self.metrics.forget_conditions_except(&keys);
             for chunk in regions.chunks(self.settings.concurrency.max(1)) {
                 let mut rounds: Vec<Pin<Box<dyn Future<Output = ()> + Send + '_>>> = Vec::new();
                 for r in chunk {
