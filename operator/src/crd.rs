@@ -11,6 +11,7 @@
 
 use std::collections::BTreeMap;
 
+use derper::defaults;
 use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -38,17 +39,9 @@ pub const DEFAULT_RELAY_IMAGE: &str = "ghcr.io/kubederp/derper:0.1.0";
 pub const DEFAULT_CERT_VALIDITY: &str = "87600h";
 /// Default renewal window (design.md §3: 30 days).
 pub const DEFAULT_ROTATE_BEFORE: &str = "720h";
-/// Default DERP TLS port (design.md §3).
-pub const DEFAULT_DERP_PORT: i32 = 443;
-/// Default plain HTTP port (design.md §3; 0 disables).
-pub const DEFAULT_HTTP_PORT: i32 = 80;
-/// Default relay admin port (house-style §4.2: admin :9090).
-pub const DEFAULT_ADMIN_PORT: i32 = 9090;
 /// Default `derpMap.unhealthyAfter`: two default probe intervals (30 s), so one lost probe
 /// never takes a node out of the map.
 pub const DEFAULT_UNHEALTHY_AFTER: &str = "60s";
-/// Default STUN port (design.md §3; -1 disables).
-pub const DEFAULT_STUN_PORT: i32 = 3478;
 
 /// A DERP region made of the cluster nodes selected by `nodeSelector` (design.md §3).
 #[allow(
@@ -219,26 +212,27 @@ pub struct Ports {
     pub admin: i32,
 }
 
+// The defaults are the relay's ([`derper::defaults`]), widened to the CRD's i32.
 fn default_derp_port() -> i32 {
-    DEFAULT_DERP_PORT
+    i32::from(defaults::DEFAULT_DERP_PORT)
 }
 fn default_http_port() -> i32 {
-    DEFAULT_HTTP_PORT
+    defaults::DEFAULT_HTTP_PORT
 }
 fn default_stun_port() -> i32 {
-    DEFAULT_STUN_PORT
+    i32::from(defaults::DEFAULT_STUN_PORT)
 }
 fn default_admin_port() -> i32 {
-    DEFAULT_ADMIN_PORT
+    i32::from(defaults::DEFAULT_ADMIN_PORT)
 }
 
 impl Default for Ports {
     fn default() -> Self {
         Self {
-            derp: DEFAULT_DERP_PORT,
-            http: DEFAULT_HTTP_PORT,
-            stun: DEFAULT_STUN_PORT,
-            admin: DEFAULT_ADMIN_PORT,
+            derp: default_derp_port(),
+            http: default_http_port(),
+            stun: default_stun_port(),
+            admin: default_admin_port(),
         }
     }
 }
