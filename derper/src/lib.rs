@@ -14,7 +14,8 @@
 //! * [`tls`]: the rustls server config, certificate selection, metacert and reload (spec §2);
 //!   [`tls_stream`]: the server TLS stream on rustls' unbuffered API (no buffers while idle);
 //!   [`certs`]: manual-mode certificate files, the self-signed IP certificate and its
-//!   `sha256-raw:` pin (spec §3).
+//!   `sha256-raw:` pin (spec §3); [`pin`]: the `Pin` type and the one pinned-certificate
+//!   check (spec §3.1, §2.4) every dialer uses.
 //! * [`admission`]: client admission checks after ClientInfo (spec §6.9);
 //!   [`localapi`]: asking tailscaled whether a key is in the tailnet (`--verify-clients`);
 //!   [`ratelimit`]: token buckets for accepts and per-client receive, and log limiting.
@@ -47,6 +48,7 @@ pub mod key;
 pub mod localapi;
 pub mod mesh;
 pub mod metrics;
+pub mod pin;
 pub mod probe;
 pub mod proto;
 pub mod ratelimit;

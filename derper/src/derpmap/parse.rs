@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::{DerpMap, DerpNode, DerpRegion};
-use crate::certs::PIN_PREFIX;
+use crate::pin::{PIN_PREFIX, Pin};
 
 /// The three published renderings of a derpMap (design §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -466,8 +466,9 @@ fn decode_node(nv: &Value, npath: &str, region_id: i64) -> Result<DerpNode, Fiel
             ));
         }
     };
+    // Any letter case parses here; the probe explains a non-lowercase pin (spec §3.1).
     if let Some(hex) = cert_name.strip_prefix(PIN_PREFIX)
-        && (hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()))
+        && Pin::parse_hex(hex).is_err()
     {
         return Err((
             format!("{np}CertName"),
