@@ -22,22 +22,6 @@ pub const DEFAULT_PROBE_TIMEOUT: &str = "5s";
 /// Default regions probed at the same time (and nodes, in regions too large for mesh checks).
 pub const DEFAULT_PROBE_CONCURRENCY: usize = 4;
 
-/// Parses a Go-style duration with h/m/s units (`30s`, `1m30s`, `0`), or whole milliseconds
-/// (`500ms`).
-fn parse_std_duration(s: &str) -> Result<Duration, String> {
-    if s == "0" {
-        return Ok(Duration::ZERO);
-    }
-    if let Some(ms) = s.strip_suffix("ms")
-        && let Ok(ms) = ms.parse::<u64>()
-    {
-        return Ok(Duration::from_millis(ms));
-    }
-    crate::certs::parse_duration(s)
-        .and_then(|d| Duration::try_from(d).ok())
-        .ok_or_else(|| format!("{s:?} is not a duration such as 30s, 1m or 500ms"))
-}
-
 /// `derp-operator`: turns cluster nodes into Tailscale DERP regions.
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -84,10 +68,10 @@ pub struct Args {
     pub relay_image_pull_secrets: Vec<String>,
     /// Probe every relay node this often (TCP, TLS with the pin, DERP, round trip, STUN,
     /// mesh) for `status.nodes[]`, `NodesHealthy` and `derpMap.publishUnhealthy`; 0 disables.
-    #[arg(long, env = "DERP_OPERATOR_PROBE_INTERVAL", default_value = DEFAULT_PROBE_INTERVAL, value_parser = parse_std_duration)]
+    #[arg(long, env = "DERP_OPERATOR_PROBE_INTERVAL", default_value = DEFAULT_PROBE_INTERVAL, value_parser = derper::duration::parse_go_duration)]
     pub probe_interval: Duration,
     /// Limit for each probe step.
-    #[arg(long, env = "DERP_OPERATOR_PROBE_TIMEOUT", default_value = DEFAULT_PROBE_TIMEOUT, value_parser = parse_std_duration)]
+    #[arg(long, env = "DERP_OPERATOR_PROBE_TIMEOUT", default_value = DEFAULT_PROBE_TIMEOUT, value_parser = derper::duration::parse_go_duration)]
     pub probe_timeout: Duration,
     /// Regions probed at the same time.
     #[arg(long, env = "DERP_OPERATOR_PROBE_CONCURRENCY", default_value_t = DEFAULT_PROBE_CONCURRENCY)]

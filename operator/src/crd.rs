@@ -11,6 +11,7 @@
 
 use std::collections::BTreeMap;
 
+use derper::defaults;
 use k8s_openapi::api::core::v1::{
     LocalObjectReference, ResourceRequirements, Toleration, Volume, VolumeMount,
 };
@@ -40,15 +41,6 @@ pub const DEFAULT_RELAY_IMAGE: &str = "ghcr.io/kubederp/derper:0.1.0";
 pub const DEFAULT_CERT_VALIDITY: &str = "87600h";
 /// Default renewal window (design.md §3: 30 days).
 pub const DEFAULT_ROTATE_BEFORE: &str = "720h";
-/// Default DERP TLS port (design.md §3).
-pub const DEFAULT_DERP_PORT: i32 = 443;
-/// Default plain HTTP port (design.md §3; 0 disables).
-pub const DEFAULT_HTTP_PORT: i32 = 80;
-/// Default relay admin port. Not 9090 (the default of Prometheus and Cockpit, often running on
-/// the hosts themselves) and not in 9100–9999 (Prometheus' exporter allocation range, where
-/// node_exporter's 9100 lives): the relay binds it with host networking, so it must be free on
-/// every relay node. 3480 sits next to STUN's 3478.
-pub const DEFAULT_ADMIN_PORT: i32 = 3480;
 /// Node annotation: the public IPv4 address clients dial for this node (1:1 NAT, port
 /// forward), published instead of the one in `Node.status.addresses`.
 pub const ANNOTATION_PUBLIC_IPV4: &str = "kubederp.io/public-ipv4";
@@ -63,8 +55,6 @@ pub const ANNOTATION_STUN_PORT: &str = "kubederp.io/stun-port";
 /// Default `derpMap.unhealthyAfter`: two default probe intervals (30 s), so one lost probe
 /// never takes a node out of the map.
 pub const DEFAULT_UNHEALTHY_AFTER: &str = "60s";
-/// Default STUN port (design.md §3; -1 disables).
-pub const DEFAULT_STUN_PORT: i32 = 3478;
 
 /// A DERP region made of the cluster nodes selected by `nodeSelector` (design.md §3).
 #[allow(
@@ -241,26 +231,27 @@ pub struct Ports {
     pub admin: i32,
 }
 
+// The defaults are the relay's ([`derper::defaults`]), widened to the CRD's i32.
 fn default_derp_port() -> i32 {
-    DEFAULT_DERP_PORT
+    i32::from(defaults::DEFAULT_DERP_PORT)
 }
 fn default_http_port() -> i32 {
-    DEFAULT_HTTP_PORT
+    defaults::DEFAULT_HTTP_PORT
 }
 fn default_stun_port() -> i32 {
-    DEFAULT_STUN_PORT
+    i32::from(defaults::DEFAULT_STUN_PORT)
 }
 fn default_admin_port() -> i32 {
-    DEFAULT_ADMIN_PORT
+    i32::from(defaults::DEFAULT_ADMIN_PORT)
 }
 
 impl Default for Ports {
     fn default() -> Self {
         Self {
-            derp: DEFAULT_DERP_PORT,
-            http: DEFAULT_HTTP_PORT,
-            stun: DEFAULT_STUN_PORT,
-            admin: DEFAULT_ADMIN_PORT,
+            derp: default_derp_port(),
+            http: default_http_port(),
+            stun: default_stun_port(),
+            admin: default_admin_port(),
         }
     }
 }

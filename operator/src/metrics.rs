@@ -14,7 +14,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::health::Outcome;
+use crate::outcome::Outcome;
 
 /// Labels of [`Metrics::writes`].
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

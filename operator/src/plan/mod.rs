@@ -641,6 +641,7 @@ pub fn plan(inp: &Inputs<'_>) -> Result<Plan, PlanError> {
             stun_only: spec.stun_only,
             derp_port: c.node.derp_port.unwrap_or(spec.ports.derp),
             can_port80: spec.ports.http == 80,
+            ..DerpNode::default()
         })
         .collect();
     let map = DerpMap {
