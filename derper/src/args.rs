@@ -464,63 +464,11 @@ pub fn normalize_go_flags<I: IntoIterator<Item = String>>(
     Ok(out)
 }
 
-/// Parses a Go-style duration: `0`, `500ms`, `15s`, `10m`, `1h30m`, `1.5s`.
-pub fn parse_go_duration(s: &str) -> Result<std::time::Duration, String> {
-    let s = s.trim();
-    if s == "0" {
-        return Ok(std::time::Duration::ZERO);
-    }
-    if s.is_empty() {
-        return Err("empty duration".into());
-    }
-    let mut total = 0f64;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let num_end = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(|| format!("missing unit in duration {s:?}"))?;
-        let (num, tail) = rest.split_at(num_end);
-        let v: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
-        let unit_end = tail
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(tail.len());
-        let (unit, tail) = tail.split_at(unit_end);
-        let mult = match unit {
-            "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return Err(format!("unknown unit {unit:?} in duration {s:?}")),
-        };
-        total += v * mult;
-        rest = tail;
-    }
-    std::time::Duration::try_from_secs_f64(total).map_err(|e| e.to_string())
-}
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::FromArgMatches as _;
-    use std::time::Duration;
-
-    #[test]
-    fn go_durations() {
-        assert_eq!(parse_go_duration("10m").unwrap(), Duration::from_secs(600));
-        assert_eq!(
-            parse_go_duration("1h30m").unwrap(),
-            Duration::from_secs(5400)
-        );
-        assert_eq!(
-            parse_go_duration("500ms").unwrap(),
-            Duration::from_millis(500)
-        );
-        assert_eq!(parse_go_duration("0").unwrap(), Duration::ZERO);
-        assert!(parse_go_duration("10").is_err());
-        assert!(parse_go_duration("5x").is_err());
-    }
 
     fn norm(args: &[&str]) -> Result<Vec<String>, FlagError> {
         normalize_go_flags(
