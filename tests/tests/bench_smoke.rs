@@ -36,7 +36,9 @@ fn bench_smoke_runs_every_workload_against_ours_and_upstream() {
     // Both relays produced a number (a dash means a run measured nothing), also through a
     // mesh of two relays of each kind (M1) and under real Tailscale clients (R1-R3: CPU per
     // packet at fixed rates, context switches per packet, latency, capacity).
-    for id in ["| T1 |", "| M1 |", "| R1 |", "| R1x |", "| R1t |", "| R2 |", "| R3 |"] {
+    for id in [
+        "| T1 |", "| M1 |", "| R1 |", "| R1x |", "| R1t |", "| R2 |", "| R3 |",
+    ] {
         let row = stdout
             .lines()
             .find(|l| l.starts_with(id))
