@@ -464,7 +464,6 @@ pub fn normalize_go_flags<I: IntoIterator<Item = String>>(
     Ok(out)
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
