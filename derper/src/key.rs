@@ -283,7 +283,7 @@ impl NodePrivateKey {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
         let body = format!("{{\n\t\"PrivateKey\": \"{}\"\n}}", self.to_privkey_string());
-        crate::certs::write_file_atomic(path, body.as_bytes(), 0o600).map_err(io)
+        crate::atomic_file::write_file_atomic(path, body.as_bytes(), 0o600).map_err(io)
     }
 }
 

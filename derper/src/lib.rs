@@ -16,6 +16,7 @@
 //!   [`certs`]: manual-mode certificate files, the self-signed IP certificate and its
 //!   `sha256-raw:` pin (spec §3); [`pin`]: the `Pin` type and the one pinned-certificate
 //!   check (spec §3.1, §2.4) every dialer uses.
+//! * `atomic_file` (private): exclusive-temp-file-and-rename writes for keys and certificates.
 //! * [`admission`]: client admission checks after ClientInfo (spec §6.9);
 //!   [`localapi`]: asking tailscaled whether a key is in the tailnet (`--verify-clients`);
 //!   [`ratelimit`]: token buckets for accepts and per-client receive, and log limiting.
@@ -35,6 +36,7 @@
 
 pub mod admission;
 pub mod args;
+mod atomic_file;
 #[cfg(any(test, feature = "bench"))]
 pub mod bench;
 pub mod certs;
