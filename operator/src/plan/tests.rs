@@ -304,7 +304,10 @@ fn cordoned_node_leaves_the_published_map_before_its_relay_is_stopped() {
     let mut existing = Existing::default();
     let p1 = run(&r, &nodes, &existing, &issuer);
     apply_all(&mut existing, &p1, true);
-    nodes[1].spec.get_or_insert_with(Default::default).unschedulable = Some(true);
+    nodes[1]
+        .spec
+        .get_or_insert_with(Default::default)
+        .unschedulable = Some(true);
 
     let p2 = run(&with_status(r.clone(), &p1), &nodes, &existing, &issuer);
     assert_eq!(published(&p2), ["n1", "n3"]);
@@ -337,7 +340,10 @@ fn cordoned_node_leaves_the_published_map_before_its_relay_is_stopped() {
 
     // uncordoned: back in the region
     apply_all(&mut existing, &p3, true);
-    nodes[1].spec.get_or_insert_with(Default::default).unschedulable = None;
+    nodes[1]
+        .spec
+        .get_or_insert_with(Default::default)
+        .unschedulable = None;
     let p4 = run(&with_status(r, &p3), &nodes, &existing, &issuer);
     assert!(
         p4.writes
