@@ -70,10 +70,14 @@ region_up() {
   local n ip
   for n in "${NODES[@]}"; do
     ip=$(node_ip "$n")
-    nx "$n" ss -Htln "sport = :443" | grep -q "$ip:443" ||
-      fail "relay on $(node_name "$n") does not listen on $ip:443: $(nx "$n" ss -Htlnu)"
+    # hostNetwork: the relay's sockets are in the node's namespace (`-a :443` listens on every
+    # address there, i.e. the node IP), and reachable at the node IP from outside the node
+    nx "$n" ss -Htln "sport = :443" | grep -Eq "($ip|\*|0\.0\.0\.0|\[::\]):443" ||
+      fail "relay on $(node_name "$n") does not listen on :443 in the node: $(nx "$n" ss -Htlnu)"
+    timeout 5 bash -c "exec 3<>/dev/tcp/$ip/443" ||
+      fail "cannot connect to $ip:443 from the tier namespace"
   done
-  log "relays listen on the node IPs: $(for n in "${NODES[@]}"; do nx "$n" ss -Htln "sport = :443" | awk '{print $4}'; done | tr '\n' ' ')"
+  log "relays listen in the nodes' namespaces ($(for n in "${NODES[@]}"; do nx "$n" ss -Htln "sport = :443" | awk '{print $4}'; done | sort -u | tr '\n' ' ')) and answer on 10.123.0.11-13:443"
 }
 
 clients() {
