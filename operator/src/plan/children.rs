@@ -412,10 +412,13 @@ pub fn relay_pod(
         container_ports.push(port("admin", ports.admin, "TCP"));
     }
 
+    // `/generate_204` answers on the plain-HTTP port itself; any other path there is a 302 to
+    // https://<Host header><path>, which a real kubelet follows (same host) to the HTTP port
+    // with TLS and times out (seen on real nodes: scripts/real-nodes)
     let readiness = if ports.http > 0 {
         Probe {
             http_get: Some(HTTPGetAction {
-                path: Some("/derp/probe".into()),
+                path: Some("/generate_204".into()),
                 port: IntOrString::Int(ports.http),
                 scheme: Some("HTTP".into()),
                 ..Default::default()
@@ -749,7 +752,7 @@ mod tests {
             .http_get
             .as_ref()
             .unwrap();
-        assert_eq!(probe.path.as_deref(), Some("/derp/probe"));
+        assert_eq!(probe.path.as_deref(), Some("/generate_204"));
         assert_eq!(probe.port, IntOrString::Int(80));
         let owner = &pod.metadata.owner_references.as_ref().unwrap()[0];
         assert_eq!(owner.kind, "DerpRegion");

@@ -28,7 +28,10 @@ use self::{
 };
 use crate::{
     certs::{CertIssuer, key_matches, parse_cert_pem, parse_duration},
-    crd::{Condition, DerpMapStatus, DerpRegion, DerpRegionStatus, NodeStatus, SkippedNode},
+    crd::{
+        ANNOTATION_PIN, Condition, DerpMapStatus, DerpRegion, DerpRegionStatus, NodeStatus,
+        SkippedNode,
+    },
 };
 
 /// Longest wait before looking at a region again (house-style §4.2 step 6).
@@ -268,6 +271,23 @@ fn config_map_unchanged(want: &ConfigMap, have: Option<&ConfigMap>) -> bool {
             && h.data == want.data
             && meta_matches(&want.metadata, &h.metadata)
     })
+}
+
+/// Node names the derpMap ConfigMap `have` publishes now (empty when absent or unreadable).
+fn published_nodes(have: Option<&ConfigMap>) -> Vec<String> {
+    have.and_then(|c| c.data.as_ref())
+        .and_then(|d| d.get("derpmap.json"))
+        .and_then(|json| {
+            derper::derpmap::parse_map(json, Some(derper::derpmap::MapFormat::Json), "derpmap.json")
+                .ok()
+        })
+        .map(|(m, _)| {
+            m.regions
+                .into_values()
+                .flat_map(|r| r.nodes.into_iter().map(|n| n.name))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn condition(type_: &str, ok: bool, reason: &str, message: String) -> Condition {
@@ -547,6 +567,8 @@ pub fn plan(inp: &Inputs<'_>) -> Result<Plan, PlanError> {
             }
         }
     }
+    // Pods deleted by this plan: left out of the map it publishes (written before the delete)
+    let mut replacing: Vec<String> = replace_unready.clone();
     for name in replace_unready {
         rollout_pending = true;
         events.push(PlannedEvent {
@@ -573,6 +595,7 @@ pub fn plan(inp: &Inputs<'_>) -> Result<Plan, PlanError> {
                 name: name.clone(),
                 reason: "Replace",
             });
+            replacing.push(name.clone());
         }
     }
 
@@ -600,11 +623,14 @@ pub fn plan(inp: &Inputs<'_>) -> Result<Plan, PlanError> {
                             if pod.is_some() { "Pending" } else { "Missing" }.to_owned()
                         }),
                 ),
+                // serving the current certificate is what clients need: a Ready relay with
+                // the current pin stays published while an older spec (image, flags) waits
+                // for its turn to be replaced, so a rollout never empties the region
                 ready: pod.is_some_and(|p| {
                     p.metadata.deletion_timestamp.is_none()
                         && pod_ready(p)
-                        && spec_hash(p)
-                            == spec_hash(&relay_pod(region, &c.node, mesh, &c.pin, &defaults))
+                        && p.annotations().get(ANNOTATION_PIN) == Some(&c.pin)
+                        && !replacing.contains(&p.name_any())
                 }),
                 last_probe_time: probe.map(|v| rfc3339(v.time)),
                 probe_result: probe.map(|v| v.result.clone()),
@@ -693,12 +719,20 @@ pub fn plan(inp: &Inputs<'_>) -> Result<Plan, PlanError> {
         wanted_cms.push(dm_name.clone());
     }
 
-    // 5. prune: owned children that are no longer wanted
+    // 5. prune: owned children that are no longer wanted. A relay whose node the published
+    // map still lists stays until the map without it is stored (this plan writes it; the next
+    // one stops the relay): clients leave a node before its relay goes (cordon, drain, removal).
+    let still_published = published_nodes(inp.existing.config_maps.get(&dm_name));
     for (name, pod) in &inp.existing.pods {
         if !wanted_pods.contains(name)
             && owned_by(pod, region)
             && pod.metadata.deletion_timestamp.is_none()
         {
+            let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
+            if node.is_some_and(|n| still_published.iter().any(|p| p == n)) {
+                rollout_pending = true;
+                continue;
+            }
             writes.push(Write::DeletePod {
                 name: name.clone(),
                 reason: "Prune",

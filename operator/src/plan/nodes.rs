@@ -1,7 +1,8 @@
 //! PURE node selection: which Nodes become relay nodes of a region and with which IPs.
 //!
 //! Order of checks for every Node matching `nodeSelector` (in name order): being deleted,
-//! untolerated NoSchedule/NoExecute taints, the admin's public-address/port annotations
+//! cordoned (`spec.unschedulable`, whatever the region tolerates), untolerated
+//! NoSchedule/NoExecute taints, the admin's public-address/port annotations
 //! ([`node_overrides`]; a malformed one leaves the node out), a usable address per family
 //! (the annotation, else address types in the region's order of preference), a port claimed
 //! by a region that takes precedence, and finally `maxNodes`. Every node that is matched but
@@ -305,6 +306,15 @@ pub fn select_nodes(spec: &DerpRegionSpec, nodes: &[&Node], claims: &[PortClaim]
         if node.metadata.deletion_timestamp.is_some() {
             out.skipped
                 .push(skip("NodeDeleting", "the Node is being deleted".into()));
+            continue;
+        }
+        if node.spec.as_ref().and_then(|s| s.unschedulable) == Some(true) {
+            out.skipped.push(skip(
+                "Cordoned",
+                "the Node is cordoned (spec.unschedulable): withdrawn from the derpMap, then its \
+                 relay is stopped"
+                    .into(),
+            ));
             continue;
         }
         if let Some(taint) = untolerated_taint(node, &spec.tolerations) {

@@ -283,16 +283,116 @@ fn unlabelled_node_is_pruned_and_map_updated() {
     apply_all(&mut existing, &p1, true);
     nodes[2] = node("n3").external("203.0.113.3").build();
     let p2 = run(&with_status(region(), &p1), &nodes, &existing, &issuer);
-    assert!(p2.writes.contains(&Write::DeletePod {
-        name: "home-n3".into(),
-        reason: "Prune"
-    }));
     assert!(
         p2.writes
             .contains(&Write::DeleteSecret("home-n3-tls".into()))
     );
     assert_eq!(p2.derp_map.as_ref().unwrap().regions[&900].nodes.len(), 2);
     assert!(p2.events.iter().any(|e| e.reason == "NodeRemoved"));
+    // the relay stops only once the map without n3 is stored
+    let prune_n3 = Write::DeletePod {
+        name: "home-n3".into(),
+        reason: "Prune",
+    };
+    assert!(!p2.writes.contains(&prune_n3));
+    apply_all(&mut existing, &p2, true);
+    let p3 = run(&with_status(region(), &p2), &nodes, &existing, &issuer);
+    assert!(p3.writes.contains(&prune_n3));
+}
+
+#[test]
+fn cordoned_node_leaves_the_published_map_before_its_relay_is_stopped() {
+    let issuer = CountingIssuer::default();
+    let mut nodes = three_nodes();
+    // tolerating every taint: the cordon itself must withdraw the node
+    let mut r = region();
+    r.spec.tolerations = vec![k8s_openapi::api::core::v1::Toleration {
+        operator: Some("Exists".into()),
+        ..Default::default()
+    }];
+    let mut existing = Existing::default();
+    let p1 = run(&r, &nodes, &existing, &issuer);
+    apply_all(&mut existing, &p1, true);
+    nodes[1]
+        .spec
+        .get_or_insert_with(Default::default)
+        .unschedulable = Some(true);
+
+    let p2 = run(&with_status(r.clone(), &p1), &nodes, &existing, &issuer);
+    assert_eq!(published(&p2), ["n1", "n3"]);
+    assert!(
+        p2.writes
+            .iter()
+            .any(|w| matches!(w, Write::ApplyConfigMap(c) if c.name_any() == "home-derpmap"))
+    );
+    assert!(
+        !p2.writes
+            .iter()
+            .any(|w| matches!(w, Write::DeletePod { name, .. } if name == "home-n2")),
+        "the relay must keep running while the stored map still lists n2: {:?}",
+        p2.writes
+    );
+    assert!(p2.requeue_after <= ROLLOUT_REQUEUE);
+    assert!(
+        p2.status
+            .skipped_nodes
+            .iter()
+            .any(|s| s.name == "n2" && s.reason == "Cordoned")
+    );
+
+    apply_all(&mut existing, &p2, true);
+    let p3 = run(&with_status(r.clone(), &p2), &nodes, &existing, &issuer);
+    assert!(p3.writes.contains(&Write::DeletePod {
+        name: "home-n2".into(),
+        reason: "Prune"
+    }));
+
+    // uncordoned: back in the region
+    apply_all(&mut existing, &p3, true);
+    nodes[1]
+        .spec
+        .get_or_insert_with(Default::default)
+        .unschedulable = None;
+    let p4 = run(&with_status(r, &p3), &nodes, &existing, &issuer);
+    assert!(
+        p4.writes
+            .iter()
+            .any(|w| matches!(w, Write::CreatePod(p) if p.name_any() == "home-n2"))
+    );
+}
+
+#[test]
+fn a_relay_rollout_withdraws_one_node_at_a_time_and_never_empties_the_map() {
+    let issuer = CountingIssuer::default();
+    let nodes = three_nodes();
+    let mut existing = Existing::default();
+    let p1 = run(&region(), &nodes, &existing, &issuer);
+    apply_all(&mut existing, &p1, true);
+    let mut r = with_status(region(), &p1);
+    // the example region's setting: only Ready relays serving the current pin are published
+    r.spec.derp_map.publish_unhealthy = false;
+    r.spec.relay.image = Some("example/derper:2".into());
+    let mut replaced = Vec::new();
+    for _ in 0..10 {
+        let p = run(&r, &nodes, &existing, &issuer);
+        for w in &p.writes {
+            if let Write::DeletePod { name, .. } = w {
+                // the node whose relay is replaced left the map this plan publishes
+                let node = name.trim_start_matches("home-");
+                assert!(!published(&p).contains(&node), "{node} still published");
+                replaced.push(name.clone());
+            }
+        }
+        assert!(
+            published(&p).len() >= 2,
+            "published {:?} during the rollout",
+            published(&p)
+        );
+        r = with_status(r, &p);
+        apply_all(&mut existing, &p, true);
+    }
+    assert_eq!(replaced, ["home-n1", "home-n2", "home-n3"]);
+    assert_eq!(published(&run(&r, &nodes, &existing, &issuer)).len(), 3);
 }
 
 #[test]
