@@ -137,13 +137,14 @@ impl RecordKeys {
             .key
             .open_in_place(nonce, Aad::from(&*header), body)
             .map_err(|_| bad("TLS record failed to decrypt (bad_record_mac)"))?;
-        // Inner plaintext: content ‖ type ‖ zero padding (RFC 8446 §5.4).
+        // Inner plaintext: content ‖ type ‖ zero padding (RFC 8446 §5.4), at most 2^14 + 1
+        // bytes padding included (§5.2 record_overflow).
+        if plain.len() > MAX_PLAINTEXT + 1 {
+            return Err(bad("TLS record plaintext too long (record_overflow)"));
+        }
         let Some(type_at) = plain.iter().rposition(|b| *b != 0) else {
             return Err(bad("TLS record without a content type"));
         };
-        if type_at > MAX_PLAINTEXT {
-            return Err(bad("TLS record plaintext too long (record_overflow)"));
-        }
         let typ = plain.get(type_at).copied().unwrap_or(0);
         Ok(Some(OpenedRecord {
             len: HEADER_LEN + len,
@@ -291,4 +292,63 @@ impl Records {
 
 fn tls_err(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::crypto::cipher::{AeadKey, Iv};
+
+    const KEY: [u8; 32] = [7; 32];
+    const IV: [u8; 12] = [9; 12];
+
+    fn keys() -> RecordKeys {
+        let secrets = |k: [u8; 32], iv: [u8; 12]| ConnectionTrafficSecrets::Chacha20Poly1305 {
+            key: AeadKey::from(k),
+            iv: Iv::new(iv),
+        };
+        RecordKeys::new(rustls::ExtractedSecrets {
+            tx: (0, secrets([1; 32], [2; 12])),
+            rx: (0, secrets(KEY, IV)),
+        })
+        .expect("keys")
+    }
+
+    /// A record holding `inner` (TLSInnerPlaintext) sealed as the peer would, sequence 0.
+    fn sealed(inner: &[u8]) -> Vec<u8> {
+        let len = u16::try_from(inner.len() + TAG_LEN).expect("length");
+        let [l0, l1] = len.to_be_bytes();
+        let header = [CONTENT_APPLICATION_DATA, 3, 3, l0, l1];
+        let key = LessSafeKey::new(UnboundKey::new(&aead::CHACHA20_POLY1305, &KEY).expect("key"));
+        let mut body = inner.to_vec();
+        key.seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(IV),
+            Aad::from(header),
+            &mut body,
+        )
+        .expect("seal");
+        let mut rec = header.to_vec();
+        rec.extend_from_slice(&body);
+        rec
+    }
+
+    #[test]
+    fn padding_counts_towards_the_plaintext_limit() {
+        // Full-size content + type + padding up to 2^14 + 1 opens ...
+        let mut inner = vec![b'x'; MAX_PLAINTEXT];
+        inner.push(CONTENT_APPLICATION_DATA);
+        let rec = keys().open_one(&mut sealed(&inner)).expect("opens");
+        assert_eq!(rec.map(|r| r.content.len()), Some(MAX_PLAINTEXT));
+        let mut inner = b"data".to_vec();
+        inner.push(CONTENT_APPLICATION_DATA);
+        inner.resize(MAX_PLAINTEXT + 1, 0);
+        assert!(keys().open_one(&mut sealed(&inner)).is_ok());
+        // ... one padding byte more is record_overflow (RFC 8446 §5.2, §5.4), as in rustls,
+        // although the ciphertext is within 2^14 + 256.
+        inner.push(0);
+        let err = keys()
+            .open_one(&mut sealed(&inner))
+            .expect_err("record_overflow");
+        assert!(err.to_string().contains("record_overflow"), "{err}");
+    }
 }
