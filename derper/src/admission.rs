@@ -58,7 +58,9 @@ pub trait Admit: Send + Sync + Debug {
 }
 
 /// `--verify-client-url`: POST `{"NodePublic":"nodekey:…","Source":"<ip>"}`, admit iff
-/// 200 with `{"Allow":true}`; transport failures admit iff `fail_open`.
+/// 200 with `{"Allow":true}`. Only an endpoint that sent no response head (connect, TLS or
+/// HTTP failure, or the timeout before the head) admits iff `fail_open`; any other status,
+/// and a body that stalls, is too large or does not parse, denies.
 #[derive(Debug, Clone)]
 pub struct VerifyUrl {
     uri: http::Uri,
@@ -72,8 +74,12 @@ pub struct VerifyUrl {
     timeout: Duration,
 }
 
-/// Upstream's webhook timeout.
+/// Upstream's webhook timeout: the whole exchange (connect, request, response head and
+/// body) must fit in it.
 pub const VERIFY_URL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Largest response body considered (upstream reads at most 4 KiB); a larger one denies.
+pub const VERIFY_URL_MAX_BODY: usize = 4096;
 
 impl VerifyUrl {
     /// Validates the URL. `https://` endpoints are verified against the system CA bundle
@@ -145,47 +151,81 @@ impl VerifyUrl {
         self
     }
 
-    /// Sends the request. `Err(transport error)` / `Ok((status, body))`.
-    async fn request(&self, body: Vec<u8>) -> Result<(u16, Bytes), String> {
-        let tcp = tokio::net::TcpStream::connect(&self.authority)
+    /// Sends the request and waits for the response head (status and headers) until
+    /// `deadline`. `Err` means no response head arrived: the endpoint is unreachable
+    /// (connect, TLS or HTTP error, or the deadline passed), the only case fail-open admits.
+    async fn response_head(
+        &self,
+        body: Vec<u8>,
+        deadline: tokio::time::Instant,
+    ) -> Result<http::Response<hyper::body::Incoming>, String> {
+        let send = async {
+            let tcp = tokio::net::TcpStream::connect(&self.authority)
+                .await
+                .map_err(|e| format!("connect {}: {e}", self.authority))?;
+            let _ = tcp.set_nodelay(true);
+            let mut send = match &self.tls {
+                None => handshake(tcp, deadline).await?,
+                Some((name, config)) => {
+                    let tls = tokio_rustls::TlsConnector::from(config.clone())
+                        .connect(name.clone(), tcp)
+                        .await
+                        .map_err(|e| format!("TLS with {}: {e}", self.authority))?;
+                    handshake(tls, deadline).await?
+                }
+            };
+            let path = self
+                .uri
+                .path_and_query()
+                .map_or("/", http::uri::PathAndQuery::as_str);
+            let req = http::Request::post(path)
+                .header(
+                    http::header::HOST,
+                    self.uri.authority().map_or("", |a| a.as_str()),
+                )
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(Full::new(Bytes::from(body)))
+                .map_err(|e| e.to_string())?;
+            send.send_request(req).await.map_err(|e| e.to_string())
+        };
+        tokio::time::timeout_at(deadline, send)
             .await
-            .map_err(|e| format!("connect {}: {e}", self.authority))?;
-        let _ = tcp.set_nodelay(true);
-        let mut send = match &self.tls {
-            None => handshake(tcp).await?,
-            Some((name, config)) => {
-                let tls = tokio_rustls::TlsConnector::from(config.clone())
-                    .connect(name.clone(), tcp)
-                    .await
-                    .map_err(|e| format!("TLS with {}: {e}", self.authority))?;
-                handshake(tls).await?
-            }
-        };
-        let path = self
-            .uri
-            .path_and_query()
-            .map_or("/", http::uri::PathAndQuery::as_str);
-        let req = http::Request::post(path)
-            .header(
-                http::header::HOST,
-                self.uri.authority().map_or("", |a| a.as_str()),
-            )
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| e.to_string())?;
-        let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
-        let status = resp.status().as_u16();
-        // Only the first 4 KiB of the body are considered (upstream).
-        let body = match Limited::new(resp.into_body(), 4096).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(_) => Bytes::new(),
-        };
-        Ok((status, body))
+            .map_err(|_| "timed out before the response headers".to_owned())?
+    }
+}
+
+/// Reads a 200 response's body until `deadline`: at most [`VERIFY_URL_MAX_BODY`] bytes. A
+/// body that is larger (by `Content-Length` or as it streams), stalls past the deadline
+/// or breaks off is an error, so the caller denies.
+async fn read_body(
+    resp: http::Response<hyper::body::Incoming>,
+    deadline: tokio::time::Instant,
+) -> Result<Bytes, String> {
+    let declared = resp
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > VERIFY_URL_MAX_BODY as u64) {
+        return Err(format!(
+            "response body of {} bytes is over the {VERIFY_URL_MAX_BODY}-byte limit",
+            declared.unwrap_or_default()
+        ));
+    }
+    let collect = Limited::new(resp.into_body(), VERIFY_URL_MAX_BODY).collect();
+    match tokio::time::timeout_at(deadline, collect).await {
+        Err(_) => Err("response body did not arrive in time".to_owned()),
+        Ok(Err(e)) => Err(format!("response body: {e}")),
+        Ok(Ok(b)) => Ok(b.to_bytes()),
     }
 }
 
 /// HTTP/1.1 client handshake over any stream; the connection task runs until the request
-/// is done.
-async fn handshake<S>(io: S) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, String>
+/// is done, the response is dropped, or `deadline` passes.
+async fn handshake<S>(
+    io: S,
+    deadline: tokio::time::Instant,
+) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, String>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
@@ -193,7 +233,7 @@ where
         .await
         .map_err(|e| e.to_string())?;
     tokio::spawn(async move {
-        let _ = conn.await;
+        let _ = tokio::time::timeout_at(deadline, conn).await;
     });
     Ok(send)
 }
@@ -223,24 +263,41 @@ impl Admit for VerifyUrl {
                 source: source.map(|ip| ip.to_string()).unwrap_or_default(),
             };
             let body = serde_json::to_vec(&req).unwrap_or_default();
-            match tokio::time::timeout(self.timeout, self.request(body)).await {
-                Err(_) | Ok(Err(_)) if self.fail_open => Decision::Admit,
-                Err(_) => reject("verify_url_unreachable", "admission URL timed out"),
-                Ok(Err(e)) => reject(
-                    "verify_url_unreachable",
-                    format!("admission URL unreachable: {e}"),
-                ),
-                Ok(Ok((200, body))) => match serde_json::from_slice::<AdmitResponse>(&body) {
-                    Ok(AdmitResponse { allow: true }) => Decision::Admit,
-                    Ok(_) => reject("verify_url_denied", "admission URL said Allow=false"),
-                    Err(e) => reject(
-                        "verify_url_bad_response",
-                        format!("admission URL response: {e}"),
-                    ),
-                },
-                Ok(Ok((status, _))) => reject(
+            let deadline = tokio::time::Instant::now() + self.timeout;
+            // Only an endpoint that sent no response head may be failed open; once a head
+            // arrived, the endpoint answered, and anything but a well-formed 200
+            // {"Allow":true} denies (a slow or oversized body must not turn a denial into
+            // an admission by running out the clock).
+            let resp = match self.response_head(body, deadline).await {
+                Ok(r) => r,
+                Err(_) if self.fail_open => return Decision::Admit,
+                Err(e) => {
+                    return reject(
+                        "verify_url_unreachable",
+                        format!("admission URL unreachable: {e}"),
+                    );
+                }
+            };
+            let status = resp.status();
+            if status != http::StatusCode::OK {
+                // Dropping the response closes the connection; the body is never awaited.
+                return reject(
                     "verify_url_bad_status",
-                    format!("admission URL returned HTTP {status}"),
+                    format!("admission URL returned HTTP {}", status.as_u16()),
+                );
+            }
+            let body = match read_body(resp, deadline).await {
+                Ok(b) => b,
+                Err(e) => {
+                    return reject("verify_url_bad_response", format!("admission URL {e}"));
+                }
+            };
+            match serde_json::from_slice::<AdmitResponse>(&body) {
+                Ok(AdmitResponse { allow: true }) => Decision::Admit,
+                Ok(_) => reject("verify_url_denied", "admission URL said Allow=false"),
+                Err(e) => reject(
+                    "verify_url_bad_response",
+                    format!("admission URL response: {e}"),
                 ),
             }
         })

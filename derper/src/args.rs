@@ -155,6 +155,15 @@ pub struct Args {
     #[arg(long, env = "DERPER_ACCEPT_CONNECTION_BURST", default_value_t = i64::MAX)]
     pub accept_connection_burst: i64,
 
+    /// Most connections still handshaking (TLS, HTTP head, DERP handshake up to
+    /// admission) at once; more are closed at accept. 0 = no cap.
+    #[arg(long, env = "DERPER_HANDSHAKE_CONNECTION_LIMIT", default_value_t = defaults::HANDSHAKE_LIMIT)]
+    pub handshake_connection_limit: usize,
+
+    /// Like --handshake-connection-limit, per source IPv4 address or IPv6 /64. 0 = no cap.
+    #[arg(long, env = "DERPER_HANDSHAKE_CONNECTION_LIMIT_PER_IP", default_value_t = defaults::HANDSHAKE_LIMIT_PER_IP)]
+    pub handshake_connection_limit_per_ip: usize,
+
     /// Per-client receive rate limit JSON file (upstream):
     /// {"PerClientRateLimitBytesPerSec": N, "PerClientRateBurstBytes": M}; read at start.
     #[arg(long, env = "DERPER_RATE_CONFIG", default_value = "")]

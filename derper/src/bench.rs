@@ -439,7 +439,7 @@ impl LoopbackCa {
         let leaf = leaf_params.signed_by(&leaf_key, &ca)?;
         Ok(LoopbackCa {
             ca_pem: ca.pem(),
-            leaf_pin: crate::certs::pin_of(leaf.der()),
+            leaf_pin: crate::pin::Pin::of_der(leaf.der()).to_string(),
             leaf_pem: leaf.pem(),
             leaf_key_pem: leaf_key.serialize_pem(),
         })

@@ -20,12 +20,10 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use sha2::{Digest as _, Sha256};
 use time::OffsetDateTime;
 use x509_parser::extensions::GeneralName;
 
-/// Prefix of a pinned `CertName` (spec §3.1; case-sensitive).
-pub const PIN_PREFIX: &str = "sha256-raw:";
+use crate::pin::Pin;
 
 /// Name of the DERPNode in the printed start-up snippet (spec §3.2, upstream's literal).
 const SNIPPET_NODE_NAME: &str = "custom";
@@ -65,10 +63,7 @@ impl fmt::Debug for LoadedCert {
         // Never print the private key.
         f.debug_struct("LoadedCert")
             .field("chain_len", &self.chain.len())
-            .field(
-                "leaf_sha256",
-                &self.leaf().map(|l| hex::encode(Sha256::digest(l))),
-            )
+            .field("leaf_sha256", &self.leaf().map(|l| Pin::of_der(l).hex()))
             .field("pin", &self.pin)
             .field("generated", &self.generated)
             .finish_non_exhaustive()
@@ -84,7 +79,7 @@ impl LoadedCert {
     /// Lowercase hex SHA-256 of the leaf DER (the pin without its prefix), for logs.
     pub fn leaf_sha256_hex(&self) -> String {
         self.leaf()
-            .map(|l| hex::encode(Sha256::digest(l)))
+            .map(|l| Pin::of_der(l).hex())
             .unwrap_or_default()
     }
 }
@@ -225,11 +220,6 @@ pub fn cert_paths(certdir: &Path, hostname: &str) -> (PathBuf, PathBuf) {
     )
 }
 
-/// The pin of a DER certificate: `sha256-raw:` + lowercase hex SHA-256 of the bytes (§3.1).
-pub fn pin_of(der: &[u8]) -> String {
-    format!("{PIN_PREFIX}{}", hex::encode(Sha256::digest(der)))
-}
-
 /// Manual cert mode (spec §3.2): load `<certdir>/<stem>.crt` and `.key` when both exist;
 /// when neither exists and `hostname` is an IP address, generate a self-signed certificate,
 /// write both files (key mode 0600) and return it with `generated = true`; otherwise fail.
@@ -359,7 +349,7 @@ pub fn parse_pair(
             );
             chain.truncate(1);
         }
-        Some(pin_of(leaf_of(&chain)))
+        Some(Pin::of_der(leaf_of(&chain)).to_string())
     } else {
         None
     };
@@ -636,6 +626,17 @@ fn create_certdir(dir: &Path) -> Result<(), CertError> {
 
 /// Write `data` to a temporary file next to `path` with `mode`, fsync, then rename.
 fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), CertError> {
+    write_file_atomic(path, data, mode).map_err(|source| CertError::Write {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Writes `data` to `path` atomically: a new, randomly named temporary file next to it,
+/// created exclusively (`O_EXCL`, so nothing planted at that name, file or symlink, is
+/// followed or reused) with `mode` from the start, fsynced, then renamed over `path`.
+/// Readers see the old file or the whole new one, never a partial or wider-permission one.
+pub(crate) fn write_file_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     let file_name = path
         .file_name()
@@ -662,10 +663,7 @@ fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), CertError> {
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
-    result.map_err(|source| CertError::Write {
-        path: path.to_owned(),
-        source,
-    })?;
+    result?;
     // Best effort: make the rename durable.
     if let Ok(d) = fs::File::open(dir) {
         let _ = d.sync_all();
@@ -676,6 +674,7 @@ fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), CertError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pin::PIN_PREFIX;
     use x509_parser::prelude::*;
 
     fn tmp() -> tempfile::TempDir {
@@ -686,7 +685,7 @@ mod tests {
     fn pin_of_known_der_is_lowercase_sha256_hex() {
         // sha256("abc") is a classic test vector.
         assert_eq!(
-            pin_of(b"abc"),
+            Pin::of_der(b"abc").to_string(),
             "sha256-raw:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
     }
@@ -751,7 +750,7 @@ mod tests {
         assert!(first.generated);
         assert_eq!(first.chain.len(), 1);
         let pin = first.pin.clone().expect("self-signed is pinned");
-        assert_eq!(pin, pin_of(&first.chain[0]));
+        assert_eq!(pin, Pin::of_der(&first.chain[0]).to_string());
         assert!(pin.starts_with(PIN_PREFIX));
         assert_eq!(pin.len(), PIN_PREFIX.len() + 64);
         assert_eq!(pin, pin.to_lowercase());
@@ -908,7 +907,7 @@ mod tests {
         );
         let c = load_or_generate(dir.path(), "203.0.113.5").expect("load");
         assert_eq!(c.chain.len(), 1);
-        assert_eq!(c.pin, Some(pin_of(ck.cert.der())));
+        assert_eq!(c.pin, Some(Pin::of_der(ck.cert.der()).to_string()));
     }
 
     #[test]

@@ -10,15 +10,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
-use sha2::{Digest as _, Sha256};
+use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
 use crate::http::find_head_end;
 use crate::key::{MeshKey, NodePrivateKey, NodePublicKey};
+use crate::pin::{Pin, PinnedVerifier, parse_metacert};
 use crate::proto::codec::{self, FrameReader, ReadError, ReadPolicy, ServerFrame};
 use crate::proto::handshake::{self, ClientInfo, ServerInfo};
 use crate::proto::{DecodeError, FrameType, PROTOCOL_VERSION};
@@ -29,8 +27,9 @@ use crate::ws::{Role, WsStream};
 pub enum TlsMode {
     /// Plain TCP (tests, `TS_DEBUG_USE_DERP_HTTP`-style).
     Plain,
-    /// TLS; accept only a leaf whose SHA-256 matches `sha256-raw:<hex>` (spec §3.1).
-    Pinned(String),
+    /// TLS; accept only the pinned end-entity certificate, followed by nothing but
+    /// metacerts ([`crate::pin::check_chain`]).
+    Pinned(Pin),
     /// TLS without any verification (tests only).
     Insecure,
     /// TLS verified against these trust anchors (DER certificates) for the host name, as
@@ -129,75 +128,6 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
 type BoxIo = Box<dyn Io>;
 
-/// Verifies a pinned leaf, skipping metacerts (Go ≥ v1.86 semantics, spec §2.4), or
-/// nothing at all in insecure mode. Signatures are always checked.
-#[derive(Debug)]
-struct PinVerifier {
-    pin_hex: Option<String>,
-    algs: rustls::crypto::WebPkiSupportedAlgorithms,
-}
-
-fn is_metacert(der: &[u8]) -> bool {
-    der.windows(7).any(|w| w == b"derpkey")
-}
-
-/// Extracts the server key from a metacert (CN `derpkey<64 hex>`), if present.
-pub fn metacert_key(der: &[u8]) -> Option<NodePublicKey> {
-    let pos = der.windows(7).position(|w| w == b"derpkey")?;
-    let hex = der.get(pos + 7..pos + 7 + 64)?;
-    NodePublicKey::parse_hex(std::str::from_utf8(hex).ok()?).ok()
-}
-
-impl ServerCertVerifier for PinVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let Some(pin) = &self.pin_hex else {
-            return Ok(ServerCertVerified::assertion());
-        };
-        let non_meta: Vec<&CertificateDer<'_>> = std::iter::once(end_entity)
-            .chain(intermediates.iter())
-            .filter(|c| !is_metacert(c))
-            .collect();
-        let [leaf] = non_meta.as_slice() else {
-            return Err(rustls::Error::General(
-                "unexpected multiple certs presented".into(),
-            ));
-        };
-        if hex::encode(Sha256::digest(leaf)) != *pin {
-            return Err(rustls::Error::General("pinned certificate mismatch".into()));
-        }
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
-    }
-}
-
 fn tls_config(cfg: &ClientConfig) -> Result<Option<Arc<rustls::ClientConfig>>, ClientError> {
     let versions: &[&rustls::SupportedProtocolVersion] = if cfg.tls12_only {
         &[&rustls::version::TLS12]
@@ -205,7 +135,7 @@ fn tls_config(cfg: &ClientConfig) -> Result<Option<Arc<rustls::ClientConfig>>, C
         rustls::DEFAULT_VERSIONS
     };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let pin_hex = match &cfg.tls {
+    let verifier = match &cfg.tls {
         TlsMode::Plain => return Ok(None),
         TlsMode::Roots(certs) => {
             let mut roots = rustls::RootCertStore::empty();
@@ -218,23 +148,10 @@ fn tls_config(cfg: &ClientConfig) -> Result<Option<Arc<rustls::ClientConfig>>, C
                 .with_no_client_auth();
             return Ok(Some(Arc::new(c)));
         }
-        TlsMode::Insecure => None,
-        TlsMode::Pinned(p) => Some(
-            p.strip_prefix("sha256-raw:")
-                .ok_or_else(|| ClientError::Config("pin must start with sha256-raw:".into()))?
-                .to_owned(),
-        ),
+        TlsMode::Insecure => PinnedVerifier::insecure(&provider),
+        TlsMode::Pinned(pin) => PinnedVerifier::new(*pin, &provider),
     };
-    let verifier = PinVerifier {
-        pin_hex,
-        algs: provider.signature_verification_algorithms,
-    };
-    let c = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(versions)?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
-    Ok(Some(Arc::new(c)))
+    Ok(Some(Arc::new(verifier.client_config(provider, versions)?)))
 }
 
 /// Sending half of a connected client.
@@ -419,7 +336,8 @@ impl Client {
                     let tls13 = conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3);
                     let meta = conn
                         .peer_certificates()
-                        .and_then(|cs| cs.iter().find_map(|c| metacert_key(c)));
+                        .and_then(|cs| cs.iter().find_map(|c| parse_metacert(c)))
+                        .map(|m| m.key);
                     upgrade = match (tls13, meta) {
                         (true, Some(k)) if !k.is_zero() => UpgradeMode::FastStart(k),
                         _ => UpgradeMode::Plain,

@@ -154,6 +154,8 @@ impl TryFrom<Args> for Config {
             socket,
             accept_connection_limit,
             accept_connection_burst,
+            handshake_connection_limit,
+            handshake_connection_limit_per_ip,
             rate_config,
             tcp_keepalive_time,
             tcp_user_timeout,
@@ -354,6 +356,8 @@ impl TryFrom<Args> for Config {
             mesh_key,
             admission,
             recv_rate,
+            handshake_limit: handshake_connection_limit,
+            handshake_limit_per_ip: handshake_connection_limit_per_ip,
             ..ServerOptions::default()
         };
         let ka = duration("tcp-keepalive-time", &tcp_keepalive_time)?;
@@ -369,6 +373,7 @@ impl TryFrom<Args> for Config {
             http: HttpOptions {
                 derp_enabled: derp,
                 home,
+                ..HttpOptions::default()
             },
             tcp: TcpOptions {
                 keepalive: (!ka.is_zero()).then_some(ka),
@@ -467,6 +472,27 @@ mod tests {
         .unwrap();
         assert_eq!(c.accept_limit, Some((5.0, 2.0)));
         assert_eq!(cfg(&["-a", ":8080", "-c", "k"]).unwrap().accept_limit, None);
+        let d = cfg(&["-a", ":8080", "-c", "k"]).unwrap().server;
+        assert_eq!(
+            (d.handshake_limit, d.handshake_limit_per_ip),
+            (
+                crate::defaults::HANDSHAKE_LIMIT,
+                crate::defaults::HANDSHAKE_LIMIT_PER_IP
+            )
+        );
+        let c = cfg(&[
+            "-a",
+            ":8080",
+            "-c",
+            "k",
+            "--handshake-connection-limit",
+            "10",
+            "--handshake-connection-limit-per-ip",
+            "0",
+        ])
+        .unwrap()
+        .server;
+        assert_eq!((c.handshake_limit, c.handshake_limit_per_ip), (10, 0));
         let e = cfg(&["-a", ":8080", "-c", "k", "--mesh-peers-file", "/x"]).unwrap_err();
         assert!(e.to_string().contains("requires --mesh-psk-file"), "{e}");
     }

@@ -50,6 +50,19 @@ pub const NOT_HERE_PER_SEC: f64 = 1.0;
 /// PeerGone(NotHere) token bucket burst (spec §6.5).
 pub const NOT_HERE_BURST: f64 = 3.0;
 
+/// Admin listener: time to receive a request head, also between kept-alive requests (not
+/// in the spec: upstream has no admin listener; a slowloris bound).
+pub const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Admin listener: lifetime of one connection (not in the spec; scrapers reconnect).
+pub const ADMIN_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Most connections still handshaking (TLS, HTTP head, DERP handshake up to admission)
+/// at once (not in the spec: upstream has no cap). `--handshake-connection-limit`.
+pub const HANDSHAKE_LIMIT: usize = 4096;
+/// Most connections still handshaking from one IPv4 address or IPv6 /64 (not in the
+/// spec). `--handshake-connection-limit-per-ip`.
+pub const HANDSHAKE_LIMIT_PER_IP: usize = 128;
+
 /// Maximum size of an HTTP request head we parse ourselves.
 pub const MAX_REQUEST_HEAD: usize = 16 * 1024;
 

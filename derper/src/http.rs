@@ -20,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tracing::debug;
 
 use crate::defaults;
+use crate::server::handshaking::{HandshakeSlot, SlotHolder};
 use crate::server::{ConnInfo, Server};
 
 /// What `/` serves (spec §8.1 `-home`).
@@ -41,6 +42,8 @@ pub struct HttpOptions {
     pub derp_enabled: bool,
     /// Home page.
     pub home: HomePage,
+    /// Deadlines on the admin listener's connections.
+    pub admin_timeouts: crate::metrics::AdminTimeouts,
 }
 
 impl Default for HttpOptions {
@@ -48,6 +51,7 @@ impl Default for HttpOptions {
         Self {
             derp_enabled: true,
             home: HomePage::Default,
+            admin_timeouts: crate::metrics::AdminTimeouts::default(),
         }
     }
 }
@@ -212,12 +216,29 @@ pub(crate) fn classify(
 pub async fn serve_connection<S>(
     server: Server,
     http: Arc<HttpOptions>,
-    mut stream: S,
+    stream: S,
     remote: Option<SocketAddr>,
     kind: ListenerKind,
 ) where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
+    serve_connection_gated(server, http, stream, remote, kind, None).await;
+}
+
+/// [`serve_connection`] for a connection holding a handshake slot (see
+/// [`crate::server`]'s accept loop): released once a DERP client is admitted, or kept
+/// until a plain HTTP connection ends.
+pub(crate) async fn serve_connection_gated<S>(
+    server: Server,
+    http: Arc<HttpOptions>,
+    mut stream: S,
+    remote: Option<SocketAddr>,
+    kind: ListenerKind,
+    slot: Option<HandshakeSlot>,
+) where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let slot = SlotHolder::new(slot);
     let mut buf = BytesMut::with_capacity(2048);
     let cancel = server.cancel_token();
     let head_end = tokio::select! {
@@ -268,6 +289,7 @@ pub async fn serve_connection<S>(
                     remote,
                     not_ideal,
                     prelude,
+                    handshake_slot: slot,
                 };
                 // The connection goes on in its own task; this one (TLS handshake, request
                 // head) ends (T5).
@@ -286,6 +308,7 @@ pub async fn serve_connection<S>(
                     remote,
                     not_ideal: false,
                     prelude: Bytes::new(),
+                    handshake_slot: slot,
                 };
                 // Boxed: inline, this rarely used branch would set the size of every
                 // connection's task (a task is as large as its largest state; T5).
@@ -300,8 +323,11 @@ pub async fn serve_connection<S>(
     let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
         let server = server2.clone();
         let http = http.clone();
+        let slot = slot.clone();
         async move {
-            Ok::<_, std::convert::Infallible>(handle_request(&server, &http, req, remote, kind))
+            Ok::<_, std::convert::Infallible>(handle_request(
+                &server, &http, req, remote, kind, slot,
+            ))
         }
     });
     let conn = hyper::server::conn::http1::Builder::new()
@@ -345,6 +371,22 @@ fn browser_headers(r: &mut Resp) {
     set(r, header::X_CONTENT_TYPE_OPTIONS, "nosniff");
 }
 
+/// Escapes `&`, `<`, `>`, `"` and `'` for HTML text and quoted attribute values.
+pub fn html_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&#34;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// True if the challenge may be echoed (spec §1.5: ≤ 64 bytes of `[A-Za-z0-9._:-]`).
 pub fn valid_challenge(c: &str) -> bool {
     !c.is_empty()
@@ -378,12 +420,14 @@ fn generate_204<B>(req: &Request<B>) -> Resp {
 const HOME_PAGE: &str = "<html><body>\n<h1>DERP</h1>\n<p>\n  This is a <a href=\"https://tailscale.com/\">Tailscale</a> DERP server (kubederp).\n</p>\n<p>\n  It provides STUN, interactive connectivity establishment, and relaying of end-to-end encrypted traffic\n  for Tailscale clients.\n</p>\n<p>\n  Documentation:\n</p>\n<ul>\n<li><a href=\"https://tailscale.com/kb/1232/derp-servers\">About DERP</a></li>\n<li><a href=\"https://pkg.go.dev/tailscale.com/derp\">Protocol &amp; Go docs</a></li>\n<li><a href=\"https://github.com/tailscale/tailscale/tree/main/cmd/derper#derp\">How to run a DERP server</a></li>\n</ul>\n</body>\n</html>\n";
 
 /// Handles a request that is not served by the hand-written DERP upgrade path.
+/// `slot` is the connection's handshake slot, handed to a DERP upgrade.
 fn handle_request(
     server: &Server,
     http: &HttpOptions,
     mut req: Request<hyper::body::Incoming>,
     remote: Option<SocketAddr>,
     kind: ListenerKind,
+    slot: SlotHolder,
 ) -> Resp {
     let path = req.uri().path().to_owned();
     let m = server.metrics();
@@ -413,9 +457,10 @@ fn handle_request(
             .map_or("/", |p| p.as_str())
             .to_owned();
         let target = format!("https://{host}{uri}");
+        // The Host header and path are the client's: escaped, they cannot add markup.
         let mut r = resp(
             StatusCode::FOUND,
-            format!("<a href=\"{target}\">Found</a>.\n\n"),
+            format!("<a href=\"{}\">Found</a>.\n\n", html_escape(&target)),
         );
         set(&mut r, header::LOCATION, &target);
         set(&mut r, header::CONTENT_TYPE, "text/html; charset=utf-8");
@@ -454,6 +499,7 @@ fn handle_request(
                         remote,
                         not_ideal,
                         prelude: Bytes::new(),
+                        handshake_slot: slot,
                     };
                     s.handle_derp(TokioIo::new(up), BytesMut::new(), info).await;
                 }

@@ -56,6 +56,40 @@ pub fn parse_hex32(s: &str) -> Result<[u8; KEY_LEN], KeyError> {
     Ok(out)
 }
 
+/// Encodings (top bit clear) of the X25519 public keys of small order, the list libsodium
+/// blocks: the u-coordinates 0, 1 and the two of order 8 (the curve's torsion points), −1
+/// (p − 1, on the quadratic twist, which X25519 also accepts), and the non-canonical
+/// encodings p and p + 1 of 0 and 1. Little-endian, p = 2^255 − 19.
+const SMALL_ORDER: [[u8; KEY_LEN]; 7] = [
+    [0; KEY_LEN],
+    {
+        let mut k = [0; KEY_LEN];
+        k[0] = 1;
+        k
+    },
+    [
+        0xe0, 0xeb, 0x7a, 0x7c, 0x3b, 0x41, 0xb8, 0xae, 0x16, 0x56, 0xe3, 0xfa, 0xf1, 0x9f, 0xc4,
+        0x6a, 0xda, 0x09, 0x8d, 0xeb, 0x9c, 0x32, 0xb1, 0xfd, 0x86, 0x62, 0x05, 0x16, 0x5f, 0x49,
+        0xb8, 0x00,
+    ],
+    [
+        0x5f, 0x9c, 0x95, 0xbc, 0xa3, 0x50, 0x8c, 0x24, 0xb1, 0xd0, 0xb1, 0x55, 0x9c, 0x83, 0xef,
+        0x5b, 0x04, 0x44, 0x5c, 0xc4, 0x58, 0x1c, 0x8e, 0x86, 0xd8, 0x22, 0x4e, 0xdd, 0xd0, 0x9f,
+        0x11, 0x57,
+    ],
+    near_p(0xec),
+    near_p(0xed),
+    near_p(0xee),
+];
+
+/// The little-endian encoding of p − 0xed + `low` (p − 1, p, p + 1 for 0xec, 0xed, 0xee).
+const fn near_p(low: u8) -> [u8; KEY_LEN] {
+    let mut k = [0xff; KEY_LEN];
+    k[31] = 0x7f;
+    k[0] = low;
+    k
+}
+
 /// A Curve25519 public key identifying a DERP client or server (32 raw bytes on the wire).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct NodePublicKey([u8; KEY_LEN]);
@@ -80,6 +114,16 @@ impl NodePublicKey {
     /// True for the all-zero key.
     pub fn is_zero(&self) -> bool {
         self.0 == [0u8; KEY_LEN]
+    }
+
+    /// True for a key of small order: X25519 with it yields the all-zero shared secret for
+    /// every private key, so a box "from" it can be sealed and opened by anyone. Such keys
+    /// (the all-zero key among them) are never valid identities.
+    pub fn is_small_order(&self) -> bool {
+        let mut k = self.0;
+        // X25519 ignores the top bit (RFC 7748 §5), so it is ignored here too.
+        k[31] &= 0x7f;
+        SMALL_ORDER.contains(&k)
     }
 
     /// 64 lowercase hex digits ("untyped" form, spec §5.5).
@@ -227,7 +271,8 @@ impl NodePrivateKey {
         }
     }
 
-    /// Writes the key file (tab-indented JSON, mode 0600).
+    /// Writes the key file (tab-indented JSON, mode 0600) atomically, through an exclusive
+    /// temporary file ([`crate::certs`]' writer).
     pub fn write_file(&self, path: &Path) -> Result<(), KeyError> {
         let p = path.display().to_string();
         let io = |source| KeyError::Io {
@@ -238,22 +283,7 @@ impl NodePrivateKey {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
         let body = format!("{{\n\t\"PrivateKey\": \"{}\"\n}}", self.to_privkey_string());
-        let tmp = path.with_extension("tmp");
-        {
-            use std::io::Write as _;
-            use std::os::unix::fs::OpenOptionsExt as _;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(io)?;
-            f.write_all(body.as_bytes()).map_err(io)?;
-            f.sync_all().map_err(io)?;
-        }
-        std::fs::rename(&tmp, path).map_err(io)?;
-        Ok(())
+        crate::certs::write_file_atomic(path, body.as_bytes(), 0o600).map_err(io)
     }
 }
 
@@ -368,6 +398,91 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         std::fs::write(&path, "{}").unwrap();
         assert!(NodePrivateKey::load_or_create(&path).is_err());
+    }
+
+    #[test]
+    fn small_order_keys_cover_the_torsion_and_all_give_a_zero_secret() {
+        use curve25519_dalek::constants::EIGHT_TORSION;
+        use curve25519_dalek::montgomery::MontgomeryPoint;
+        let with_top_bit = |mut k: [u8; 32]| {
+            k[31] |= 0x80;
+            k
+        };
+        // Every point of the curve of order dividing 8, as X25519 encodes it (computed by
+        // the curve library, not taken from our list), in every encoding: with the top bit
+        // set, and u + p where that is still below 2^255 (u = 0, 1).
+        for p in EIGHT_TORSION {
+            let u = p.to_montgomery().to_bytes();
+            let mut encodings = vec![u, with_top_bit(u)];
+            if u[1..] == [0; 31] && u[0] < 19 {
+                let mut alt = [0xff; 32];
+                alt[31] = 0x7f;
+                alt[0] = 0xed + u[0];
+                encodings.extend([alt, with_top_bit(alt)]);
+            }
+            for e in encodings {
+                assert!(
+                    NodePublicKey::from_bytes(e).is_small_order(),
+                    "{}",
+                    hex::encode(e)
+                );
+            }
+        }
+        // Everything blocked (the twist point u = −1 among them) gives X25519 an all-zero
+        // shared secret with a real private key, with or without the top bit.
+        for k in SMALL_ORDER {
+            for e in [k, with_top_bit(k)] {
+                assert!(NodePublicKey::from_bytes(e).is_small_order());
+                let sk = NodePrivateKey::generate();
+                assert_eq!(
+                    MontgomeryPoint(e).mul_clamped(sk.bytes).to_bytes(),
+                    [0; 32],
+                    "{}",
+                    hex::encode(e)
+                );
+            }
+        }
+        for _ in 0..1000 {
+            assert!(!NodePrivateKey::generate().public().is_small_order());
+        }
+        let mut near = [0u8; 32];
+        near[0] = 2;
+        assert!(!NodePublicKey::from_bytes(near).is_small_order());
+    }
+
+    #[test]
+    fn key_file_write_ignores_planted_temporary_files() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("derper.key");
+        // A symlink where a predictable temporary name would be, pointing at a file the
+        // key must never reach, and a world-readable file at the other obvious name.
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "untouched").unwrap();
+        std::os::unix::fs::symlink(&victim, path.with_extension("tmp")).unwrap();
+        let planted = dir.path().join("derper.key.tmp");
+        std::fs::write(&planted, "").unwrap();
+        std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+        let k = NodePrivateKey::load_or_create(&path).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "untouched");
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(meta.file_type().is_file(), "the key file is a regular file");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            NodePrivateKey::load_or_create(&path).unwrap().public(),
+            k.public()
+        );
+        // No temporary file is left behind.
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["derper.key", "derper.key.tmp", "derper.tmp", "victim"]
+        );
     }
 
     #[test]

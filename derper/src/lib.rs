@@ -11,6 +11,8 @@
 //! * [`client`]: a DERP client (tests, mesh, probes, load generation).
 //! * [`metrics`]: Prometheus metrics served on the admin listener only.
 //! * [`certs`], [`tls`], [`stun`]: certificates, rustls configuration and STUN.
+//! * [`pin`]: `sha256-raw:` pins and the one pinned-certificate verifier (mesh, probes,
+//!   clients).
 //! * [`tls_stream`]: the server TLS stream (rustls unbuffered API, no buffers while idle).
 //! * [`udp`]: batched UDP receive and send (`recvmmsg`/`sendmmsg`) for STUN.
 
@@ -31,6 +33,7 @@ pub mod key;
 pub mod localapi;
 pub mod mesh;
 pub mod metrics;
+pub mod pin;
 pub mod probe;
 pub mod proto;
 pub mod ratelimit;

@@ -61,7 +61,9 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             .with_context(|| format!("loading server key from {}", p.display()))?,
         None => NodePrivateKey::generate(),
     };
-    info!(server_key = %key.public().to_hex(), "server public key");
+    // Short form, like every key in the logs (house-style §4.3); the full key is in the
+    // `Derp-Public-Key` response header and the ServerKey frame.
+    info!(server_key = %key.public().short(), "server public key");
     if cfg.server.mesh_key.is_some() {
         info!("DERP mesh key configured");
     } else {

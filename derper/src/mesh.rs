@@ -24,6 +24,7 @@ use tracing::{Instrument as _, debug, error, info, warn};
 
 use crate::client::{Client, ClientConfig, ClientError, ClientWriter, TlsMode, UpgradeMode};
 use crate::key::{MeshKey, NodePublicKey};
+use crate::pin::{PIN_PREFIX, Pin};
 use crate::proto::codec::ServerFrame;
 use crate::server::Server;
 
@@ -56,7 +57,7 @@ pub struct PeerSpec {
 impl PeerSpec {
     fn id(&self) -> String {
         let tls = match &self.tls {
-            TlsMode::Pinned(p) => p.clone(),
+            TlsMode::Pinned(p) => p.to_string(),
             TlsMode::Plain => "plain".into(),
             TlsMode::Insecure => "insecure".into(),
             TlsMode::Roots(r) => format!("roots:{}", r.len()),
@@ -135,16 +136,15 @@ pub fn parse_peers_file(text: &str) -> Result<Vec<PeerSpec>, String> {
         };
         let (host, port) =
             split_host_port(addr, None).map_err(|e| format!("line {}: {e}", i + 1))?;
-        let hex = pin
-            .strip_prefix("sha256-raw:")
-            .ok_or_else(|| format!("line {}: pin must start with sha256-raw:", i + 1))?;
-        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(format!("line {}: pin must be 64 hex digits", i + 1));
-        }
+        // Our own file format: the hex may be in either case.
+        let pin = pin
+            .strip_prefix(PIN_PREFIX)
+            .ok_or_else(|| format!("line {}: pin must start with {PIN_PREFIX}", i + 1))
+            .and_then(|hex| Pin::parse_hex(hex).map_err(|e| format!("line {}: {e}", i + 1)))?;
         out.push(PeerSpec {
             dial: dial_string(&host, port),
             host,
-            tls: TlsMode::Pinned(format!("sha256-raw:{}", hex.to_ascii_lowercase())),
+            tls: TlsMode::Pinned(pin),
         });
     }
     Ok(out)
@@ -517,10 +517,10 @@ mod tests {
         assert_eq!(p.len(), 3);
         assert_eq!(p[0].host, "127.0.0.2");
         assert_eq!(p[0].dial, "127.0.0.2:443");
-        assert_eq!(p[0].tls, TlsMode::Pinned(PIN.into()));
+        assert_eq!(p[0].tls, TlsMode::Pinned(PIN.parse().unwrap()));
         assert_eq!(p[1].host, "::1");
         assert_eq!(p[1].dial, "[::1]:8443");
-        assert_eq!(p[1].tls, TlsMode::Pinned(PIN.into()));
+        assert_eq!(p[1].tls, TlsMode::Pinned(PIN.parse().unwrap()));
         assert_eq!(p[2].host, "derp.example.com");
         assert!(parse_peers_file("127.0.0.1 x").is_err());
         assert!(parse_peers_file("127.0.0.1:1 sha256-raw:00").is_err());

@@ -122,6 +122,9 @@ pub struct Metrics {
     pub accept_rejected: Counter,
     /// Frames for which a connection waited on its receive rate limit.
     pub rate_limit_waited: Counter,
+    /// Connections accepted but not admitted yet (TLS, HTTP head, DERP handshake).
+    pub handshaking_connections: Gauge,
+    handshake_limit_rejections: Family<Labels, Counter>,
     admission_rejections: Family<Labels, Counter>,
     /// PeerGone(Disconnected) frames written.
     pub peer_gone_disconnected_frames: Counter,
@@ -212,6 +215,16 @@ impl Metrics {
             "HTTP requests on the public listeners, by endpoint",
             http_requests.clone(),
         );
+        let handshake_limit_rejections: Family<Labels, Counter> = Family::default();
+        r.register(
+            "handshake_limit_rejections",
+            "Connections closed at accept because too many were still handshaking, by scope \
+             (total, per_ip)",
+            handshake_limit_rejections.clone(),
+        );
+        for scope in ["total", "per_ip"] {
+            let _ = handshake_limit_rejections.get_or_create_owned(&vec![("scope", scope)]);
+        }
         let admission_rejections = Family::default();
         r.register(
             "admission_rejections",
@@ -257,6 +270,12 @@ impl Metrics {
                 "rate_limit_waited",
                 "Frames for which a connection waited on its receive rate limit",
             ),
+            handshaking_connections: gauge(
+                r,
+                "handshaking_connections",
+                "Connections accepted but not admitted yet (TLS, HTTP head, DERP handshake)",
+            ),
+            handshake_limit_rejections,
             admission_rejections,
             accepts: counter(r, "accepts", "DERP handshakes started"),
             disconnects: counter(r, "disconnects", "Registered DERP connections that ended"),
@@ -428,6 +447,20 @@ impl Metrics {
             .get()
     }
 
+    /// Counts a connection closed at accept by a handshake cap (`total` or `per_ip`).
+    pub fn handshake_limit_rejection(&self, scope: &'static str) {
+        self.handshake_limit_rejections
+            .get_or_create(&vec![("scope", scope)])
+            .inc();
+    }
+
+    /// Connections closed at accept by the handshake cap `scope` (`total` or `per_ip`).
+    pub fn handshake_limit_rejections(&self, scope: &'static str) -> u64 {
+        self.handshake_limit_rejections
+            .get_or_create(&vec![("scope", scope)])
+            .get()
+    }
+
     /// Counts an admission rejection by reason.
     pub fn admission_rejection(&self, reason: &'static str) {
         self.admission_rejections
@@ -474,12 +507,44 @@ impl Readiness {
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `cancel` fires.
+/// Deadlines on admin connections, so a slow or idle client (slowloris) cannot hold one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdminTimeouts {
+    /// Time to receive a request's complete head, also while a kept-alive connection waits
+    /// for its next request.
+    pub header: std::time::Duration,
+    /// Lifetime of a connection, whatever it is doing (a trickled body, a response nobody
+    /// reads); scrapers simply reconnect.
+    pub connection: std::time::Duration,
+}
+
+impl Default for AdminTimeouts {
+    fn default() -> Self {
+        Self {
+            header: crate::defaults::ADMIN_HEADER_TIMEOUT,
+            connection: crate::defaults::ADMIN_CONNECTION_TIMEOUT,
+        }
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `cancel` fires, with
+/// the default [`AdminTimeouts`].
 pub async fn serve_admin(
     listener: TcpListener,
     registry: Arc<Registry>,
     ready: Readiness,
     cancel: CancellationToken,
+) {
+    serve_admin_with(listener, registry, ready, cancel, AdminTimeouts::default()).await;
+}
+
+/// Like [`serve_admin`], with explicit timeouts.
+pub async fn serve_admin_with(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    ready: Readiness,
+    cancel: CancellationToken,
+    timeouts: AdminTimeouts,
 ) {
     loop {
         let (stream, _peer): (_, SocketAddr) = tokio::select! {
@@ -503,10 +568,13 @@ pub async fn serve_admin(
                 async move { Ok::<_, std::convert::Infallible>(admin_response(&req, &registry, &ready)) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(timeouts.header)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
             tokio::select! {
                 _ = conn => {}
                 _ = cancel.cancelled() => {}
+                _ = tokio::time::sleep(timeouts.connection) => {}
             }
         });
     }

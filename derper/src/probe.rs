@@ -37,16 +37,14 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use sha2::{Digest as _, Sha256};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::time::Instant;
 
-use crate::certs::PIN_PREFIX;
 use crate::client::{Client, ClientConfig, TlsMode, UpgradeMode};
 use crate::key::{NodePrivateKey, NodePublicKey};
+use crate::pin::{PIN_PREFIX, Pin, common_name, parse_metacert};
 use crate::proto::codec::ServerFrame;
 use crate::stun::{MAGIC_COOKIE, TxId};
-use crate::tls::METACERT_CN_PREFIX;
 
 // ---------------------------------------------------------------------------------------
 // derpMap model
@@ -1079,8 +1077,8 @@ impl Default for ProbeOptions {
 /// What the verifier must check.
 #[derive(Debug)]
 enum Expect {
-    /// Lowercase hex SHA-256 of the only non-metacert certificate (spec §2.4, v1.84+ rules).
-    Pin(String),
+    /// The pinned end-entity certificate ([`crate::pin::check_chain`]).
+    Pin(Pin),
     /// WebPKI against the given roots, for this name (CertName when domain fronting).
     Roots(Arc<WebPkiServerVerifier>, ServerName<'static>),
     /// Nothing (InsecureForTests, or no roots available).
@@ -1096,20 +1094,8 @@ struct RecordingVerifier {
     algs: WebPkiSupportedAlgorithms,
 }
 
-fn cn_of(der: &[u8]) -> Option<String> {
-    let (_, c) = x509_parser::parse_x509_certificate(der).ok()?;
-    let cn = c
-        .subject()
-        .iter_common_name()
-        .next()?
-        .as_str()
-        .ok()?
-        .to_owned();
-    Some(cn)
-}
-
 fn is_metacert(der: &[u8]) -> bool {
-    cn_of(der).is_some_and(|cn| cn.starts_with(METACERT_CN_PREFIX))
+    parse_metacert(der).is_some()
 }
 
 impl ServerCertVerifier for RecordingVerifier {
@@ -1136,19 +1122,7 @@ impl ServerCertVerifier for RecordingVerifier {
                 v.verify_server_cert(end_entity, intermediates, name, ocsp_response, now)
             }
             Expect::Pin(pin) => {
-                let non_meta: Vec<&CertificateDer<'_>> = std::iter::once(end_entity)
-                    .chain(intermediates)
-                    .filter(|c| !is_metacert(c))
-                    .collect();
-                let [leaf] = non_meta.as_slice() else {
-                    return Err(rustls::Error::General(
-                        "unexpected multiple certs presented".into(),
-                    ));
-                };
-                if hex::encode(Sha256::digest(leaf)) != *pin {
-                    return Err(rustls::Error::General("pinned certificate mismatch".into()));
-                }
-                Ok(ServerCertVerified::assertion())
+                crate::pin::verify_rustls(pin, end_entity, intermediates, server_name, now)
             }
         }
     }
@@ -1196,8 +1170,21 @@ fn tls_version_name(v: Option<rustls::ProtocolVersion>) -> String {
     }
 }
 
-fn pin_hex_of(der: &[u8]) -> String {
-    hex::encode(Sha256::digest(der))
+/// Explains a pin that differs from the presented end-entity certificate's.
+fn pin_mismatch(expected: &str, presented: &str) -> String {
+    let mut m = format!(
+        "pinned certificate mismatch: the map expects {expected} (CertName) but the node \
+         presented {presented}"
+    );
+    if expected.eq_ignore_ascii_case(presented) {
+        m.push_str(
+            "; they differ only in letter case and clients compare lowercase hex exactly \
+             (spec §3.1): write the pin in lowercase",
+        );
+    } else {
+        m.push_str("; publish the presented pin in the map or serve the pinned certificate");
+    }
+    m
 }
 
 async fn tls_connect(
@@ -1207,7 +1194,12 @@ async fn tls_connect(
     with_notes: bool,
 ) -> TlsOutcome {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let pin = node.cert_name.strip_prefix(PIN_PREFIX).map(str::to_owned);
+    // Clients compare the lowercase hex exactly (spec §3.1): a pin written in another case
+    // is parsed here so that the failure can be explained, then reported after the handshake.
+    let pin = node
+        .cert_name
+        .strip_prefix(PIN_PREFIX)
+        .and_then(|hex| Pin::parse_hex(hex).ok());
     let fronting = !node.cert_name.is_empty() && pin.is_none();
     let verify_name = if fronting {
         node.cert_name.as_str()
@@ -1217,8 +1209,8 @@ async fn tls_connect(
     let mut unverified = false;
     let expect = if node.insecure_for_tests {
         Expect::Nothing
-    } else if let Some(p) = &pin {
-        Expect::Pin(p.clone())
+    } else if let Some(p) = pin {
+        Expect::Pin(p)
     } else if opts.roots.is_empty() {
         unverified = true;
         Expect::Nothing
@@ -1266,15 +1258,15 @@ async fn tls_connect(
     let latency = start.elapsed();
     let chain: Vec<CertificateDer<'static>> =
         seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let expected_pin = pin.as_ref().map(|p| format!("{PIN_PREFIX}{p}"));
+    let expected_pin = pin.is_some().then(|| node.cert_name.clone());
     let meta_der = chain.iter().find(|c| is_metacert(c));
-    let non_meta: Vec<&CertificateDer<'static>> =
-        chain.iter().filter(|c| !is_metacert(c)).collect();
-    let leaf = non_meta.first().copied();
-    let presented_pin = leaf.map(|l| format!("{PIN_PREFIX}{}", pin_hex_of(l)));
+    // Certificates after the end entity that are not metacerts (pinned clients refuse them).
+    let extra = chain.iter().skip(1).filter(|c| !is_metacert(c)).count();
+    let leaf = chain.first();
+    let presented_pin = leaf.map(|l| Pin::of_der(l).to_string());
     let mut notes = Vec::new();
     let metacert = meta_der.map(|m| {
-        let cn = cn_of(m).unwrap_or_default();
+        let cn = common_name(m).unwrap_or_default();
         let breaks = if pin.is_some() {
             "Tailscale v1.82.0–v1.82.5 clients reject this pinned node: with a sha256-raw \
              CertName they refuse any chain of more than one certificate ('unexpected multiple \
@@ -1356,7 +1348,7 @@ async fn tls_connect(
             }
         }
     }
-    let metacert_key = meta_der.and_then(|m| crate::client::metacert_key(m));
+    let metacert_key = meta_der.and_then(|m| parse_metacert(m)).map(|m| m.key);
     let info = (!chain.is_empty()).then(|| TlsInfo {
         version: String::new(),
         expected_pin: expected_pin.clone(),
@@ -1380,28 +1372,11 @@ async fn tls_connect(
         }
         Ok(Err(e)) => {
             let msg = match (&expected_pin, &presented_pin) {
-                (Some(exp), Some(got)) if non_meta.len() == 1 && exp != got => {
-                    let mut m = format!(
-                        "pinned certificate mismatch: the map expects {exp} (CertName) but the \
-                         node presented {got}"
-                    );
-                    if exp.eq_ignore_ascii_case(got) {
-                        m.push_str(
-                            "; they differ only in letter case and clients compare lowercase \
-                             hex exactly (spec §3.1): write the pin in lowercase",
-                        );
-                    } else {
-                        m.push_str(
-                            "; publish the presented pin in the map or serve the pinned \
-                             certificate",
-                        );
-                    }
-                    m
-                }
-                (Some(_), _) if non_meta.len() > 1 => format!(
-                    "the node presented {} certificates besides any metacert; with a \
-                     sha256-raw pin clients accept exactly one (no intermediates, spec §2.4)",
-                    non_meta.len()
+                (Some(exp), Some(got)) if exp != got => pin_mismatch(exp, got),
+                (Some(_), _) if extra > 0 => format!(
+                    "the node presented {extra} certificate(s) after the leaf that are not \
+                     metacerts; with a sha256-raw pin clients accept exactly one (no \
+                     intermediates, spec §2.4)"
                 ),
                 _ => format!("TLS handshake failed: {e}"),
             };
@@ -1415,6 +1390,18 @@ async fn tls_connect(
         }
         Ok(Ok(s)) => s,
     };
+    // The chain verified against the pin parsed in any letter case; clients would not.
+    if let (Some(exp), Some(got)) = (&expected_pin, &presented_pin)
+        && exp != got
+    {
+        return TlsOutcome {
+            check: Check::fail(pin_mismatch(exp, got)),
+            info,
+            notes,
+            stream: None,
+            metacert_key: None,
+        };
+    }
     let version = tls_version_name(stream.get_ref().1.protocol_version());
     let info = info.map(|mut i| {
         i.version = version.clone();

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use prometheus_client::registry::Registry;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use sha2::{Digest as _, Sha256};
 
 use crate::client::{Client, ClientConfig, ClientError, TlsMode, UpgradeMode};
 use crate::http::HttpOptions;
@@ -142,7 +141,7 @@ pub async fn start(opts: TestServerOptions) -> TestServer {
             .cert
             .clone()
             .unwrap_or_else(|| self_signed_for(opts.ip));
-        let pin = format!("sha256-raw:{}", hex::encode(Sha256::digest(&cert)));
+        let pin = crate::pin::Pin::of_der(&cert).to_string();
         let key_der = k.clone();
         let config = if opts.metacert {
             let loaded = crate::certs::LoadedCert {
@@ -213,7 +212,7 @@ impl TestServer {
         c.tls = if self.pin.is_empty() {
             TlsMode::Plain
         } else {
-            TlsMode::Pinned(self.pin.clone())
+            TlsMode::Pinned(self.pin.parse().expect("the harness's own pin parses"))
         };
         c.upgrade = match upgrade {
             UpgradeMode::FastStart(_) => UpgradeMode::FastStart(self.server_key),

@@ -24,8 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::certs::{self, LoadedCert};
 
-/// Common name prefix of the metacert (`MetaCertCommonNamePrefix`, spec §2.1).
-pub const METACERT_CN_PREFIX: &str = "derpkey";
+pub use crate::pin::METACERT_CN_PREFIX;
 /// Serial number of the metacert: the DERP protocol version (spec §2.1).
 pub const METACERT_SERIAL: u64 = 2;
 /// Metacert validity on either side of "now" (spec §2.1: ±30 days).
@@ -406,7 +405,7 @@ mod tests {
                         "unexpected multiple certs presented".into(),
                     ));
                 }
-                if certs::pin_of(end_entity) != *pin {
+                if crate::pin::Pin::of_der(end_entity).to_string() != *pin {
                     return Err(rustls::Error::General("cert hash mismatch".into()));
                 }
             }
@@ -617,7 +616,7 @@ mod tests {
             assert_eq!(c.version(), expect);
             let chain = c.chain();
             assert_eq!(chain.len(), 1, "exactly one certificate on the wire");
-            assert_eq!(certs::pin_of(&chain[0]), pin);
+            assert_eq!(crate::pin::Pin::of_der(&chain[0]).to_string(), pin);
             assert_eq!(c.stream.get_ref().1.alpn_protocol(), None);
             c.echo(b"hello").await;
             assert_eq!(snis.recv().await.expect("sni report"), None, "no SNI sent");
@@ -706,11 +705,17 @@ mod tests {
         let mut new_conn = connect(addr, Some(new_pin.clone()), &rustls::version::TLS13)
             .await
             .expect("new conn sees the new cert");
-        assert_eq!(certs::pin_of(&new_conn.chain()[0]), new_pin);
+        assert_eq!(
+            crate::pin::Pin::of_der(&new_conn.chain()[0]).to_string(),
+            new_pin
+        );
         new_conn.echo(b"new").await;
         // The established connection is unaffected.
         old_conn.echo(b"after").await;
-        assert_eq!(certs::pin_of(&old_conn.chain()[0]), old_pin);
+        assert_eq!(
+            crate::pin::Pin::of_der(&old_conn.chain()[0]).to_string(),
+            old_pin
+        );
         // Old pin no longer accepted for new connections.
         assert!(
             connect(addr, Some(old_pin), &rustls::version::TLS13)

@@ -10,8 +10,11 @@
 //!   heap buffers are freed as soon as they drain;
 //! * writes are encrypted into a heap buffer that is freed once the socket took it all.
 //!
-//! Records, alerts, KeyUpdate and session tickets stay rustls' business; this module only
-//! moves bytes. Not here: the rustls configuration ([`crate::tls`]) and the client side.
+//! TLS 1.3 records after the handshake are `records`' business (including its limits on
+//! hostile peers); TLS 1.2 stays with rustls. What the read side may add to the send
+//! buffer (KeyUpdate replies, alerts) is capped at [`MAX_TX_FROM_READER`] bytes, so a
+//! peer that sends and never reads cannot make it grow. Not here: the rustls
+//! configuration ([`crate::tls`]) and the client side.
 #![warn(clippy::indexing_slicing)]
 
 use std::io;
@@ -38,6 +41,11 @@ const READ_CHUNK: usize = 32 * 1024;
 const RECORD_OVERHEAD: usize = 22;
 /// Largest TLS plaintext fragment.
 const MAX_FRAGMENT: usize = 16 * 1024;
+/// Bytes the read side may add to the send buffer (KeyUpdate replies, alerts) until the
+/// socket has taken them: a peer that sends and never reads must not make it grow. Our
+/// record layer needs one KeyUpdate and one alert record at most (51 bytes): it answers
+/// KeyUpdate requests only into an empty send buffer, coalescing the rest.
+pub const MAX_TX_FROM_READER: u16 = 1024;
 
 /// A server TLS connection over a [`TcpStream`], after the handshake.
 ///
@@ -61,9 +69,16 @@ pub struct TlsServerStream {
     read_eof: bool,
     /// close_notify has been queued.
     close_queued: bool,
+    /// A fatal TLS error ended the connection (an alert may be on its way).
+    failed: bool,
+    /// Bytes the read side added to `tx` since it was last empty ([`MAX_TX_FROM_READER`]).
+    tx_from_reader: u16,
     /// The reader's waker, when it waits for the socket: the write side may decrypt
     /// application data while handling rustls' state and must then wake it.
     read_waker: Option<Waker>,
+    /// Largest capacity `tx` had when the read side flushed it (tests).
+    #[cfg(test)]
+    tx_peak: usize,
 }
 
 /// Who protects records after the handshake.
@@ -77,18 +92,20 @@ enum Engine {
 }
 
 /// Run `engine` over received TLS bytes; application data goes to `sink`, TLS-layer
-/// replies (KeyUpdate) to `tx`.
+/// replies from rustls to `tx`, which may grow to `tx_limit` bytes. (Our record layer
+/// only notes a KeyUpdate it owes; [`TlsServerStream::answer_key_update`] sends it.)
 fn process_engine(
     engine: &mut Engine,
     data: &mut [u8],
     sink: &mut Sink<'_, '_>,
     tx: &mut Vec<u8>,
+    tx_limit: usize,
 ) -> io::Result<Processed> {
     match engine {
-        Engine::Rustls(conn) => process(conn, data, sink, tx),
+        Engine::Rustls(conn) => process(conn, data, sink, tx, tx_limit),
         Engine::Records(r) => {
             let mut delivered = false;
-            let o = r.open(data, tx, |content| {
+            let o = r.open(data, |content| {
                 delivered |= !content.is_empty();
                 sink.put(content);
             })?;
@@ -134,7 +151,7 @@ pub async fn accept(config: Arc<ServerConfig>, mut tcp: TcpStream) -> io::Result
         let mut done = false;
         let mut has_data = false;
         match state.map_err(tls_err)? {
-            ConnectionState::EncodeTlsData(mut e) => encode_into(&mut e, &mut tx)?,
+            ConnectionState::EncodeTlsData(mut e) => encode_into(&mut e, &mut tx, usize::MAX)?,
             ConnectionState::TransmitTlsData(t) => {
                 t.done();
                 transmit = true;
@@ -172,7 +189,7 @@ pub async fn accept(config: Arc<ServerConfig>, mut tcp: TcpStream) -> io::Result
                     out: None,
                     plain: &mut plain,
                 };
-                let p = process(&mut conn, &mut rx, &mut sink, &mut tx)?;
+                let p = process(&mut conn, &mut rx, &mut sink, &mut tx, usize::MAX)?;
                 rx.drain(..p.consumed);
                 read_eof = p.eof;
                 if !tx.is_empty() {
@@ -195,7 +212,11 @@ pub async fn accept(config: Arc<ServerConfig>, mut tcp: TcpStream) -> io::Result
                 conn_has_data,
                 read_eof,
                 close_queued: false,
+                failed: false,
+                tx_from_reader: 0,
                 read_waker: None,
+                #[cfg(test)]
+                tx_peak: 0,
             });
         }
         if need_read {
@@ -209,19 +230,28 @@ pub async fn accept(config: Arc<ServerConfig>, mut tcp: TcpStream) -> io::Result
     }
 }
 
-/// Append the handshake record(s) of `e` to `tx`.
+/// Append the handshake record(s) of `e` to `tx`, which may not grow past `limit` bytes
+/// (an error that leaves `tx` as it was).
 fn encode_into(
     e: &mut EncodeTlsData<'_, ServerConnectionData>,
     tx: &mut Vec<u8>,
+    limit: usize,
 ) -> io::Result<()> {
     let start = tx.len();
-    let mut want = 1024;
+    let room = limit.saturating_sub(start);
+    let mut want = room.min(1024);
     loop {
         tx.resize(start + want, 0);
         match e.encode(tx.get_mut(start..).unwrap_or_default()) {
             Ok(n) => {
                 tx.truncate(start + n);
                 return Ok(());
+            }
+            Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size }))
+                if required_size > room =>
+            {
+                tx.truncate(start);
+                return Err(send_buffer_limit());
             }
             Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size }))
                 if required_size > want =>
@@ -294,13 +324,27 @@ impl Sink<'_, '_> {
     }
 }
 
+/// The read side would push the send buffer past [`MAX_TX_FROM_READER`].
+fn send_buffer_limit() -> io::Error {
+    records::fatal(
+        None,
+        "tls_send_buffer_limit",
+        format!(
+            "TLS replies to a peer that does not read would exceed {MAX_TX_FROM_READER} bytes \
+             of send buffer"
+        ),
+    )
+}
+
 /// Run rustls over `data` until it needs more bytes. Handshake-layer output (KeyUpdate
-/// replies, alerts) is appended to `tx`, application data goes to `sink`.
+/// replies, alerts) is appended to `tx`, which may grow to `tx_limit` bytes; application
+/// data goes to `sink`.
 fn process(
     conn: &mut UnbufferedServerConnection,
     data: &mut [u8],
     sink: &mut Sink<'_, '_>,
     tx: &mut Vec<u8>,
+    tx_limit: usize,
 ) -> io::Result<Processed> {
     let mut p = Processed::default();
     loop {
@@ -318,7 +362,7 @@ fn process(
                     }
                 }
             }
-            ConnectionState::EncodeTlsData(mut e) => encode_into(&mut e, tx)?,
+            ConnectionState::EncodeTlsData(mut e) => encode_into(&mut e, tx, tx_limit)?,
             ConnectionState::TransmitTlsData(t) => t.done(),
             ConnectionState::PeerClosed | ConnectionState::Closed => {
                 p.eof = true;
@@ -359,11 +403,13 @@ impl TlsServerStream {
     /// Run rustls over `self.rx` (bytes left from earlier reads).
     fn process_rx(&mut self, out: Option<&mut ReadBuf<'_>>) -> io::Result<Processed> {
         let mut rx = std::mem::take(&mut self.rx);
+        let (before, limit) = self.reader_tx_room();
         let mut sink = Sink {
             out,
             plain: &mut self.plain,
         };
-        let r = process_engine(&mut self.engine, &mut rx, &mut sink, &mut self.tx);
+        let r = process_engine(&mut self.engine, &mut rx, &mut sink, &mut self.tx, limit);
+        self.reader_added(before);
         if let Ok(p) = &r {
             rx.drain(..p.consumed);
         }
@@ -371,19 +417,90 @@ impl TlsServerStream {
         r
     }
 
-    /// Write out `tx`; Ready(Ok) once it is empty (and freed).
-    fn poll_flush_tx(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while self.tx_pos < self.tx.len() {
-            let left = self.tx.get(self.tx_pos..).unwrap_or_default();
-            let n = ready!(Pin::new(&mut self.tcp).poll_write(cx, left))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            self.tx_pos += n;
+    /// How far the read side may grow `tx`: (its length now, the limit).
+    fn reader_tx_room(&self) -> (usize, usize) {
+        let room = usize::from(MAX_TX_FROM_READER.saturating_sub(self.tx_from_reader));
+        (self.tx.len(), self.tx.len() + room)
+    }
+
+    /// The read side grew `tx` from `before` bytes: count it.
+    fn reader_added(&mut self, before: usize) {
+        let added = u16::try_from(self.tx.len().saturating_sub(before)).unwrap_or(u16::MAX);
+        self.tx_from_reader = self.tx_from_reader.saturating_add(added);
+    }
+
+    /// After the read side ran the record layer: write what the socket takes, then send
+    /// the KeyUpdate the peer asked for if the send buffer is empty. Otherwise it waits
+    /// for the socket to take what is queued ([`Self::poll_flush_tx`]) or goes out before
+    /// our next application data ([`records::Records::seal`]), answering every request
+    /// received until then: whatever the peer sends, the read side holds at most one
+    /// reply in the send buffer.
+    fn answer_key_update(&mut self) -> io::Result<()> {
+        self.try_flush_tx();
+        let Engine::Records(r) = &mut self.engine else {
+            return Ok(());
+        };
+        if !r.owes_key_update() || !self.tx.is_empty() || self.close_queued {
+            return Ok(());
         }
-        self.tx = Vec::new();
-        self.tx_pos = 0;
-        Poll::Ready(Ok(()))
+        if usize::from(self.tx_from_reader) + records::KEY_UPDATE_RECORD_LEN
+            > usize::from(MAX_TX_FROM_READER)
+        {
+            return Err(send_buffer_limit());
+        }
+        let before = self.tx.len();
+        r.answer_key_update(&mut self.tx)?;
+        self.reader_added(before);
+        self.try_flush_tx();
+        Ok(())
+    }
+
+    /// A fatal error on the read side: no more reads or writes, and the peer gets the
+    /// alert the error calls for if it fits into an empty send buffer (best effort; the
+    /// caller closes the connection either way).
+    fn fail(&mut self, e: io::Error) -> io::Error {
+        if std::mem::replace(&mut self.failed, true) {
+            return e;
+        }
+        self.try_flush_tx();
+        let alert = records::RecordError::find(&e).and_then(records::RecordError::alert);
+        if let (Some(desc), Engine::Records(r)) = (alert, &mut self.engine)
+            && self.tx.is_empty()
+            && !self.close_queued
+            && usize::from(self.tx_from_reader) + records::ALERT_RECORD_LEN
+                <= usize::from(MAX_TX_FROM_READER)
+        {
+            let before = self.tx.len();
+            if r.fatal_alert(desc, &mut self.tx).is_ok() {
+                self.reader_added(before);
+                self.try_flush_tx();
+            }
+        }
+        e
+    }
+
+    /// Write out `tx`, and then the KeyUpdate the peer asked for while `tx` was busy;
+    /// Ready(Ok) once it is empty (and freed).
+    fn poll_flush_tx(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            while self.tx_pos < self.tx.len() {
+                let left = self.tx.get(self.tx_pos..).unwrap_or_default();
+                let n = ready!(Pin::new(&mut self.tcp).poll_write(cx, left))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.tx_pos += n;
+            }
+            self.tx = Vec::new();
+            self.tx_pos = 0;
+            self.tx_from_reader = 0;
+            match &mut self.engine {
+                Engine::Records(r) if r.owes_key_update() && !self.close_queued && !self.failed => {
+                    r.answer_key_update(&mut self.tx)?;
+                }
+                _ => return Poll::Ready(Ok(())),
+            }
+        }
     }
 
     /// Best effort, never registers a waker: write what `tx` holds if the socket takes it.
@@ -391,6 +508,10 @@ impl TlsServerStream {
     /// side does not steal the writer's wakeup; what is left goes out with the next write
     /// or flush.
     fn try_flush_tx(&mut self) {
+        #[cfg(test)]
+        {
+            self.tx_peak = self.tx_peak.max(self.tx.capacity());
+        }
         while self.tx_pos < self.tx.len() {
             let left = self.tx.get(self.tx_pos..).unwrap_or_default();
             match self.tcp.try_write(left) {
@@ -400,6 +521,16 @@ impl TlsServerStream {
         }
         self.tx = Vec::new();
         self.tx_pos = 0;
+        self.tx_from_reader = 0;
+    }
+
+    /// Sending-key updates so far (tests).
+    #[cfg(test)]
+    fn tx_key_updates(&self) -> u32 {
+        match &self.engine {
+            Engine::Records(r) => r.tx_key_updates,
+            Engine::Rustls(_) => 0,
+        }
     }
 
     /// Which record layer the connection ended up with (tests).
@@ -458,7 +589,7 @@ impl TlsServerStream {
                     None => Ok(true),
                 },
                 Ok(ConnectionState::EncodeTlsData(mut e)) => {
-                    encode_into(&mut e, &mut self.tx).map(|()| false)
+                    encode_into(&mut e, &mut self.tx, usize::MAX).map(|()| false)
                 }
                 Ok(ConnectionState::TransmitTlsData(t)) => {
                     t.done();
@@ -516,13 +647,18 @@ impl AsyncRead for TlsServerStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.failed {
+            return Poll::Ready(Err(failed_err()));
+        }
         if buf.remaining() == 0 {
             return Poll::Ready(Ok(()));
         }
         let start = buf.filled().len();
         if std::mem::take(&mut this.conn_has_data) {
-            let p = this.process_rx(Some(&mut *buf))?;
-            this.try_flush_tx();
+            let p = this
+                .process_rx(Some(&mut *buf))
+                .and_then(|p| this.answer_key_update().map(|()| p))
+                .map_err(|e| this.fail(e))?;
             this.read_eof |= p.eof;
         }
         loop {
@@ -545,26 +681,31 @@ impl AsyncRead for TlsServerStream {
                 this.read_eof = true;
                 return Poll::Ready(Ok(()));
             }
-            let p = if this.rx.is_empty() {
+            let r = if this.rx.is_empty() {
                 // The common case: whole records in one read, processed on the stack; a
                 // trailing partial record is kept on the heap.
                 let data = rb.filled_mut();
+                let (before, limit) = this.reader_tx_room();
                 let mut sink = Sink {
                     out: Some(buf),
                     plain: &mut this.plain,
                 };
-                let p = process_engine(&mut this.engine, data, &mut sink, &mut this.tx)?;
-                if let Some(left) = data.get(p.consumed..)
+                let r = process_engine(&mut this.engine, data, &mut sink, &mut this.tx, limit);
+                this.reader_added(before);
+                if let Ok(p) = &r
+                    && let Some(left) = data.get(p.consumed..)
                     && !left.is_empty()
                 {
                     this.rx.extend_from_slice(left);
                 }
-                p
+                r
             } else {
                 this.rx.extend_from_slice(rb.filled());
-                this.process_rx(Some(buf))?
+                this.process_rx(Some(buf))
             };
-            this.try_flush_tx();
+            let p = r
+                .and_then(|p| this.answer_key_update().map(|()| p))
+                .map_err(|e| this.fail(e))?;
             if p.eof {
                 this.read_eof = true;
             }
@@ -573,6 +714,22 @@ impl AsyncRead for TlsServerStream {
             }
         }
     }
+}
+
+/// The metric label (`disconnect_reasons`, `handshake_failures`) for an error with which
+/// our TLS 1.3 record layer ended a connection: `tls_key_update_limit`,
+/// `tls_record_overflow`, `tls_send_buffer_limit`, `tls_bad_record_mac`, `tls_peer_alert`
+/// or `tls_protocol_error`. `None` for any other error.
+pub fn error_reason(e: &io::Error) -> Option<&'static str> {
+    records::RecordError::find(e).map(records::RecordError::reason)
+}
+
+/// The error every read and write gets after a fatal TLS error.
+fn failed_err() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::BrokenPipe,
+        "TLS connection ended by an earlier error",
+    )
 }
 
 impl AsyncWrite for TlsServerStream {
@@ -586,6 +743,9 @@ impl AsyncWrite for TlsServerStream {
         ready!(this.poll_flush_tx(cx))?;
         if data.is_empty() {
             return Poll::Ready(Ok(0));
+        }
+        if this.failed {
+            return Poll::Ready(Err(failed_err()));
         }
         if this.close_queued {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
@@ -606,7 +766,7 @@ impl AsyncWrite for TlsServerStream {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.close_queued {
+        if !this.close_queued && !this.failed {
             ready!(this.poll_flush_tx(cx))?;
             this.close_queued = true;
             // A failure here (connection already broken) still shuts the socket down.

@@ -51,23 +51,8 @@ fn ip_of(raw: &[u8]) -> Option<IpAddr> {
 }
 
 fn is_metacert(der: &[u8]) -> Option<(String, u64)> {
-    let (_, x) = parse_x509_certificate(der).ok()?;
-    let cn = x
-        .subject()
-        .iter_common_name()
-        .next()?
-        .as_str()
-        .ok()?
-        .to_owned();
-    let key = cn.strip_prefix("derpkey")?;
-    if key.len() != 64 || !key.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    let serial = u64::try_from(&x.serial).ok()?;
-    if serial > 255 {
-        return None;
-    }
-    Some((key.to_lowercase(), serial))
+    let m = derper::pin::parse_metacert(der)?;
+    Some((m.key.to_hex().to_lowercase(), u64::from(m.serial)))
 }
 
 impl ServerCertVerifier for GoPinnedVerifier {
@@ -192,7 +177,7 @@ async fn dial(
     let verifier = GoPinnedVerifier {
         client,
         pin_hex: pin
-            .strip_prefix(certs::PIN_PREFIX)
+            .strip_prefix(derper::pin::PIN_PREFIX)
             .expect("prefix")
             .to_owned(),
         host: addr.ip(),

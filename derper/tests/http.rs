@@ -339,3 +339,85 @@ async fn connect_method_is_forbidden() {
     .await;
     assert!(r.starts_with("HTTP/1.1 403"), "{r}");
 }
+
+#[tokio::test]
+async fn plain_http_port_redirect_page_escapes_the_host_and_path() {
+    let s = plain_server().await;
+    let p80 = s.http_addr.unwrap();
+    let r = http(
+        p80,
+        "GET /a?b=1&c='2' HTTP/1.1\r\nHost: x\"><script>alert(1)</script>\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 302"), "{r}");
+    let body = &r[r.find("\r\n\r\n").unwrap() + 4..];
+    assert!(!body.contains("<script>"), "{body}");
+    assert!(!body.contains("\"><"), "{body}");
+    assert_eq!(
+        body,
+        "<a href=\"https://x&#34;&gt;&lt;script&gt;alert(1)&lt;/script&gt;/a?b=1&amp;c=&#39;2&#39;\">Found</a>.\n\n"
+    );
+}
+
+/// Waits until the server closes `s` (read returns EOF or an error), writing `trickle`
+/// every 100 ms meanwhile; panics if it is still open after 10 s.
+async fn closed_by_server(s: &mut TcpStream, trickle: &[u8]) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut buf = [0u8; 4096];
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "admin connection still open"
+        );
+        match tokio::time::timeout(Duration::from_millis(100), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(_)) => {}
+            Err(_) => {
+                if !trickle.is_empty() && s.write_all(trickle).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn admin_listener_closes_slow_and_idle_connections() {
+    let s = start(TestServerOptions {
+        tls: false,
+        http: derper::http::HttpOptions {
+            admin_timeouts: derper::metrics::AdminTimeouts {
+                header: Duration::from_millis(500),
+                connection: Duration::from_secs(2),
+            },
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let admin = s.admin_addr.unwrap();
+    // Slowloris: a request head that never ends, one header line at a time.
+    let mut c = TcpStream::connect(admin).await.unwrap();
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    closed_by_server(&mut c, b"X-Slow: 1\r\n").await;
+    // A connection that never sends anything.
+    let mut c = TcpStream::connect(admin).await.unwrap();
+    closed_by_server(&mut c, b"").await;
+    // A kept-alive connection after a complete request.
+    let mut c = TcpStream::connect(admin).await.unwrap();
+    c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    closed_by_server(&mut c, b"").await;
+    // A request whose body trickles in forever.
+    let mut c = TcpStream::connect(admin).await.unwrap();
+    c.write_all(b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+        .await
+        .unwrap();
+    closed_by_server(&mut c, b"x").await;
+    // Still serving.
+    let r = http(admin, &get("/healthz", "")).await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+}

@@ -171,7 +171,8 @@ async fn tls12_and_tls13_both_work_with_pin() {
         .await
         .unwrap();
     // A wrong pin is refused.
-    cfg.tls = derper::client::TlsMode::Pinned(format!("sha256-raw:{}", "00".repeat(32)));
+    cfg.tls =
+        derper::client::TlsMode::Pinned(derper::pin::Pin::parse_hex(&"00".repeat(32)).unwrap());
     assert!(
         Client::connect(&cfg, &NodePrivateKey::generate())
             .await
@@ -608,5 +609,122 @@ async fn truncated_frame_then_eof_is_counted() {
         s.metrics().disconnects_for("truncated_frame") == 1
     })
     .await;
+    assert_eq!(s.metrics().current_connections.get(), 0);
+}
+
+#[tokio::test]
+async fn key_update_flood_before_client_info_is_cut_off_and_counted() {
+    // An unauthenticated client past the upgrade asks for 10,000 TLS 1.3 KeyUpdates and
+    // reads nothing: the record layer ends the connection at its limit and the metric
+    // names it.
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = start(TestServerOptions {
+        tls: true,
+        ..Default::default()
+    })
+    .await;
+    let cfg = derper::bench::insecure_client_config(
+        rustls::crypto::ring::default_provider(),
+        &[&rustls::version::TLS13],
+    );
+    let tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    tls.write_all(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    tls.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 101");
+    for _ in 0..10_000 {
+        tls.get_mut().1.refresh_traffic_keys().unwrap();
+    }
+    // The relay hangs up part-way; the write may then fail.
+    let _ = tls.flush().await;
+    s.wait_for("KeyUpdate flood counted", T, |s| {
+        s.metrics().handshake_failures("tls_key_update_limit") == 1
+    })
+    .await;
+}
+
+/// Sends the DERP upgrade and a ClientInfo "from" `key`, sealed so that it opens with the
+/// all-zero shared secret (what X25519 with a small-order key gives, whatever the server's
+/// private key), and returns every frame type the server sent before closing.
+async fn forged_client_info(s: &TestServer, key: [u8; 32]) -> Vec<u8> {
+    use crypto_box::aead::Aead as _;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // X25519(any secret, small-order point) = 0 = X25519(server secret, same point).
+    let b = crypto_box::SalsaBox::new(
+        &crypto_box::PublicKey::from_bytes(key),
+        &crypto_box::SecretKey::from_bytes([0x42; 32]),
+    );
+    let nonce = [7u8; 24];
+    let sealed = b
+        .encrypt(
+            crypto_box::Nonce::from_slice(&nonce),
+            &b"{\"version\":2}"[..],
+        )
+        .unwrap();
+    let mut payload = key.to_vec();
+    payload.extend_from_slice(&nonce);
+    payload.extend_from_slice(&sealed);
+    let mut out = bytes::BytesMut::new();
+    out.extend_from_slice(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\n\r\n");
+    codec::write_raw_frame(
+        &mut out,
+        derper::proto::FrameType::ClientInfo as u8,
+        &payload,
+    );
+    let mut tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    tcp.write_all(&out).await.unwrap();
+    let mut v = Vec::new();
+    // The server closes a refused connection; an admitted one stays open.
+    let _ = tokio::time::timeout(T, tcp.read_to_end(&mut v)).await;
+    let head_end = v.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let mut frames = Vec::new();
+    let mut rest = &v[head_end..];
+    while rest.len() >= 5 {
+        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        frames.push(rest[0]);
+        rest = &rest[(5 + len).min(rest.len())..];
+    }
+    frames
+}
+
+#[tokio::test]
+async fn small_order_client_keys_are_refused() {
+    let s = plain_server().await;
+    let mut one = [0u8; 32];
+    one[0] = 1;
+    let mut order8 = [0u8; 32];
+    hex::decode_to_slice(
+        "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
+        &mut order8,
+    )
+    .unwrap();
+    let mut p_plus_1 = [0xffu8; 32];
+    p_plus_1[0] = 0xee;
+    p_plus_1[31] = 0x7f;
+    let mut one_top_bit = one;
+    one_top_bit[31] = 0x80;
+    let keys = [one, order8, p_plus_1, one_top_bit];
+    for k in keys {
+        let frames = forged_client_info(&s, k).await;
+        // ServerKey only: no ServerInfo, the connection is closed.
+        assert_eq!(
+            frames,
+            [derper::proto::FrameType::ServerKey as u8],
+            "{}",
+            hex::encode(k)
+        );
+    }
+    assert_eq!(
+        s.metrics().handshake_failures("small_order_key"),
+        keys.len() as u64
+    );
     assert_eq!(s.metrics().current_connections.get(), 0);
 }

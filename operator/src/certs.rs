@@ -9,11 +9,7 @@
 
 use std::net::IpAddr;
 
-use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
-
-/// Prefix of a pinned `CertName` (derp-protocol.md §3.1, case-sensitive).
-pub const PIN_PREFIX: &str = "sha256-raw:";
 
 /// Failure to issue or parse a certificate.
 #[derive(Debug, thiserror::Error)]
@@ -108,9 +104,10 @@ impl CertIssuer for RcgenIssuer {
     }
 }
 
-/// `sha256-raw:` + lowercase hex of SHA-256 over the leaf's DER (derp-protocol.md §3.1).
+/// The `CertName` pin of a leaf: `sha256-raw:` + lowercase hex SHA-256 of its DER
+/// (derp-protocol.md §3.1), computed by the workspace's one [`derper::pin::Pin`].
 pub fn pin_of_der(der: &[u8]) -> String {
-    format!("{PIN_PREFIX}{}", hex::encode(Sha256::digest(der)))
+    derper::pin::Pin::of_der(der).to_string()
 }
 
 /// What the operator needs to know about an existing certificate.

@@ -116,7 +116,7 @@ fn connect(
     key: &NodePrivateKey,
 ) -> Result<(), String> {
     let mut cfg = ClientConfig::new(SocketAddr::from((Ipv4Addr::LOCALHOST, relay.derp_port)));
-    cfg.tls = TlsMode::Pinned(relay.cert_name.clone());
+    cfg.tls = TlsMode::Pinned(relay.cert_name.parse().map_err(|e| format!("{e}"))?);
     cfg.connect_timeout = Duration::from_secs(10);
     rt.block_on(async {
         let mut c = Client::connect(&cfg, key)

@@ -398,6 +398,9 @@ impl ReadPolicy {
 const SKIP_BUFFER_MAX: usize = 64 * 1024;
 const MIN_READ: usize = 4 * 1024;
 const MAX_READ: usize = 64 * 1024;
+/// How far [`FrameReader::next_header`] reads ahead of a rate-limited client's next
+/// header: payload bytes read before the limiter is asked stay below this.
+pub const RATE_LIMITED_READ_AHEAD: usize = MIN_READ;
 
 /// Error reading frames from a stream.
 #[derive(Debug, thiserror::Error)]
@@ -522,6 +525,89 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 return Ok(None);
             }
         }
+    }
+
+    /// Rate-limited reading, step 1 (spec §6.8): waits until the next frame's header is
+    /// buffered and returns its type and declared length without consuming it, so the
+    /// caller can wait on its limiter for the length *before* the payload is read. Reads
+    /// at most [`RATE_LIMITED_READ_AHEAD`] bytes past what it has, finishing a frame being
+    /// skipped first. `Ok(None)` is a clean EOF at a frame boundary; a header over its
+    /// type's limit is [`ReadError::TooLarge`] right away.
+    pub async fn next_header(&mut self) -> Result<Option<(u8, usize)>, ReadError> {
+        loop {
+            if self.skip > 0 {
+                let n = self.skip.min(self.buf.len());
+                self.buf.advance(n);
+                self.skip -= n;
+                if self.skip > 0 {
+                    let want = self.skip.min(MAX_READ);
+                    self.fill_at_most(want, true).await?;
+                    continue;
+                }
+            }
+            if let Some(hdr) = self.buf.get(..FRAME_HEADER_LEN) {
+                let typ = hdr[0];
+                let len = u32::from_be_bytes([hdr[1], hdr[2], hdr[3], hdr[4]]) as usize;
+                if let Limit::Max(m) = self.policy.limit(typ)
+                    && len > m
+                {
+                    return Err(ReadError::TooLarge { typ, len });
+                }
+                return Ok(Some((typ, len)));
+            }
+            let more = if self.buf.is_empty() {
+                // The idle path of `fill`: at most MIN_READ (= the read-ahead bound) bytes
+                // through a stack buffer, and no heap buffer kept while the client is idle.
+                self.read_size = MIN_READ;
+                let r = self.fill(false).await;
+                self.read_size = MIN_READ;
+                r?
+            } else {
+                self.fill_at_most(RATE_LIMITED_READ_AHEAD, true).await?
+            };
+            if !more {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Rate-limited reading, step 2: the frame whose header [`next_header`] returned,
+    /// reading no further than its end.
+    ///
+    /// [`next_header`]: Self::next_header
+    pub async fn read_frame_exact(&mut self) -> Result<Option<RawFrame>, ReadError> {
+        loop {
+            if let Some(f) = self.try_frame()? {
+                return Ok(Some(f));
+            }
+            let missing = match self.buf.get(..FRAME_HEADER_LEN) {
+                Some(hdr) => {
+                    let len = u32::from_be_bytes([hdr[1], hdr[2], hdr[3], hdr[4]]) as usize;
+                    (FRAME_HEADER_LEN + len).saturating_sub(self.buf.len())
+                }
+                None => FRAME_HEADER_LEN - self.buf.len(),
+            };
+            if !self
+                .fill_at_most(missing.clamp(1, MAX_READ), !self.buf.is_empty())
+                .await?
+            {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Reads at most `max` more bytes. Returns false on clean EOF outside a frame.
+    async fn fill_at_most(&mut self, max: usize, in_frame: bool) -> Result<bool, ReadError> {
+        self.buf.reserve(max);
+        let mut limited = (&mut self.inner).take(max as u64);
+        let n = limited.read_buf(&mut self.buf).await?;
+        if n == 0 {
+            if in_frame || self.skip > 0 {
+                return Err(ReadError::UnexpectedEof);
+            }
+            return Ok(false);
+        }
+        Ok(true)
     }
 
     /// Reads more bytes. Returns false on clean EOF with an empty buffer.

@@ -33,10 +33,14 @@ pub fn parse_server_key(payload: &[u8]) -> Result<NodePublicKey, DecodeError> {
     if payload.get(..MAGIC.len()) != Some(&MAGIC[..]) {
         return Err(DecodeError::BadMagic);
     }
-    payload
+    let key = payload
         .get(MAGIC.len()..SERVER_KEY_PAYLOAD_LEN)
         .and_then(NodePublicKey::from_slice)
-        .ok_or(DecodeError::BadMagic)
+        .ok_or(DecodeError::BadMagic)?;
+    if key.is_small_order() {
+        return Err(DecodeError::SmallOrderKey);
+    }
+    Ok(key)
 }
 
 /// The client's JSON (spec §5.3). Unknown keys are ignored; key names are matched
@@ -178,8 +182,8 @@ pub fn open_client_info(
             typ,
             len: payload.len(),
         })?;
-    if key.is_zero() {
-        return Err(DecodeError::ZeroKey);
+    if key.is_small_order() {
+        return Err(DecodeError::SmallOrderKey);
     }
     let n = payload
         .get(KEY_LEN..MIN_CLIENT_INFO_LEN)
@@ -303,7 +307,10 @@ mod tests {
         let (s, c) = keys();
         assert!(open_client_info(&s, &[0u8; 55]).is_err());
         // all-zero key
-        assert_eq!(open_client_info(&s, &[0u8; 80]), Err(DecodeError::ZeroKey));
+        assert_eq!(
+            open_client_info(&s, &[0u8; 80]),
+            Err(DecodeError::SmallOrderKey)
+        );
         // box sealed to another key does not open
         let other = NodePrivateKey::generate();
         let mut b = BytesMut::new();

@@ -179,9 +179,10 @@ pub enum DecodeError {
     /// The boxed JSON did not decode.
     #[error("invalid JSON in boxed message")]
     BadJson,
-    /// An all-zero key was presented.
-    #[error("all-zero key")]
-    ZeroKey,
+    /// A key of small order (the all-zero key among them) was presented: boxes "from" it
+    /// open with an all-zero shared secret, so it proves nothing.
+    #[error("small-order (weak) key")]
+    SmallOrderKey,
 }
 
 #[cfg(test)]

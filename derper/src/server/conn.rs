@@ -149,6 +149,8 @@ pub struct ConnInfo {
     pub not_ideal: bool,
     /// Bytes to write before the ServerKey frame (e.g. the exact 101 response).
     pub prelude: Bytes,
+    /// The connection's place under the handshake caps, released once it is admitted.
+    pub(crate) handshake_slot: super::handshaking::SlotHolder,
 }
 
 /// Local (per-connection) counters flushed to the shared metrics in batches.
@@ -339,6 +341,11 @@ where
             m.handshake_failure("long_client_info");
             return None;
         }
+        Ok(Err(ReadError::Io(e))) => {
+            // A limit of our TLS record layer counts under its own name.
+            m.handshake_failure(crate::tls_stream::error_reason(&e).unwrap_or("eof"));
+            return None;
+        }
         Ok(Err(_)) | Ok(Ok(None)) => {
             m.handshake_failure("eof");
             return None;
@@ -359,7 +366,7 @@ where
             m.handshake_failure(match e {
                 crate::proto::DecodeError::TooShort { .. } => "short_client_info",
                 crate::proto::DecodeError::BadJson => "bad_json",
-                crate::proto::DecodeError::ZeroKey => "zero_key",
+                crate::proto::DecodeError::SmallOrderKey => "small_order_key",
                 _ => "bad_box",
             });
             debug!(remote = ?info.remote, error = %e, "client info rejected");
@@ -393,7 +400,7 @@ where
             if let Some(suppressed) = ADMISSION_LOG.check() {
                 warn!(
                     remote = ?info.remote,
-                    client = %key.to_nodekey_string(),
+                    client = %key.short(),
                     reason,
                     suppressed,
                     "client rejected: {detail}"
@@ -402,6 +409,9 @@ where
             return None;
         }
     }
+    // Admitted: no longer counted as handshaking.
+    info.handshake_slot.release();
+    info.handshake_slot = Default::default();
     Some(Admitted {
         server,
         reader,
@@ -585,36 +595,56 @@ async fn read_loop<R: AsyncRead + Unpin>(
         // cancellation (polling the token takes its mutex: once per frame was ≈ 2 % of the
         // relay's CPU on 64-byte packets). Cancellation is checked every FRAMES_PER_TURN
         // frames and whenever the reader waits for the socket.
-        let raw = match reader.try_frame() {
-            Ok(Some(f)) => Ok(Some(f)),
-            Err(e) => Err(e),
-            Ok(None) => tokio::select! {
+        let raw = if let Some(b) = &mut recv_bucket {
+            // Per-client receive limit (spec §6.8), as upstream: wait on the limiter for the
+            // frame's declared length *before* its payload is read, so a limited client's
+            // bytes stay in its socket (TCP pushes back on it) instead of in our buffer.
+            let hdr = tokio::select! {
                 biased;
                 _ = &mut cancelled => break closed_reason(server),
-                r = reader.read_frame() => r,
-            },
+                r = reader.next_header() => r,
+            };
+            match hdr {
+                Ok(Some((_, len))) => {
+                    #[allow(clippy::cast_precision_loss)]
+                    let wait = b.take(len as f64);
+                    if !wait.is_zero() {
+                        m.rate_limit_waited.inc();
+                        tokio::select! {
+                            biased;
+                            _ = &mut cancelled => break closed_reason(server),
+                            _ = tokio::time::sleep(wait) => {}
+                        }
+                    }
+                    tokio::select! {
+                        biased;
+                        _ = &mut cancelled => break closed_reason(server),
+                        r = reader.read_frame_exact() => r,
+                    }
+                }
+                Ok(None) => Ok(None),
+                Err(e) => Err(e),
+            }
+        } else {
+            match reader.try_frame() {
+                Ok(Some(f)) => Ok(Some(f)),
+                Err(e) => Err(e),
+                Ok(None) => tokio::select! {
+                    biased;
+                    _ = &mut cancelled => break closed_reason(server),
+                    r = reader.read_frame() => r,
+                },
+            }
         };
         let raw = match raw {
             Ok(Some(r)) => r,
             Ok(None) => break "eof",
             Err(ReadError::TooLarge { .. }) => break "frame_too_large",
             Err(ReadError::UnexpectedEof) => break "truncated_frame",
-            Err(ReadError::Io(_)) => break "read_error",
-        };
-        if let Some(b) = &mut recv_bucket {
-            #[allow(clippy::cast_precision_loss)]
-            let n = raw.payload.len().min(65_568) as f64;
-            let wait = b.take(n);
-            if !wait.is_zero() {
-                // Not reading while waiting pushes back on the sender through TCP.
-                m.rate_limit_waited.inc();
-                tokio::select! {
-                    biased;
-                    _ = &mut cancelled => {}
-                    _ = tokio::time::sleep(wait) => {}
-                }
+            Err(ReadError::Io(e)) => {
+                break crate::tls_stream::error_reason(&e).unwrap_or("read_error");
             }
-        }
+        };
         if conn.dup.load(Ordering::Relaxed) {
             registry.note_heard(conn);
         }

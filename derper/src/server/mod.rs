@@ -5,6 +5,7 @@
 //! Does not parse HTTP itself (see [`crate::http`]) or frames (see [`crate::proto`]).
 
 pub(crate) mod conn;
+pub(crate) mod handshaking;
 pub(crate) mod registry;
 
 use std::net::SocketAddr;
@@ -52,6 +53,11 @@ pub struct ServerOptions {
     pub admission: Vec<Arc<dyn crate::admission::Admit>>,
     /// Per-client receive rate limit (spec §6.8); mesh-key holders are exempt.
     pub recv_rate: Option<crate::ratelimit::RecvRateLimit>,
+    /// Most connections accepted on the public listeners but not admitted yet (TLS, HTTP
+    /// head, DERP handshake); more are closed at accept. 0 = no cap.
+    pub handshake_limit: usize,
+    /// Like `handshake_limit`, per source IPv4 address or IPv6 /64. 0 = no cap.
+    pub handshake_limit_per_ip: usize,
 }
 
 impl Default for ServerOptions {
@@ -68,6 +74,8 @@ impl Default for ServerOptions {
             mesh_key: None,
             admission: Vec::new(),
             recv_rate: None,
+            handshake_limit: defaults::HANDSHAKE_LIMIT,
+            handshake_limit_per_ip: defaults::HANDSHAKE_LIMIT_PER_IP,
         }
     }
 }
@@ -87,17 +95,24 @@ struct Inner {
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
     tracker: TaskTracker,
+    handshaking: Arc<handshaking::HandshakeGate>,
 }
 
 impl Server {
     /// Creates the core with the server's private key.
     pub fn new(key: NodePrivateKey, opts: ServerOptions, metrics: Arc<Metrics>) -> Self {
+        let handshaking = Arc::new(handshaking::HandshakeGate::new(
+            opts.handshake_limit,
+            opts.handshake_limit_per_ip,
+            metrics.clone(),
+        ));
         Self {
             inner: Arc::new(Inner {
                 public: key.public(),
                 key,
                 opts,
                 registry: registry::Registry::new(metrics.clone()),
+                handshaking,
                 metrics,
                 cancel: CancellationToken::new(),
                 tracker: TaskTracker::new(),
@@ -379,11 +394,12 @@ pub async fn spawn(
     }
     if let (Some(l), Some(a)) = (admin_listener, admin_addr) {
         info!(listener = "admin", addr = %a, "listening on {a}");
-        tasks.spawn(crate::metrics::serve_admin(
+        tasks.spawn(crate::metrics::serve_admin_with(
             l,
             prom,
             readiness.clone(),
             listeners.clone(),
+            cfg.http.admin_timeouts,
         ));
     }
     tasks.close();
@@ -478,6 +494,12 @@ async fn accept_loop(
             drop(stream);
             continue;
         }
+        // Too many connections (in all, or from this source) still handshaking: close
+        // right away, before any TLS or HTTP work (counted by the gate).
+        let Ok(slot) = server.inner.handshaking.try_acquire(Some(remote.ip())) else {
+            drop(stream);
+            continue;
+        };
         apply_tcp_options(&stream, tcp);
         let server2 = server.clone();
         let http = http.clone();
@@ -503,8 +525,15 @@ async fn accept_loop(
                     match s {
                         Ok(Ok(s)) => {
                             let s = Box::new(s);
-                            crate::http::serve_connection(server2, http, s, Some(remote), kind)
-                                .await
+                            crate::http::serve_connection_gated(
+                                server2,
+                                http,
+                                s,
+                                Some(remote),
+                                kind,
+                                Some(slot),
+                            )
+                            .await
                         }
                         _ => {
                             server2.metrics().tls_handshake_failures.inc();
@@ -512,7 +541,15 @@ async fn accept_loop(
                     }
                 }
                 None => {
-                    crate::http::serve_connection(server2, http, stream, Some(remote), kind).await
+                    crate::http::serve_connection_gated(
+                        server2,
+                        http,
+                        stream,
+                        Some(remote),
+                        kind,
+                        Some(slot),
+                    )
+                    .await
                 }
             }
         });
