@@ -47,7 +47,13 @@ const NOW: u64 = 1_796_515_200;
 const PINNED: usize = 0;
 const METACERT: usize = 1;
 
-fn cert(cn: &str, sans: &[&str], years: (i32, i32), serial: Option<u64>, org: Option<&str>) -> Vec<u8> {
+fn cert(
+    cn: &str,
+    sans: &[&str],
+    years: (i32, i32),
+    serial: Option<u64>,
+    org: Option<&str>,
+) -> Vec<u8> {
     let mut p = CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
         .expect("params");
     p.subject_alt_names
@@ -62,7 +68,10 @@ fn cert(cn: &str, sans: &[&str], years: (i32, i32), serial: Option<u64>, org: Op
     if let Some(s) = serial {
         p.serial_number = Some(s.into());
     }
-    p.self_signed(&KeyPair::generate().expect("key")).expect("cert").der().to_vec()
+    p.self_signed(&KeyPair::generate().expect("key"))
+        .expect("cert")
+        .der()
+        .to_vec()
 }
 
 fn pool() -> &'static [Vec<u8>] {
@@ -71,12 +80,32 @@ fn pool() -> &'static [Vec<u8>] {
         let hexkey = "ab".repeat(32);
         vec![
             cert(HOST, &[HOST], (2020, 2040), None, None),
-            derper::tls::metacert(&[0xab; 32]).expect("metacert").to_vec(),
-            cert(&format!("derpkey{hexkey}"), &[HOST], (2020, 2040), Some(2), None),
-            cert(HOST, &[HOST, DERPKEY_HOST], (2020, 2040), None, Some(&format!("derpkey{hexkey}"))),
+            derper::tls::metacert(&[0xab; 32])
+                .expect("metacert")
+                .to_vec(),
+            cert(
+                &format!("derpkey{hexkey}"),
+                &[HOST],
+                (2020, 2040),
+                Some(2),
+                None,
+            ),
+            cert(
+                HOST,
+                &[HOST, DERPKEY_HOST],
+                (2020, 2040),
+                None,
+                Some(&format!("derpkey{hexkey}")),
+            ),
             cert(DERPKEY_HOST, &[DERPKEY_HOST], (2020, 2040), None, None),
             cert(HOST, &[HOST], (2000, 2001), None, None),
-            cert(&format!("derpkey{hexkey}"), &[], (2020, 2040), Some(300), None),
+            cert(
+                &format!("derpkey{hexkey}"),
+                &[],
+                (2020, 2040),
+                Some(300),
+                None,
+            ),
         ]
     })
 }
@@ -86,7 +115,11 @@ fn is_metacert(der: &[u8]) -> bool {
     let Ok((_, c)) = X509Certificate::from_der(der) else {
         return false;
     };
-    let cn = c.subject().iter_common_name().next().and_then(|a| a.as_str().ok());
+    let cn = c
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|a| a.as_str().ok());
     let key_ok = cn
         .and_then(|cn| cn.strip_prefix("derpkey"))
         .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()));
@@ -132,7 +165,16 @@ fn time(sel: u8, ee: &[u8], t: &mut Take<'_>) -> u64 {
 fn check(pin: &Pin, chain: &[Vec<u8>], name: Option<&str>, now: u64) -> bool {
     let Some((ee, rest)) = chain.split_first() else {
         let empty: [&[u8]; 0] = [];
-        assert!(check_chain(pin, &[], &empty, name, UnixTime::since_unix_epoch(Duration::from_secs(now))).is_err());
+        assert!(
+            check_chain(
+                pin,
+                &[],
+                &empty,
+                name,
+                UnixTime::since_unix_epoch(Duration::from_secs(now))
+            )
+            .is_err()
+        );
         return false;
     };
     let intermediates: Vec<&[u8]> = rest.iter().map(Vec::as_slice).collect();
@@ -145,17 +187,30 @@ fn check(pin: &Pin, chain: &[Vec<u8>], name: Option<&str>, now: u64) -> bool {
     )
     .is_ok();
     if ok {
-        assert!(pin.matches(ee), "accepted an end entity that is not the pinned certificate");
+        assert!(
+            pin.matches(ee),
+            "accepted an end entity that is not the pinned certificate"
+        );
         for (i, c) in rest.iter().enumerate() {
-            assert!(is_metacert(c), "accepted certificate {} which is not a metacert", i + 1);
+            assert!(
+                is_metacert(c),
+                "accepted certificate {} which is not a metacert",
+                i + 1
+            );
         }
         let (nb, na, names) = facts(ee).expect("an accepted end entity parses");
         let now = i64::try_from(now).expect("i64");
-        assert!(nb <= now && now <= na, "accepted outside the validity period");
+        assert!(
+            nb <= now && now <= na,
+            "accepted outside the validity period"
+        );
         if let Some(n) = name {
             let n = n.trim_end_matches('.').to_ascii_lowercase();
             assert!(
-                names.iter().any(|s| s.trim_end_matches('.') == n || (s.starts_with("*.") && n.split_once('.').is_some_and(|(l, r)| !l.is_empty() && r == &s[2..]))),
+                names.iter().any(|s| s.trim_end_matches('.') == n
+                    || (s.starts_with("*.")
+                        && n.split_once('.')
+                            .is_some_and(|(l, r)| !l.is_empty() && r == &s[2..]))),
                 "accepted for {n:?}, not in {names:?}"
             );
         }
@@ -183,7 +238,12 @@ fuzz_target!(|input: &[u8]| {
                 Pin::of_der(&pool[PINNED])
             };
             let now = time(time_sel, ee, &mut t);
-            check(&pin, &chain, NAMES[usize::from(name_sel) % NAMES.len()], now);
+            check(
+                &pin,
+                &chain,
+                NAMES[usize::from(name_sel) % NAMES.len()],
+                now,
+            );
         }
         1 => {
             let pin_sel = usize::from(t.u8()) % (pool.len() + 1);
@@ -196,7 +256,8 @@ fuzz_target!(|input: &[u8]| {
             let flip = t.u8();
             let flipped = flip != 0;
             if flipped {
-                let c = &mut chain[(flip_at >> 12) % chain.len()];
+                let which = (flip_at >> 12) % chain.len();
+                let c = &mut chain[which];
                 let at = flip_at % c.len();
                 c[at] ^= flip;
             }
@@ -215,13 +276,20 @@ fuzz_target!(|input: &[u8]| {
                 && (NAMES[0] == name || name == Some(HOST))
                 && matches!(time_sel % 6, 0..=2);
             if honest {
-                assert!(ok, "the honest chain was refused (name {name:?}, time {now})");
+                assert!(
+                    ok,
+                    "the honest chain was refused (name {name:?}, time {now})"
+                );
             }
         }
         _ => {
             let s = String::from_utf8_lossy(t.rest());
             if let Ok(pin) = Pin::parse(&s) {
-                assert_eq!(pin.to_string(), s, "a pin parsed from a non-canonical string");
+                assert_eq!(
+                    pin.to_string(),
+                    s,
+                    "a pin parsed from a non-canonical string"
+                );
                 assert_eq!(Pin::parse(&pin.to_string()), Ok(pin));
             }
         }
