@@ -67,7 +67,7 @@ class Relay:
             "-c", f"{self.workdir}/{self.tag}.key",
         ] + self.extra
         if self.name == "ours":
-            # Our relay also serves metrics on an admin listener (default 127.0.0.1:9090);
+            # Our relay also serves metrics on an admin listener (default 127.0.0.1:3480);
             # upstream has none. Port 0 keeps parallel runs from colliding.
             args.append("--admin-addr=127.0.0.1:0")
         if self.pin:

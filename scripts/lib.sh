@@ -49,3 +49,13 @@ ensure_tailnet_tools() {
   dir=$(bash "$repo/tests/interop/tailnet/build.sh" | tail -n 1) || die "building tailscaled and the test control server failed (see above)"
   export KUBEDERP_TAILNET_BIN_DIR=$dir
 }
+
+# Sets KUBEDERP_PROMTOOL (Prometheus' promtool, pinned, built from the Go module proxy) for
+# checking and unit-testing the chart's alert rules.
+ensure_promtool() {
+  step "promtool (cached in $KUBEDERP_CACHE/promtool)"
+  local dir
+  dir=$(bash "$repo/tools/promtool/build.sh" | tail -n 1) || die "building promtool failed (see above)"
+  [ -x "$dir/promtool" ] || die "promtool missing in $dir after the build"
+  export KUBEDERP_PROMTOOL=$dir/promtool
+}
