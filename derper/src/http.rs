@@ -178,12 +178,16 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
     }
 }
 
-enum Upgrade {
+pub(crate) enum Upgrade {
     Derp { fast_start: bool },
     WebSocket { accept: String },
 }
 
-fn classify(head: &RequestHead, http: &HttpOptions, kind: ListenerKind) -> Option<Upgrade> {
+pub(crate) fn classify(
+    head: &RequestHead,
+    http: &HttpOptions,
+    kind: ListenerKind,
+) -> Option<Upgrade> {
     if kind != ListenerKind::Main || !http.derp_enabled || head.path() != "/derp" {
         return None;
     }

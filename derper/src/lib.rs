@@ -64,3 +64,7 @@ pub mod ws;
 
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
+
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
