@@ -9,7 +9,6 @@ use std::sync::{Arc, Mutex};
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::net::TcpStream;
@@ -19,26 +18,18 @@ use super::{Check, MetacertInfo, ProbeOptions, TlsInfo};
 use crate::derpmap::DerpNode;
 use crate::duration::fmt_duration;
 use crate::key::NodePublicKey;
-use crate::pin::{PIN_PREFIX, Pin, common_name, parse_metacert};
+use crate::pin::{PIN_PREFIX, Pin, PinnedVerifier, common_name, parse_metacert};
 
-/// What the verifier must check.
-#[derive(Debug)]
-enum Expect {
-    /// The pinned end-entity certificate ([`crate::pin::check_chain`]).
-    Pin(Pin),
-    /// WebPKI against the given roots, for this name (CertName when domain fronting).
-    Roots(Arc<WebPkiServerVerifier>, ServerName<'static>),
-    /// Nothing (InsecureForTests, or no roots available).
-    Nothing,
-}
-
-/// Records the presented chain, then verifies it as `expect` says. Signatures are always
-/// checked.
+/// Records the presented chain, then lets `inner` verify it: the workspace's
+/// [`PinnedVerifier`] (pinned or, for InsecureForTests and nodes without roots, accepting any
+/// certificate) or WebPKI against trust anchors for `name` (CertName when domain fronting).
+/// Signatures are always checked, by `inner`.
 #[derive(Debug)]
 struct RecordingVerifier {
-    expect: Expect,
+    inner: Arc<dyn ServerCertVerifier>,
+    /// The name to verify instead of the dialed one (domain fronting).
+    name: Option<ServerName<'static>>,
     seen: Arc<Mutex<Vec<CertificateDer<'static>>>>,
-    algs: WebPkiSupportedAlgorithms,
 }
 
 fn is_metacert(der: &[u8]) -> bool {
@@ -62,16 +53,9 @@ impl ServerCertVerifier for RecordingVerifier {
                 .map(|c| c.clone().into_owned())
                 .collect();
         }
-        match &self.expect {
-            Expect::Nothing => Ok(ServerCertVerified::assertion()),
-            Expect::Roots(v, name) => {
-                let _ = server_name;
-                v.verify_server_cert(end_entity, intermediates, name, ocsp_response, now)
-            }
-            Expect::Pin(pin) => {
-                crate::pin::verify_rustls(pin, end_entity, intermediates, server_name, now)
-            }
-        }
+        let name = self.name.as_ref().unwrap_or(server_name);
+        self.inner
+            .verify_server_cert(end_entity, intermediates, name, ocsp_response, now)
     }
 
     fn verify_tls12_signature(
@@ -80,7 +64,7 @@ impl ServerCertVerifier for RecordingVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+        self.inner.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -89,11 +73,11 @@ impl ServerCertVerifier for RecordingVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+        self.inner.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
+        self.inner.supported_verify_schemes()
     }
 }
 
@@ -154,13 +138,13 @@ pub(super) async fn tls_connect(
         node.host_name.as_str()
     };
     let mut unverified = false;
-    let expect = if node.insecure_for_tests {
-        Expect::Nothing
+    let (inner, name): (Arc<dyn ServerCertVerifier>, _) = if node.insecure_for_tests {
+        (Arc::new(PinnedVerifier::insecure(&provider)), None)
     } else if let Some(p) = pin {
-        Expect::Pin(p)
+        (Arc::new(PinnedVerifier::new(p, &provider)), None)
     } else if opts.roots.is_empty() {
         unverified = true;
-        Expect::Nothing
+        (Arc::new(PinnedVerifier::insecure(&provider)), None)
     } else {
         let mut store = rustls::RootCertStore::empty();
         for c in &opts.roots {
@@ -169,7 +153,7 @@ pub(super) async fn tls_connect(
         match WebPkiServerVerifier::builder_with_provider(Arc::new(store), provider.clone()).build()
         {
             Ok(v) => match server_name_of(verify_name) {
-                Ok(n) => Expect::Roots(v, n),
+                Ok(n) => (v, Some(n)),
                 Err(e) => return tls_fail(e),
             },
             Err(e) => return tls_fail(format!("building the WebPKI verifier: {e}")),
@@ -177,9 +161,9 @@ pub(super) async fn tls_connect(
     };
     let seen = Arc::new(Mutex::new(Vec::new()));
     let verifier = RecordingVerifier {
-        expect,
+        inner,
+        name,
         seen: seen.clone(),
-        algs: provider.signature_verification_algorithms,
     };
     let config = match rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(rustls::DEFAULT_VERSIONS)
