@@ -23,7 +23,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use derp_tests::headscale::{DerpSource, Headscale, http};
+use derp_tests::headscale::{DerpSource, Headscale, headscale_bin, http};
 use derp_tests::interop::Relay;
 use derp_tests::k8s::workspace_root;
 use derp_tests::stack::{LocalStack, StackOptions};
@@ -240,6 +240,7 @@ fn debug_derp(node: &Node) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headscale_with_operator_derpmap_url_routes_tailnet_through_our_region() {
+    headscale_bin(); // fail now, not after the stack is up, when headscale is missing
     let tmp = tempfile::tempdir().unwrap();
     let stack = region("hs-u", 8, 1, tmp.path()).await;
     let map_url = format!("http://{}/derpmap.json", stack.operator_admin);
@@ -293,6 +294,7 @@ async fn headscale_with_operator_derpmap_url_routes_tailnet_through_our_region()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headscale_with_configmap_derp_path_routes_tailnet_and_verify_url_admits_its_nodes() {
+    headscale_bin(); // fail now, not after the stack is up, when headscale is missing
     let tmp = tempfile::tempdir().unwrap();
     let stack = region("hs-p", 9, 1, tmp.path()).await;
     let data = stack
