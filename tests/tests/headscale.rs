@@ -352,6 +352,16 @@ async fn headscale_with_configmap_derp_path_routes_tailnet_and_verify_url_admits
             .unwrap_or_else(|e| panic!("headscale node refused: {e}\nrelay log:\n{}", relay.log()));
         let err = connect(&stranger).expect_err("a stranger must be refused");
         eprintln!("stranger refused: {err}");
+        // Refused on headscale's answer (the relay fails open when the URL is unreachable).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !relay.log().contains("Allow=false") {
+            assert!(
+                Instant::now() < deadline,
+                "relay did not log headscale's denial:\n{}",
+                relay.log()
+            );
+            pause(Duration::from_millis(50));
+        }
         assert_nothing_left_the_machine(&tailnet);
     });
     stack.shutdown().await;
