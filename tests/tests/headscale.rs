@@ -30,6 +30,7 @@ use derp_tests::stack::{LocalStack, StackOptions};
 use derp_tests::tailnet::{JoinOptions, Node, Tailnet};
 use derper::client::{Client, ClientConfig, TlsMode};
 use derper::key::NodePrivateKey;
+use kube::api::{Patch, PatchParams};
 use serde_json::Value;
 
 const REGION: &str = "home";
@@ -286,6 +287,37 @@ async fn headscale_with_operator_derpmap_url_routes_tailnet_through_our_region()
             .any(|l| l.as_str().is_some_and(|l| l.contains("IPv4 STUN response")))),
         "debug derp: no IPv4 STUN answer from our relay: {report}"
     );
+
+    // derp.urls is polled every update_frequency (10 s here): a change the operator publishes
+    // reaches the nodes through headscale without restarting anything.
+    let regions = stack.regions().await;
+    regions
+        .patch(
+            REGION,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"regionCode": "moved"}})),
+        )
+        .await
+        .unwrap();
+    let t1 = Instant::now();
+    tokio::task::block_in_place(|| {
+        let node = &tailnet.nodes[0];
+        loop {
+            let st = node.status().unwrap();
+            if st["Self"]["Relay"].as_str() == Some("moved") {
+                break;
+            }
+            assert!(
+                t1.elapsed() < Duration::from_secs(60),
+                "the new region code did not reach {} via headscale: {}\nheadscale log:\n{}",
+                node.name,
+                st["Self"],
+                hs.log()
+            );
+            pause(Duration::from_millis(250));
+        }
+    });
+    eprintln!("operator map change reached the node in {:?}", t1.elapsed());
     assert_nothing_left_the_machine(&tailnet);
     drop(tailnet);
     drop(hs);
