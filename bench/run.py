@@ -24,6 +24,9 @@ import time
 
 SERVER_CPU = "0"
 CLIENT_CPU = "1"
+# --fifo: relays and load generators run SCHED_FIFO (chrt -f 1), for a shared machine where
+# other processes on the relay's core would otherwise delay its wake-ups by milliseconds.
+RT_PREFIX = []
 
 
 def log(*a):
@@ -67,11 +70,12 @@ class Relay:
             "-c", f"{self.workdir}/{self.tag}.key",
         ] + self.extra
         if self.name == "ours":
-            # Our relay also serves metrics on an admin listener (default 127.0.0.1:9090);
+            # Our relay also serves metrics on an admin listener (default 127.0.0.1:3480);
             # upstream has none. Port 0 keeps parallel runs from colliding.
             args.append("--admin-addr=127.0.0.1:0")
         if self.pin:
             args = ["taskset", "-c", SERVER_CPU] + args
+        args = RT_PREFIX + args
         env = dict(os.environ, RUST_LOG="warn", **self.env)
         self.logf = open(f"{self.workdir}/{self.tag}.log", "ab")
         self.proc = subprocess.Popen(args, stdout=self.logf, stderr=self.logf, env=env)
@@ -140,6 +144,7 @@ def run_bench(bench, relay, workload, wargs, common, pin, src_net):
     args = [bench] + relay.bench_args() + ["--src-net", str(src_net)] + common + [workload] + wargs
     if pin:
         args = ["taskset", "-c", CLIENT_CPU] + args
+    args = RT_PREFIX + args
     out = subprocess.run(args, capture_output=True, text=True, timeout=300)
     if out.returncode != 0:
         raise RuntimeError(f"derp-bench {workload} against {relay.name} failed: {out.stderr.strip()[-2000:]}")
@@ -190,6 +195,22 @@ METRICS = [
     ("T9", "Active pairs with 10 k idle conns ÷ without", "idle", "active_ratio", "ratio", "ours ≥ 0.95 (stretch 0.98)", "abs_ge", 0.95, 0.98),
     ("T10", "STUN responses/s", "stun", "responses_per_s", "resp/s", "≥ 2× (stretch 4×)", "higher", 2.0, 4.0),
     ("T10c", "Relay CPU per STUN response", "stun", "server_cpu_us_per_response", "µs", "(info)", "info", None, None),
+    # Real-client rows (issue 19): the load is tailscale.com/derp/derphttp itself (derpinterop
+    # load, tests/interop/src/load.go): one DERP frame, TLS record and write(2) per packet.
+    ("R1", "Real clients, 20 k pkt/s × 1312 B: relay CPU per delivered packet", "rc_20k", "server_cpu_us_per_pkt", "µs", "≤ 0.4× (issue 19)", "lower", 0.4, None),
+    ("R1s", "Real clients, 20 k pkt/s: relay system calls per delivered packet", "rc_20k", "syscalls_per_pkt", "syscalls", "(info)", "info", None, None),
+    ("R1x", "Real clients, 20 k pkt/s: relay context switches per delivered packet", "rc_20k", "ctx_switches_per_pkt", "switches", "(info)", "info", None, None),
+    ("R1l", "Real clients, 20 k pkt/s: p50 one-way latency", "rc_20k", "latency.p50_us", "µs", "(info)", "info", None, None),
+    ("R1t", "Real clients, 20 k pkt/s: p99 one-way latency", "rc_20k", "latency.p99_us", "µs", "(info)", "info", None, None),
+    ("R2", "Real clients, 60 k pkt/s × 1312 B: relay CPU per delivered packet", "rc_60k", "server_cpu_us_per_pkt", "µs", "≤ 0.4× (issue 19)", "lower", 0.4, None),
+    ("R2s", "Real clients, 60 k pkt/s: relay system calls per delivered packet", "rc_60k", "syscalls_per_pkt", "syscalls", "(info)", "info", None, None),
+    ("R2x", "Real clients, 60 k pkt/s: relay context switches per delivered packet", "rc_60k", "ctx_switches_per_pkt", "switches", "(info)", "info", None, None),
+    ("R2l", "Real clients, 60 k pkt/s: p50 one-way latency", "rc_60k", "latency.p50_us", "µs", "(info)", "info", None, None),
+    ("R2t", "Real clients, 60 k pkt/s: p99 one-way latency", "rc_60k", "latency.p99_us", "µs", "(info)", "info", None, None),
+    ("R3", "Real clients: capacity (highest offered pkt/s with ≤ 0.1 % loss), 1312 B", "rc_cap", "capacity_pps", "pkt/s", "≥ 2× (issue 19)", "higher", 2.0, None),
+    ("R3c", "Real clients at capacity: relay CPU per delivered packet", "rc_cap", "server_cpu_us_per_pkt", "µs", "(info)", "info", None, None),
+    ("R3l", "Real clients at capacity: p50 one-way latency", "rc_cap", "latency.p50_us", "µs", "(info)", "info", None, None),
+    ("R3t", "Real clients at capacity: p99 one-way latency", "rc_cap", "latency.p99_us", "µs", "(info)", "info", None, None),
     ("M1", "Mesh-forwarded pkt/s, 1400 B (capacity, no loss; relay A → mesh → relay B)", "mesh_1400", "delivered_pps", "pkt/s", "(no §6 target)", "info", None, None),
     ("M1c", "CPU of both relays per mesh-forwarded 1400 B packet", "mesh_1400", "server_cpu_us_per_pkt", "µs", "(info)", "info", None, None),
 ]
@@ -223,6 +244,85 @@ def workloads(smoke, cap_up=None):
 def mesh_workloads():
     """(key, derp-bench subcommand, args) run on MeshPairs."""
     return [("mesh_1400", "throughput", ["--pairs", "16", "--size", "1400", "--window", "24"])]
+
+
+def rc_workloads(smoke):
+    """(key, derpinterop load args) of the real-client workloads: 16 pairs, 1312 B."""
+    base = ["-pairs", "16", "-size", "1312"]
+    if smoke:
+        return [("rc_20k", base + ["-rate", "2000"]),
+                ("rc_60k", base + ["-rate", "3000"]),
+                # Asserts nothing about speed: any loss and any send rate meet the bar.
+                ("rc_cap", base + ["-capacity", "-rate", "2000", "-max-rate", "3000", "-steps", "1",
+                                   "-max-loss", "100", "-min-sent", "0"])]
+    return [("rc_20k", base + ["-rate", "20000"]),
+            ("rc_60k", base + ["-rate", "60000"]),
+            # Rises ×1.5 from 20 k until a trial loses > 0.1 % (or the generator sends < 98 %
+            # of what is offered: then the row is a lower bound), then bisects 4 times.
+            ("rc_cap", base + ["-capacity", "-rate", "20000", "-steps", "4"])]
+
+
+def cert_sha256(certdir):
+    """sha256 of the DER of the relays' shared self-signed certificate (a sha256-raw CertName)."""
+    import base64
+    import hashlib
+    pem = open(f"{certdir}/127.0.0.1.crt").read()
+    b64 = pem.split("-----BEGIN CERTIFICATE-----", 1)[1].split("-----END CERTIFICATE-----", 1)[0]
+    return hashlib.sha256(base64.b64decode("".join(b64.split()))).hexdigest()
+
+
+def write_derpmap(relay, path):
+    """A one-node derpMap for the relay, pinned by sha256-raw like a real client's."""
+    node = {"Name": "900a", "RegionID": 900, "HostName": "127.0.0.1", "IPv4": "127.0.0.1",
+            "DERPPort": relay.port, "STUNPort": -1, "CertName": "sha256-raw:" + cert_sha256(relay.certdir)}
+    with open(path, "w") as f:
+        json.dump({"Regions": {"900": {"RegionID": 900, "RegionCode": "bench", "RegionName": "bench",
+                                       "Nodes": [node]}}}, f)
+
+
+def run_interop_load(args, relay, largs, common, pin):
+    dm = f"{relay.workdir}/{relay.tag}-derpmap.json"
+    write_derpmap(relay, dm)
+    cmd = [args.interop, "load", "-derpmap", dm, "-server-pid", str(relay.proc.pid), "-timeout", "300s"] + common + largs
+    if args.perf:
+        cmd += ["-perf", args.perf]
+    if pin:
+        cmd = ["taskset", "-c", CLIENT_CPU] + cmd
+    cmd = RT_PREFIX + cmd
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=360)
+    if out.returncode != 0:
+        raise RuntimeError(f"derpinterop load against {relay.name} failed: {out.stdout.strip()[-1500:]} {out.stderr.strip()[-1500:]}")
+    res = json.loads(out.stdout)
+    if not res.get("ok"):
+        raise RuntimeError(f"derpinterop load against {relay.name}: {res}")
+    if res.get("delivered_pps") and res.get("server_util"):
+        res["pps_per_core"] = res["delivered_pps"] / res["server_util"]
+    return res
+
+
+def run_rc_phase(args, relays, common, results, counter):
+    """The real-client workloads, alternating relays like run_phase."""
+    lcommon = ["-warmup", common[1] + "s", "-duration", common[3] + "s"]
+    for key, largs in rc_workloads(args.smoke):
+        if args.only_set and key not in args.only_set:
+            continue
+        for r in range(args.runs):
+            order = relays if r % 2 == 0 else list(reversed(relays))
+            for relay in order:
+                counter[0] += 1
+                if not args.smoke:
+                    relay.start()
+                try:
+                    res = run_interop_load(args, relay, largs, lcommon, not args.no_pin)
+                finally:
+                    if not args.smoke:
+                        relay.stop()
+                res["run"] = r
+                results.setdefault(key, {}).setdefault(relay.name, []).append(res)
+                log(f"{key:9s} run {r} {relay.name:8s} delivered={res.get('delivered_pps', 0):.0f} "
+                    f"cpu_us/pkt={res.get('server_cpu_us_per_pkt', 0):.3g} syscalls/pkt={res.get('syscalls_per_pkt', 0):.3g} "
+                    f"ctx/pkt={res.get('ctx_switches_per_pkt', 0):.3g} capacity={res.get('capacity_pps')} "
+                    f"server_util={res.get('server_util', 0):.2f} client_util={res.get('client_util', 0):.2f}")
 
 
 def run_phase(args, relays, wls, common, results, counter):
@@ -310,6 +410,7 @@ def markdown(meta, rows):
            f"Run {meta['started']} → {meta['finished']} UTC, `{meta['command']}`", "",
            f"Machine: {meta['cpu']}, {meta['cores']} cores, kernel {meta['kernel']}; "
            + (f"relay pinned to cpu{SERVER_CPU}, derp-bench to cpu{CLIENT_CPU}" if meta["pinned"] else "unpinned")
+           + ("; SCHED_FIFO (chrt -f 1)" if meta.get("fifo") else "")
            + f"; {meta['runs']} runs per relay per workload, alternating; medians. "
            f"Load average before: {' '.join(meta['loadavg_before'])}, after: {' '.join(meta['loadavg_after'])}.", "",
            f"Ours: derper {meta['ours_commit']}; upstream: tailscale.com/cmd/derper {meta['upstream_version']}. "
@@ -320,7 +421,7 @@ def markdown(meta, rows):
     for r in rows:
         ratio = fmt(r["ratio"]) + "×" if r["ratio"] is not None else "—"
         cb = ""
-        if r["id"] in ("T1", "T1b", "T2", "T6", "T10"):
+        if r["id"] in ("T1", "T1b", "T2", "T6", "T10", "R3"):
             if r["client_bound"]:
                 cb += " (client-bound in some run: lower bound)"
             if not r["saturated"]:
@@ -328,7 +429,12 @@ def markdown(meta, rows):
                 cb += f" (relay not saturated, core use {u}: not a capacity)"
         out.append(f"| {r['id']} | {r['title']} ({r['unit']}) | {fmt(r['ours'])} | {fmt(r['upstream'])} | "
                    f"{ratio} | {r['target']} | {r['verdict']}{cb} |")
-    out += ["", f"Upstream capacity used for T4/T7 (median T1 pkt/s of upstream): {fmt(meta['cap_up'])} pkt/s.", ""]
+    out += ["", f"Upstream capacity used for T4/T7 (median T1 pkt/s of upstream): {fmt(meta['cap_up'])} pkt/s.", "",
+            "R rows: the load is real Tailscale clients (`derpinterop load`, tailscale.com/derp/derphttp "
+            f"{meta['upstream_version']}, 16 sender→receiver pairs, 1312 B, pinned by sha256-raw CertName; one "
+            "DERP frame, TLS record and write(2) per packet). Relay CPU: utime+stime of /proc/PID/stat over the "
+            "measured window; context switches: voluntary+nonvoluntary summed over /proc/PID/task/*/status; "
+            f"system calls: {meta['syscall_source']}. All per delivered packet.", ""]
     return "\n".join(out) + "\n"
 
 
@@ -341,23 +447,26 @@ def plots(outdir, rows, results):
         log("matplotlib not importable: no PNG plots")
         return []
     made = []
-    rs = [r for r in rows if r["ratio"] is not None and r["id"] in ("T1", "T1p", "T2", "T2p", "T3", "T6", "T7", "T10", "M1")]
+    rs = [r for r in rows if r["ratio"] is not None and r["id"] in ("T1", "T1p", "T2", "T2p", "T3", "T6", "T7", "T10", "M1", "R1", "R2", "R3")]
     if rs:
         fig, ax = plt.subplots(figsize=(7, 3.5))
         ax.bar([r["id"] for r in rs], [r["ratio"] for r in rs], color="tab:blue")
         ax.axhline(1.0, color="grey", lw=1)
         ax.set_ylabel("ours ÷ upstream (median)")
-        ax.set_title("derper (Rust) ÷ upstream derper, same run (T3, T7: lower is better)")
+        ax.set_title("derper (Rust) ÷ upstream derper, same run (T3, T7, R1, R2: lower is better)")
         for i, r in enumerate(rs):
             ax.text(i, r["ratio"], f"{r['ratio']:.2f}×", ha="center", va="bottom", fontsize=8)
         fig.tight_layout()
         fig.savefig(f"{outdir}/ratios.png", dpi=110)
         plt.close(fig)
         made.append("ratios.png")
-    fig, axs = plt.subplots(1, 3, figsize=(10, 3.2))
+    fig, axs = plt.subplots(1, 6, figsize=(18, 3.2))
     for ax, (key, path, label) in zip(axs, [("tput_1400", "delivered_pps", "1400 B pkt/s"),
                                             ("tput_64", "delivered_pps", "64 B pkt/s"),
-                                            ("lat80", "latency.p99_us", "p99 µs at 80 %")]):
+                                            ("lat80", "latency.p99_us", "p99 µs at 80 %"),
+                                            ("rc_20k", "server_cpu_us_per_pkt", "real clients 20 k: µs/pkt"),
+                                            ("rc_60k", "server_cpu_us_per_pkt", "real clients 60 k: µs/pkt"),
+                                            ("rc_cap", "capacity_pps", "real clients: capacity pkt/s")]):
         for i, side in enumerate(["ours", "upstream"]):
             ys = [get(x, path) for x in results.get(key, {}).get(side, [])]
             ys = [y for y in ys if y is not None]
@@ -384,7 +493,13 @@ def main():
     p.add_argument("--no-pin", action="store_true")
     p.add_argument("--only", help="comma-separated workload keys (debugging)")
     p.add_argument("--command", default="scripts/bench")
+    p.add_argument("--interop", required=True, help="derpinterop built against the newest tailscale.com (load subcommand)")
+    p.add_argument("--perf", default="", help="perf binary for the relays' system call counts (real-client rows)")
+    p.add_argument("--fifo", action="store_true",
+                   help="run relays and load generators under SCHED_FIFO priority 1 (chrt -f 1): a shared machine")
     args = p.parse_args()
+    if args.fifo:
+        RT_PREFIX[:] = ["chrt", "-f", "1"]
     if args.smoke:
         args.runs = min(args.runs, 1)
         common = ["--warmup", "0.2", "--duration", "0.3"]
@@ -398,7 +513,7 @@ def main():
     relays = [Relay("ours", args.ours, work, not args.no_pin),
               Relay("upstream", args.upstream, work, not args.no_pin)]
     meta = dict(started=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
-                command=args.command, runs=args.runs, smoke=args.smoke, pinned=not args.no_pin,
+                command=args.command, runs=args.runs, smoke=args.smoke, pinned=not args.no_pin, fifo=args.fifo,
                 upstream_version=args.upstream_version,
                 ours_commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                            text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip(),
@@ -407,6 +522,7 @@ def main():
                 loadavg_before=open("/proc/loadavg").read().split()[:3])
     results, counter = {}, [0]
     only = set(args.only.split(",")) if args.only else None
+    args.only_set = only
     wa = [w for w in workloads(args.smoke) if not only or w[0] in only]
     wm = [w for w in mesh_workloads() if not only or w[0] in only]
     meshes = []
@@ -431,6 +547,7 @@ def main():
             cap_up = 2000.0 if args.smoke else 50000.0
         wb = [w for w in workloads(args.smoke, cap_up) if not only or w[0] in only]
         run_phase(args, relays, wb, common, results, counter)
+        run_rc_phase(args, relays, common, results, counter)
     finally:
         if args.smoke:
             for relay in relays + meshes:
@@ -438,6 +555,8 @@ def main():
     meta["finished"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
     meta["loadavg_after"] = open("/proc/loadavg").read().split()[:3]
     meta["cap_up"] = cap_up
+    meta["syscall_source"] = ("`perf stat -e raw_syscalls:sys_enter -p PID` attached for the window"
+                              if args.perf else "not counted (no perf)")
     rows = summarize(results, cap_up)
     with open(f"{args.out}/results.json", "w") as f:
         json.dump(dict(meta=meta, summary=rows, runs=results), f, indent=1)

@@ -58,3 +58,13 @@ ensure_headscale() {
   dir=$(bash "$repo/tests/interop/headscale/build.sh" | tail -n 1) || die "building headscale failed (see above)"
   export KUBEDERP_HEADSCALE_BIN_DIR=$dir
 }
+
+# Sets KUBEDERP_PROMTOOL (Prometheus' promtool, pinned, built from the Go module proxy) for
+# checking and unit-testing the chart's alert rules.
+ensure_promtool() {
+  step "promtool (cached in $KUBEDERP_CACHE/promtool)"
+  local dir
+  dir=$(bash "$repo/tools/promtool/build.sh" | tail -n 1) || die "building promtool failed (see above)"
+  [ -x "$dir/promtool" ] || die "promtool missing in $dir after the build"
+  export KUBEDERP_PROMTOOL=$dir/promtool
+}

@@ -2,12 +2,16 @@
 //! they overlap (spec §8.1); every flag has a `DERPER_*` environment fallback. Validation
 //! and cross-field checks happen in [`crate::config`], not here.
 //!
-//! Upstream spells long flags with one dash (`-hostname`); [`normalize_go_flags`] rewrites
-//! those to `--hostname` so both spellings work.
+//! Command lines written for upstream pass flags the way Go's `flag` package accepts them
+//! (`-f`, `--f`, `-f=v`, `-f v`, and `-f=false` for booleans, which never take a separate
+//! argument). [`normalize_go_flags`] rewrites such a command line into the one canonical form
+//! clap parses (`--long=value`), driven by [`UPSTREAM_FLAGS`] (upstream's flag list, with what
+//! each flag is called here or that it is not supported) and by the flags clap itself knows
+//! (kubederp's extensions such as `--admin-addr`).
 
 use std::path::PathBuf;
 
-use clap::{ArgAction, Parser, ValueEnum};
+use clap::{ArgAction, CommandFactory as _, Parser, ValueEnum};
 
 use crate::defaults;
 
@@ -44,10 +48,10 @@ pub enum MetacertFlag {
 
 /// `derper` — a Tailscale-compatible DERP relay.
 #[derive(Debug, Parser)]
-#[command(name = "derper", version, about)]
+#[command(name = "derper", version, about, args_override_self = true)]
 pub struct Args {
     /// Development mode: listen on :3340, random key, TLS off unless --certmode manual.
-    #[arg(long, env = "DERPER_DEV")]
+    #[arg(long, env = "DERPER_DEV", default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_go_bool)]
     pub dev: bool,
 
     /// HTTP(S) listen address (`:port`, `ip:port`, `[ip6]:port`). TLS iff the port is 443
@@ -64,11 +68,11 @@ pub struct Args {
     pub stun_port: u16,
 
     /// Run the STUN server.
-    #[arg(long, env = "DERPER_STUN", default_value_t = true, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, env = "DERPER_STUN", default_value_t = true, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_go_bool)]
     pub stun: bool,
 
     /// Serve DERP on /derp (false: /derp answers 404).
-    #[arg(long, env = "DERPER_DERP", default_value_t = true, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, env = "DERPER_DERP", default_value_t = true, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_go_bool)]
     pub derp: bool,
 
     /// Config file holding the server private key (JSON {"PrivateKey":"privkey:…"}),
@@ -132,7 +136,7 @@ pub struct Args {
     pub unpublished_bootstrap_dns_names: String,
 
     /// Admit only clients known to the local tailscaled (LocalAPI whois over --socket).
-    #[arg(long, env = "DERPER_VERIFY_CLIENTS")]
+    #[arg(long, env = "DERPER_VERIFY_CLIENTS", default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_go_bool)]
     pub verify_clients: bool,
 
     /// Admission webhook URL (http://): POST {"NodePublic","Source"} → {"Allow":bool}.
@@ -140,7 +144,7 @@ pub struct Args {
     pub verify_client_url: String,
 
     /// Admit clients when the webhook is unreachable.
-    #[arg(long, env = "DERPER_VERIFY_CLIENT_URL_FAIL_OPEN", default_value_t = true, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, env = "DERPER_VERIFY_CLIENT_URL_FAIL_OPEN", default_value_t = true, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_go_bool)]
     pub verify_client_url_fail_open: bool,
 
     /// tailscaled socket for --verify-clients ("" = /var/run/tailscale/tailscaled.sock).
@@ -194,7 +198,7 @@ pub struct Args {
     pub acme_email: String,
 
     /// Let's Encrypt IP certificates (not supported yet).
-    #[arg(long, env = "DERPER_ACME_IP_CERTS")]
+    #[arg(long, env = "DERPER_ACME_IP_CERTS", default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_go_bool)]
     pub acme_ip_certs: bool,
 
     /// setec secrets URL for the mesh key (not supported yet).
@@ -202,7 +206,7 @@ pub struct Args {
     pub secrets_url: String,
 
     /// Experimental CONNECT proxy (not supported).
-    #[arg(long, env = "DERPER_ACE")]
+    #[arg(long, env = "DERPER_ACE", default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_go_bool)]
     pub ace: bool,
 
     /// Admin listener for /metrics, /healthz, /readyz ("" disables). Never a public port.
@@ -214,153 +218,295 @@ pub struct Args {
     pub log_format: LogFormat,
 }
 
-const GO_LONG_FLAGS: &[&str] = &[
-    "dev",
-    "addr",
-    "http-port",
-    "stun-port",
-    "stun",
-    "derp",
-    "config",
-    "certmode",
-    "certdir",
-    "hostname",
-    "home",
-    "mesh-psk-file",
-    "mesh-with",
-    "mesh-peers-file",
-    "mesh-peers-poll",
-    "bootstrap-dns-names",
-    "unpublished-bootstrap-dns-names",
-    "verify-clients",
-    "verify-client-url",
-    "verify-client-url-fail-open",
-    "socket",
-    "accept-connection-limit",
-    "accept-connection-burst",
-    "rate-config",
-    "tcp-keepalive-time",
-    "tcp-user-timeout",
-    "tcp-write-timeout",
-    "acme-eab-kid",
-    "acme-eab-key",
-    "acme-email",
-    "acme-ip-certs",
-    "secrets-url",
-    "ace",
-    "version",
-    "metacert",
-    "admin-addr",
-    "log-format",
-    "cert-reload-interval",
-];
-
-/// Rewrites Go-style single-dash long flags (`-hostname=x`, `-http-port 80`) to `--…`.
-pub fn normalize_go_flags<I: IntoIterator<Item = String>>(args: I) -> Vec<String> {
-    args.into_iter()
-        .enumerate()
-        .map(|(i, a)| {
-            if i == 0 || a.starts_with("--") || !a.starts_with('-') || a.len() <= 2 {
-                return a;
-            }
-            let name = a[1..].split('=').next().unwrap_or("");
-            if GO_LONG_FLAGS.contains(&name) {
-                format!("-{a}")
-            } else {
-                a
-            }
-        })
-        .collect()
+/// How a flag takes its value on a Go command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlagKind {
+    /// `flag.Bool`: `-f` alone means true; a value only as `-f=v` (a `strconv.ParseBool`
+    /// spelling), never as a separate argument.
+    Bool,
+    /// Every other flag type: `-f=v`, or `-f v` where `v` is the next argument whatever it
+    /// looks like (`-http-port -1`).
+    Value,
 }
 
-/// Parses a Go-style duration: `0`, `500ms`, `15s`, `10m`, `1h30m`, `1.5s`.
-pub fn parse_go_duration(s: &str) -> Result<std::time::Duration, String> {
-    let s = s.trim();
-    if s == "0" {
-        return Ok(std::time::Duration::ZERO);
+/// One flag of upstream `cmd/derper`, and what it is called here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamFlag {
+    /// Upstream's name, without dashes (`a`, `verify-clients`).
+    pub name: &'static str,
+    /// Whether it is a boolean flag.
+    pub kind: FlagKind,
+    /// The long name of the same flag in [`Args`], or `None` when kubederp's derper does not
+    /// have it (the command line is then refused, naming the flag).
+    pub ours: Option<&'static str>,
+}
+
+const fn upstream(name: &'static str, kind: FlagKind, ours: Option<&'static str>) -> UpstreamFlag {
+    UpstreamFlag { name, kind, ours }
+}
+
+use FlagKind::{Bool, Value};
+
+/// Every flag upstream `derper` defines (tailscale.com v1.104.7 `cmd/derper`, as listed by
+/// `derper -h`; `tests/tests/upstream_flags.rs` checks this list and the kinds against that
+/// binary). Flags accepted here but refused later by [`crate::config`] when set (ACME,
+/// `-secrets-url`, bootstrap DNS, `-ace`) have a name in `ours`: their defaults keep working.
+pub const UPSTREAM_FLAGS: &[UpstreamFlag] = &[
+    upstream("a", Value, Some("addr")),
+    upstream(
+        "accept-connection-burst",
+        Value,
+        Some("accept-connection-burst"),
+    ),
+    upstream(
+        "accept-connection-limit",
+        Value,
+        Some("accept-connection-limit"),
+    ),
+    upstream("ace", Bool, Some("ace")),
+    upstream("acme-eab-key", Value, Some("acme-eab-key")),
+    upstream("acme-eab-kid", Value, Some("acme-eab-kid")),
+    upstream("acme-email", Value, Some("acme-email")),
+    upstream("acme-ip-certs", Bool, Some("acme-ip-certs")),
+    upstream("bootstrap-dns-names", Value, Some("bootstrap-dns-names")),
+    upstream("c", Value, Some("config")),
+    upstream("certdir", Value, Some("certdir")),
+    upstream("certmode", Value, Some("certmode")),
+    upstream("derp", Bool, Some("derp")),
+    upstream("dev", Bool, Some("dev")),
+    upstream("disallow-app-names", Value, None),
+    upstream("home", Value, Some("home")),
+    upstream("hostname", Value, Some("hostname")),
+    upstream("http-port", Value, Some("http-port")),
+    upstream("mesh-psk-file", Value, Some("mesh-psk-file")),
+    upstream("mesh-with", Value, Some("mesh-with")),
+    upstream("rate-config", Value, Some("rate-config")),
+    upstream("secrets-cache-dir", Value, None),
+    upstream("secrets-path-prefix", Value, None),
+    upstream("secrets-url", Value, Some("secrets-url")),
+    upstream("socket", Value, Some("socket")),
+    upstream("stun", Bool, Some("stun")),
+    upstream("stun-port", Value, Some("stun-port")),
+    upstream("tcp-keepalive-time", Value, Some("tcp-keepalive-time")),
+    upstream("tcp-user-timeout", Value, Some("tcp-user-timeout")),
+    upstream("tcp-write-timeout", Value, Some("tcp-write-timeout")),
+    upstream(
+        "unpublished-bootstrap-dns-names",
+        Value,
+        Some("unpublished-bootstrap-dns-names"),
+    ),
+    upstream("verify-client-url", Value, Some("verify-client-url")),
+    upstream(
+        "verify-client-url-fail-open",
+        Bool,
+        Some("verify-client-url-fail-open"),
+    ),
+    upstream("verify-clients", Bool, Some("verify-clients")),
+    upstream("version", Bool, Some("version")),
+];
+
+/// A command line that does not fit derper's flags, worded like Go's `flag` package where it
+/// has a message for the case. `derper` prints it and exits with status 2, as upstream does.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FlagError {
+    /// An upstream flag kubederp's derper does not have.
+    #[error("upstream flag -{0} is not supported by kubederp derper (yet)")]
+    Unsupported(&'static str),
+    /// Neither an upstream flag nor one of ours.
+    #[error("flag provided but not defined: -{0}")]
+    Undefined(String),
+    /// A value flag at the end of the command line.
+    #[error("flag needs an argument: -{0}")]
+    MissingValue(String),
+    /// `-f=v` for a boolean flag with `v` not a `strconv.ParseBool` spelling.
+    #[error("invalid boolean value {value:?} for -{flag}: {reason}")]
+    InvalidBool {
+        /// The flag.
+        flag: String,
+        /// The value given.
+        value: String,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// `---f`, `-=v`.
+    #[error("bad flag syntax: {0}")]
+    BadSyntax(String),
+    /// An argument that is not a flag. Go's `flag` package stops there and upstream derper
+    /// ignores it and everything after it; refusing is safer than ignoring flags silently.
+    #[error(
+        "unexpected argument {0:?}: derper takes no positional arguments (a boolean flag takes \
+         its value as -flag=false, never as a separate argument)"
+    )]
+    Positional(String),
+}
+
+/// Parses a boolean the way Go's `strconv.ParseBool` does (the only spellings upstream's
+/// boolean flags accept): `1 t T TRUE true True` and `0 f F FALSE false False`.
+pub fn parse_go_bool(s: &str) -> Result<bool, String> {
+    match s {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
+        _ => Err("want one of 1, t, T, TRUE, true, True, 0, f, F, FALSE, false, False".into()),
     }
-    if s.is_empty() {
-        return Err("empty duration".into());
+}
+
+/// How clap takes a flag, which decides the canonical form [`normalize_go_flags`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// A boolean with a value (`--stun=false`): written `--long=true|false`.
+    BoolValue,
+    /// A switch without a value (`--version`, `--help`, any `SetTrue`): written `--long` when
+    /// true; a false removes earlier occurrences (the last one wins, as in Go).
+    BoolSwitch,
+    /// Everything else: written `--long=value`.
+    Value,
+}
+
+impl Shape {
+    fn of(arg: &clap::Arg) -> Self {
+        if !arg.get_action().takes_values() {
+            Shape::BoolSwitch
+        } else if arg.get_value_parser().type_id() == std::any::TypeId::of::<bool>() {
+            Shape::BoolValue
+        } else {
+            Shape::Value
+        }
     }
-    let mut total = 0f64;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let num_end = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(|| format!("missing unit in duration {s:?}"))?;
-        let (num, tail) = rest.split_at(num_end);
-        let v: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
-        let unit_end = tail
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(tail.len());
-        let (unit, tail) = tail.split_at(unit_end);
-        let mult = match unit {
-            "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return Err(format!("unknown unit {unit:?} in duration {s:?}")),
+
+    #[cfg(test)]
+    fn kind(self) -> FlagKind {
+        match self {
+            Shape::BoolValue | Shape::BoolSwitch => Bool,
+            Shape::Value => Value,
+        }
+    }
+}
+
+/// The clap long name and shape of the flag a Go command line calls `name`: upstream's
+/// table first, then our own long and short names (extensions such as `--admin-addr`,
+/// `-h`, `-V`).
+fn lookup(cmd: &clap::Command, name: &str) -> Result<(String, Shape), FlagError> {
+    let wanted = match UPSTREAM_FLAGS.iter().find(|f| f.name == name) {
+        Some(f) => f.ours.ok_or(FlagError::Unsupported(f.name))?,
+        None => name,
+    };
+    let mut chars = wanted.chars();
+    let short = match (chars.next(), chars.next()) {
+        (Some(c), None) => Some(c),
+        _ => None,
+    };
+    cmd.get_arguments()
+        .find(|a| a.get_long() == Some(wanted) || (short.is_some() && a.get_short() == short))
+        .and_then(|a| Some((a.get_long()?.to_owned(), Shape::of(a))))
+        .ok_or_else(|| FlagError::Undefined(name.to_owned()))
+}
+
+/// Rewrites a command line in any form Go's `flag` package accepts (`-f`, `--f`, `-f=v`,
+/// `--f=v`, `-f v` for value flags, `-f=<ParseBool spelling>` for booleans) into the one form
+/// clap parses here, `--long=value`, with the same meaning. The first element (the program
+/// name) is kept as is. Fails on flags upstream has but kubederp does not, on unknown flags,
+/// and on positional arguments.
+pub fn normalize_go_flags<I: IntoIterator<Item = String>>(
+    args: I,
+) -> Result<Vec<String>, FlagError> {
+    let mut cmd = Args::command();
+    cmd.build();
+    let mut it = args.into_iter();
+    let mut out: Vec<String> = it.next().into_iter().collect();
+    while let Some(arg) = it.next() {
+        if arg == "--" {
+            // Go: "--" ends the flags; derper has no positional arguments.
+            return match it.next() {
+                Some(extra) => Err(FlagError::Positional(extra)),
+                None => Ok(out),
+            };
+        }
+        let body = match arg.strip_prefix("--").or_else(|| arg.strip_prefix('-')) {
+            Some(b) if !b.is_empty() => b,
+            _ => return Err(FlagError::Positional(arg)),
         };
-        total += v * mult;
-        rest = tail;
+        if body.starts_with('-') || body.starts_with('=') {
+            return Err(FlagError::BadSyntax(arg));
+        }
+        let (name, value) = match body.split_once('=') {
+            Some((n, v)) => (n, Some(v)),
+            None => (body, None),
+        };
+        let (long, shape) = lookup(&cmd, name)?;
+        let truth = |value: Option<&str>| match value {
+            None => Ok(true),
+            Some(v) => parse_go_bool(v).map_err(|reason| FlagError::InvalidBool {
+                flag: name.to_owned(),
+                value: v.to_owned(),
+                reason,
+            }),
+        };
+        match shape {
+            Shape::Value => {
+                let v = match value {
+                    Some(v) => v.to_owned(),
+                    None => it
+                        .next()
+                        .ok_or_else(|| FlagError::MissingValue(name.to_owned()))?,
+                };
+                out.push(format!("--{long}={v}"));
+            }
+            Shape::BoolValue => out.push(format!("--{long}={}", truth(value)?)),
+            Shape::BoolSwitch => {
+                let switch = format!("--{long}");
+                out.retain(|a| *a != switch);
+                if truth(value)? {
+                    out.push(switch);
+                }
+            }
+        }
     }
-    std::time::Duration::try_from_secs_f64(total).map_err(|e| e.to_string())
+    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+    use clap::FromArgMatches as _;
 
-    #[test]
-    fn go_durations() {
-        assert_eq!(parse_go_duration("10m").unwrap(), Duration::from_secs(600));
-        assert_eq!(
-            parse_go_duration("1h30m").unwrap(),
-            Duration::from_secs(5400)
-        );
-        assert_eq!(
-            parse_go_duration("500ms").unwrap(),
-            Duration::from_millis(500)
-        );
-        assert_eq!(parse_go_duration("0").unwrap(), Duration::ZERO);
-        assert!(parse_go_duration("10").is_err());
-        assert!(parse_go_duration("5x").is_err());
+    fn norm(args: &[&str]) -> Result<Vec<String>, FlagError> {
+        normalize_go_flags(
+            std::iter::once("derper")
+                .chain(args.iter().copied())
+                .map(String::from),
+        )
+    }
+
+    fn parse(args: &[&str]) -> Args {
+        Args::try_parse_from(norm(args).expect("normalize")).expect("clap")
     }
 
     #[test]
     fn go_single_dash_flags_are_accepted() {
-        let v = normalize_go_flags(
-            [
-                "derper",
-                "-hostname=1.2.3.4",
-                "-a",
-                ":443",
-                "-http-port",
-                "-1",
-                "-c",
-                "k",
-            ]
-            .map(String::from),
-        );
+        let v = norm(&[
+            "-hostname=1.2.3.4",
+            "-a",
+            ":443",
+            "-http-port",
+            "-1",
+            "-c",
+            "k",
+        ])
+        .unwrap();
         assert_eq!(
             v,
             [
                 "derper",
                 "--hostname=1.2.3.4",
-                "-a",
-                ":443",
-                "--http-port",
-                "-1",
-                "-c",
-                "k"
+                "--addr=:443",
+                "--http-port=-1",
+                "--config=k",
             ]
         );
         let a = Args::try_parse_from(v).unwrap();
         assert_eq!(a.http_port, -1);
         assert_eq!(a.hostname, "1.2.3.4");
+        assert_eq!(a.addr, ":443");
     }
 
     #[test]
@@ -368,5 +514,194 @@ mod tests {
         let a = Args::try_parse_from(["derper", "--stun=false", "--derp"]).unwrap();
         assert!(!a.stun);
         assert!(a.derp);
+    }
+
+    /// A value per upstream value flag that both Go and clap accept, different from the
+    /// default so that a parse that ignored it would show.
+    fn sample(name: &str) -> &'static str {
+        match name {
+            "certmode" => "manual",
+            "home" => "blank",
+            "http-port" => "-1",
+            "stun-port" => "3479",
+            "accept-connection-limit" => "2.5",
+            "accept-connection-burst" => "7",
+            "tcp-keepalive-time" | "tcp-user-timeout" | "tcp-write-timeout" => "7s",
+            _ => "-sample/value",
+        }
+    }
+
+    const TRUE: [&str; 6] = ["1", "t", "T", "TRUE", "true", "True"];
+    const FALSE: [&str; 6] = ["0", "f", "F", "FALSE", "false", "False"];
+
+    /// The value clap ended up with for the long flag `long`, as text, and whether it came
+    /// from the command line.
+    fn parsed(argv: &[String], long: &str) -> (String, bool) {
+        let m = Args::command()
+            .try_get_matches_from(argv)
+            .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+        Args::from_arg_matches(&m).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+        let cmd = Args::command();
+        let id = cmd
+            .get_arguments()
+            .find(|a| a.get_long() == Some(long))
+            .expect("flag exists")
+            .get_id()
+            .as_str()
+            .to_owned();
+        let from_cli = m.value_source(&id) == Some(clap::parser::ValueSource::CommandLine);
+        let text = m
+            .get_raw(&id)
+            .and_then(|mut v| v.next_back())
+            .map(|v| v.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        (text, from_cli)
+    }
+
+    #[test]
+    fn upstream_table_matches_our_flags() {
+        let mut cmd = Args::command();
+        cmd.build();
+        for f in UPSTREAM_FLAGS {
+            match f.ours {
+                Some(long) => {
+                    let arg = cmd
+                        .get_arguments()
+                        .find(|a| a.get_long() == Some(long))
+                        .unwrap_or_else(|| panic!("-{} maps to missing --{long}", f.name));
+                    assert_eq!(Shape::of(arg).kind(), f.kind, "-{}", f.name);
+                }
+                None => assert!(
+                    cmd.get_arguments().all(|a| a.get_long() != Some(f.name)),
+                    "-{} is marked unsupported but --{} exists",
+                    f.name,
+                    f.name
+                ),
+            }
+        }
+    }
+
+    /// Every upstream flag in every form Go's flag package accepts parses with the same
+    /// meaning; unsupported ones are refused in every form with a message naming them.
+    #[test]
+    fn every_upstream_flag_parses_in_every_go_form() {
+        for f in UPSTREAM_FLAGS {
+            let n = f.name;
+            let forms: Vec<(Vec<String>, String)> = match f.kind {
+                Value => {
+                    let v = sample(n);
+                    [
+                        vec![format!("-{n}"), v.to_owned()],
+                        vec![format!("--{n}"), v.to_owned()],
+                        vec![format!("-{n}={v}")],
+                        vec![format!("--{n}={v}")],
+                    ]
+                    .into_iter()
+                    .map(|a| (a, v.to_owned()))
+                    .collect()
+                }
+                Bool => {
+                    let mut forms = vec![
+                        (vec![format!("-{n}")], "true".to_owned()),
+                        (vec![format!("--{n}")], "true".to_owned()),
+                    ];
+                    for (spellings, meaning) in [(TRUE, "true"), (FALSE, "false")] {
+                        for s in spellings {
+                            for dashes in ["-", "--"] {
+                                forms.push((vec![format!("{dashes}{n}={s}")], meaning.to_owned()));
+                            }
+                        }
+                    }
+                    forms
+                }
+            };
+            for (form, meaning) in forms {
+                let args: Vec<&str> = form.iter().map(String::as_str).collect();
+                let Some(long) = f.ours else {
+                    assert_eq!(norm(&args), Err(FlagError::Unsupported(n)), "{form:?}");
+                    assert_eq!(
+                        FlagError::Unsupported(n).to_string(),
+                        format!("upstream flag -{n} is not supported by kubederp derper (yet)")
+                    );
+                    continue;
+                };
+                let argv = norm(&args).unwrap_or_else(|e| panic!("{form:?}: {e}"));
+                if n == "version" {
+                    // clap's --version switch: present exactly when true
+                    assert_eq!(argv.contains(&"--version".to_owned()), meaning == "true");
+                    continue;
+                }
+                let (got, from_cli) = parsed(&argv, long);
+                assert_eq!(got, meaning, "{form:?} → {argv:?}");
+                assert!(from_cli, "{form:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn go_flag_syntax_edge_cases() {
+        // a bool flag never takes a separate argument
+        assert_eq!(
+            norm(&["-dev", "false"]),
+            Err(FlagError::Positional("false".into()))
+        );
+        assert!(matches!(
+            norm(&["-verify-clients=yes"]),
+            Err(FlagError::InvalidBool { .. })
+        ));
+        assert!(matches!(
+            norm(&["-stun="]),
+            Err(FlagError::InvalidBool { .. })
+        ));
+        // a value flag takes the next argument whatever it looks like
+        assert_eq!(parse(&["-hostname", "-dev"]).hostname, "-dev");
+        assert_eq!(
+            norm(&["-hostname"]),
+            Err(FlagError::MissingValue("hostname".into()))
+        );
+        assert_eq!(parse(&["-home=http://x/?a=b"]).home, "http://x/?a=b");
+        // the last occurrence wins, as in Go
+        let a = parse(&[
+            "-verify-clients",
+            "-verify-clients=false",
+            "-stun=0",
+            "-stun",
+        ]);
+        assert!(!a.verify_clients);
+        assert!(a.stun);
+        assert_eq!(parse(&["-a", ":1", "--a=:2"]).addr, ":2");
+        assert_eq!(norm(&["-version", "-version=false"]).unwrap(), ["derper"]);
+        // syntax Go refuses
+        assert_eq!(
+            norm(&["---dev"]),
+            Err(FlagError::BadSyntax("---dev".into()))
+        );
+        assert_eq!(norm(&["-=x"]), Err(FlagError::BadSyntax("-=x".into())));
+        assert_eq!(norm(&["-"]), Err(FlagError::Positional("-".into())));
+        assert_eq!(norm(&["-nope"]), Err(FlagError::Undefined("nope".into())));
+        // "--" ends the flags; nothing may follow
+        assert_eq!(norm(&["-dev", "--"]).unwrap(), ["derper", "--dev=true"]);
+        assert_eq!(
+            norm(&["--", "-dev"]),
+            Err(FlagError::Positional("-dev".into()))
+        );
+        // our own flags (not upstream's) take the same forms
+        let a = parse(&["-admin-addr", "127.0.0.1:1", "-log-format=json"]);
+        assert_eq!(a.admin_addr, "127.0.0.1:1");
+        assert_eq!(a.log_format, LogFormat::Json);
+        assert_eq!(norm(&["-h"]).unwrap(), ["derper", "--help"]);
+    }
+
+    #[test]
+    fn go_bool_spellings_are_exactly_parse_bools() {
+        for s in TRUE {
+            assert_eq!(parse_go_bool(s), Ok(true));
+        }
+        for s in FALSE {
+            assert_eq!(parse_go_bool(s), Ok(false));
+        }
+        for s in ["", "yes", "no", "on", "off", "tRUE", "y", "2", " true"] {
+            assert!(parse_go_bool(s).is_err(), "{s:?}");
+        }
     }
 }

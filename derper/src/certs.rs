@@ -23,16 +23,13 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use time::OffsetDateTime;
 use x509_parser::extensions::GeneralName;
 
+use crate::defaults::{DEFAULT_DERP_PORT, DEFAULT_STUN_PORT};
 use crate::pin::Pin;
 
 /// Name of the DERPNode in the printed start-up snippet (spec §3.2, upstream's literal).
 const SNIPPET_NODE_NAME: &str = "custom";
 /// Region of the printed start-up snippet (spec §3.2; 900–999 are for user-run DERPs, §9.2).
 const SNIPPET_REGION_ID: u32 = 900;
-/// Default DERP (TLS) port: `DERPPort` 0 means 443 (spec §9.3).
-const DEFAULT_DERP_PORT: u16 = 443;
-/// Default STUN port: `STUNPort` 0 means 3478 (spec §9.3).
-const DEFAULT_STUN_PORT: i32 = 3478;
 
 /// A certificate chain and private key ready to be served.
 pub struct LoadedCert {
@@ -220,6 +217,13 @@ pub fn cert_paths(certdir: &Path, hostname: &str) -> (PathBuf, PathBuf) {
     )
 }
 
+/// The leaf's notAfter as Unix seconds (`None` when the DER does not parse).
+pub fn not_after_unix(der: &[u8]) -> Option<i64> {
+    x509_parser::parse_x509_certificate(der)
+        .ok()
+        .map(|(_, c)| c.validity().not_after.timestamp())
+}
+
 /// Manual cert mode (spec §3.2): load `<certdir>/<stem>.crt` and `.key` when both exist;
 /// when neither exists and `hostname` is an IP address, generate a self-signed certificate,
 /// write both files (key mode 0600) and return it with `generated = true`; otherwise fail.
@@ -377,7 +381,7 @@ pub fn derp_node_json(hostname: &str, pin: &str, derp_port: u16, stun_port: i32)
         out.push_str(r#","CertName":"#);
         push_go_json_string(&mut out, pin);
     }
-    if stun_port != 0 && stun_port != DEFAULT_STUN_PORT {
+    if stun_port != 0 && stun_port != i32::from(DEFAULT_STUN_PORT) {
         out.push_str(&format!(r#","STUNPort":{stun_port}"#));
     }
     if derp_port != 0 && derp_port != DEFAULT_DERP_PORT {

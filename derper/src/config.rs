@@ -6,7 +6,8 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::args::{Args, CertMode, LogFormat, MetacertFlag, parse_go_duration};
+use crate::args::{Args, CertMode, LogFormat, MetacertFlag};
+use crate::duration::parse_go_duration;
 use crate::http::{HomePage, HttpOptions};
 use crate::key::MeshKey;
 use crate::server::{ServerOptions, TcpOptions};
@@ -120,7 +121,7 @@ fn default_certdir() -> PathBuf {
 }
 
 fn duration(flag: &'static str, s: &str) -> Result<Duration, ConfigError> {
-    parse_go_duration(s).map_err(|e| invalid(flag, e))
+    parse_go_duration(s).map_err(|e| invalid(flag, e.to_string()))
 }
 
 impl TryFrom<Args> for Config {

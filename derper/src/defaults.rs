@@ -5,15 +5,30 @@
 
 use std::time::Duration;
 
+// Ports: the one home for the workspace's default port numbers (the relay's flags, the
+// derpMap's `0 = default` sentinels, the operator's CRD defaults). A port is a `u16`; the
+// plain HTTP port is an `i32` only because its flag takes -1 to disable it (spec §8.1) and
+// that flag is typed by it. Callers with sentinel-bearing `i32` fields (tailcfg, the CRD)
+// widen with `i32::from`.
+
+/// Default DERP TLS port (spec §8.1 `-a :443`; `DERPPort` 0 means 443, spec §9.3).
+pub const DEFAULT_DERP_PORT: u16 = 443;
+/// Default plain HTTP port (spec §8.1 `-http-port 80`; -1 disables).
+pub const DEFAULT_HTTP_PORT: i32 = 80;
+/// Default UDP STUN port (spec §8.1 `-stun-port 3478`; `STUNPort` 0 means 3478, spec §9.3).
+pub const DEFAULT_STUN_PORT: u16 = 3478;
+/// Default admin (metrics/health) port, the port of [`DEFAULT_ADMIN_ADDR`] and of a
+/// `DerpRegion`'s `spec.ports.admin`. Not 9090 (the default of Prometheus and Cockpit, often
+/// running on the relay hosts themselves) and not in 9100–9999 (Prometheus' exporter range,
+/// node_exporter's 9100): relays bind it with host networking, so it must be free on every
+/// relay node. 3480 sits next to STUN's 3478.
+pub const DEFAULT_ADMIN_PORT: u16 = 3480;
+
 /// Default main HTTPS listen address (spec §8.1 `-a :443`).
 pub const DEFAULT_ADDR: &str = ":443";
-/// Default plain HTTP port (spec §8.1 `-http-port 80`).
-pub const DEFAULT_HTTP_PORT: i32 = 80;
-/// Default UDP STUN port (spec §8.1 `-stun-port 3478`).
-pub const DEFAULT_STUN_PORT: u16 = 3478;
 /// Default admin (metrics/health) listener. Loopback only: metrics are never served on the
 /// public ports (house-style §4.3).
-pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:9090";
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:3480";
 /// Default TLS host name (spec §8.1 `-hostname`).
 pub const DEFAULT_HOSTNAME: &str = "derp.tailscale.com";
 
@@ -72,3 +87,17 @@ pub const RESTART_RECONNECT_IN_MS: u32 = 1_000;
 pub const RESTART_TRY_FOR_MS: u32 = 30_000;
 /// How long graceful shutdown waits for connections to drain.
 pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addresses_use_the_default_ports() {
+        assert_eq!(DEFAULT_ADDR, format!(":{DEFAULT_DERP_PORT}"));
+        assert_eq!(
+            DEFAULT_ADMIN_ADDR,
+            format!("127.0.0.1:{DEFAULT_ADMIN_PORT}")
+        );
+    }
+}

@@ -21,7 +21,15 @@ use derper::metrics::Metrics;
 use derper::server::{ServeConfig, Server, StunServeFn};
 
 fn main() -> ExitCode {
-    let args = Args::parse_from(normalize_go_flags(std::env::args()));
+    // Go-style command lines (upstream unit files, container args) first, then clap.
+    let argv = match normalize_go_flags(std::env::args()) {
+        Ok(argv) => argv,
+        Err(e) => {
+            eprintln!("derper: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let args = Args::parse_from(argv);
     let cfg = match Config::try_from(args) {
         Ok(c) => c,
         Err(e) => {
@@ -70,6 +78,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         info!("no mesh key configured");
     }
 
+    let mut registry = Registry::with_prefix("derper");
     let shutdown = tokio_util::sync::CancellationToken::new();
     let mut notice = None;
     let tls = match &cfg.tls {
@@ -94,6 +103,11 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             };
             let resolver =
                 derper::tls::CertResolver::new(cert, meta).context("building TLS config")?;
+            registry.register(
+                "cert_not_after_seconds",
+                "notAfter of the TLS certificate now served, in Unix seconds (follows reloads)",
+                resolver.not_after_gauge(),
+            );
             if let Some(iv) = t.reload_interval {
                 resolver.spawn_reloader(
                     t.certdir.clone(),
@@ -106,7 +120,6 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     };
 
-    let mut registry = Registry::with_prefix("derper");
     let metrics = Metrics::register(&mut registry);
     let stun_metrics = derper::stun::StunMetrics::register(&mut registry);
     let stun: StunServeFn =

@@ -40,7 +40,7 @@ mod tests {
     use super::error_chain;
 
     #[derive(Debug, thiserror::Error)]
-    #[error("bind admin listener on 127.0.0.1:9090: {source}")]
+    #[error("bind admin listener on 127.0.0.1:3480: {source}")]
     struct Outer {
         #[source]
         source: std::io::Error,
@@ -54,7 +54,7 @@ mod tests {
         .context("starting the relay");
         assert_eq!(
             error_chain(e.as_ref()),
-            "starting the relay: bind admin listener on 127.0.0.1:9090: Address already in use"
+            "starting the relay: bind admin listener on 127.0.0.1:3480: Address already in use"
         );
     }
 }

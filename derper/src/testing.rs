@@ -257,3 +257,36 @@ impl TestServer {
         self.running.shutdown(Duration::from_secs(5)).await;
     }
 }
+
+/// A two-node derpMap (region 900 `home`, `omitDefaultRegions`): `n1` with default ports,
+/// port 80 and no IPv6; `n2` dual-stack with DERP on 8443 and STUN disabled. The map the
+/// golden renderings in `derpmap`'s tests and the `derpprobe` format tests are made of.
+pub fn sample_derp_map() -> crate::derpmap::DerpMap {
+    use crate::derpmap::{DerpMap, DerpNode, DerpRegion};
+    let node = |name: &str, v4: &str, v6: &str, pin: char, stun: i32, derp: i32| DerpNode {
+        name: name.into(),
+        region_id: 900,
+        host_name: v4.into(),
+        cert_name: format!("sha256-raw:{}", pin.to_string().repeat(64)),
+        ipv4: v4.into(),
+        ipv6: v6.into(),
+        stun_port: stun,
+        derp_port: derp,
+        can_port80: derp == 443,
+        ..DerpNode::default()
+    };
+    let region = DerpRegion {
+        region_id: 900,
+        region_code: "home".into(),
+        region_name: "Home".into(),
+        nodes: vec![
+            node("n1", "203.0.113.1", "none", 'a', 3478, 443),
+            node("n2", "203.0.113.2", "2001:db8::2", 'b', -1, 8443),
+        ],
+        ..DerpRegion::default()
+    };
+    DerpMap {
+        regions: [(900, region)].into(),
+        omit_default_regions: true,
+    }
+}

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use prometheus_client::metrics::gauge::Gauge;
 use rustls::pki_types::CertificateDer;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -124,6 +125,8 @@ struct Served {
     key: Arc<CertifiedKey>,
     pin: Option<String>,
     leaf_sha256: String,
+    /// The leaf's notAfter (Unix seconds), 0 when it cannot be read.
+    not_after: i64,
 }
 
 /// Serves the current certificate to every ClientHello and lets it be swapped at run time.
@@ -135,6 +138,8 @@ pub struct CertResolver {
     /// across an `.await`.
     current: RwLock<Arc<Served>>,
     metacert: Option<CertificateDer<'static>>,
+    /// notAfter of the served leaf, kept current across reloads ([`Self::not_after_gauge`]).
+    not_after: Gauge,
 }
 
 impl fmt::Debug for CertResolver {
@@ -166,20 +171,30 @@ impl CertResolver {
             );
         }
         let served = Self::prepare(cert, metacert.as_ref())?;
+        let not_after = Gauge::default();
+        not_after.set(served.not_after);
         Ok(Arc::new(Self {
             current: RwLock::new(Arc::new(served)),
             metacert,
+            not_after,
         }))
     }
 
     /// Serve `cert` to all new handshakes from now on.
     pub fn replace(&self, cert: LoadedCert) -> Result<(), TlsError> {
         let served = Arc::new(Self::prepare(cert, self.metacert.as_ref())?);
+        self.not_after.set(served.not_after);
         // A poisoned lock only means a panic elsewhere while swapping an Arc: the value is
         // still a complete `Arc<Served>`, so keep going.
         let mut guard = self.current.write().unwrap_or_else(|e| e.into_inner());
         *guard = served;
         Ok(())
+    }
+
+    /// A gauge holding the served leaf's notAfter in Unix seconds, updated on every reload;
+    /// `derper` registers it as `derper_cert_not_after_seconds` (certificate expiry alerts).
+    pub fn not_after_gauge(&self) -> Gauge {
+        self.not_after.clone()
     }
 
     /// The pin of the certificate now served (`None` for a CA-issued chain).
@@ -242,6 +257,10 @@ impl CertResolver {
         metacert: Option<&CertificateDer<'static>>,
     ) -> Result<Served, TlsError> {
         let leaf_sha256 = cert.leaf_sha256_hex();
+        let not_after = cert
+            .leaf()
+            .and_then(|l| certs::not_after_unix(l))
+            .unwrap_or_default();
         let LoadedCert {
             mut chain,
             key,
@@ -269,6 +288,7 @@ impl CertResolver {
             key: Arc::new(certified),
             pin,
             leaf_sha256,
+            not_after,
         })
     }
 }
@@ -596,6 +616,36 @@ mod tests {
 
     fn generated(dir: &Path) -> LoadedCert {
         certs::load_or_generate(dir, "127.0.0.1").expect("generate")
+    }
+
+    #[test]
+    fn not_after_gauge_follows_the_served_certificate() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = generated(dir.path());
+        let first_na = certs::not_after_unix(first.leaf().expect("leaf")).expect("parses");
+        let now = ::time::OffsetDateTime::now_utc().unix_timestamp();
+        assert!(first_na > now + 300 * 86_400, "generated certs last a year");
+        let resolver = CertResolver::new(first, None).expect("resolver");
+        let gauge = resolver.not_after_gauge();
+        assert_eq!(gauge.get(), first_na);
+        // rcgen's default validity ends in 4096: a different notAfter
+        let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).expect("gen");
+        let second = certs::parse_pair(
+            ck.cert.pem().as_bytes(),
+            ck.signing_key.serialize_pem().as_bytes(),
+            Path::new("second.crt"),
+            Path::new("second.key"),
+            "127.0.0.1",
+        )
+        .expect("pair");
+        let second_na = certs::not_after_unix(ck.cert.der()).expect("parses");
+        assert_ne!(second_na, first_na);
+        resolver.replace(second).expect("replace");
+        assert_eq!(
+            gauge.get(),
+            second_na,
+            "the registered handle sees the reload"
+        );
     }
 
     #[tokio::test]

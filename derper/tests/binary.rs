@@ -211,6 +211,19 @@ async fn binary_rejects_unsupported_and_invalid_flags_clearly() {
             "--mesh-with requires --mesh-psk-file",
         ),
         (vec!["-a", "nonsense", "-c", "/tmp/k"], "invalid --addr"),
+        // upstream flags kubederp lacks, and Go flag syntax errors, before anything starts
+        (
+            vec!["-a", "127.0.0.1:0", "-secrets-cache-dir=/x"],
+            "upstream flag -secrets-cache-dir is not supported by kubederp derper (yet)",
+        ),
+        (
+            vec!["-dev", "false", "-a", "127.0.0.1:0"],
+            "unexpected argument \"false\"",
+        ),
+        (
+            vec!["-a", "127.0.0.1:0", "-verify-clients=yes"],
+            "invalid boolean value \"yes\" for -verify-clients",
+        ),
     ] {
         // Bounded: a flag that is wrongly accepted starts a server that never exits.
         let out = tokio::time::timeout(
@@ -224,7 +237,31 @@ async fn binary_rejects_unsupported_and_invalid_flags_clearly() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(want), "{args:?}: {err}");
     }
-    let out = Command::new(BIN).arg("--version").output().await.unwrap();
-    assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with("derper "));
+    // Go spellings of booleans (issue 17 §6: `-verify-clients=false`, `-dev=false` were
+    // refused); -version makes the binary exit once the whole command line parsed.
+    for args in [
+        &["--version"][..],
+        &["-version"],
+        &[
+            "-dev=false",
+            "-verify-clients=false",
+            "-verify-clients=true",
+            "-version",
+        ],
+        &[
+            "-stun=F",
+            "--derp=0",
+            "-acme-ip-certs=FALSE",
+            "-ace=f",
+            "-version=1",
+        ],
+    ] {
+        let out = Command::new(BIN).args(args).output().await.unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {err}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).starts_with("derper "),
+            "{args:?}"
+        );
+    }
 }

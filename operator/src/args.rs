@@ -22,22 +22,6 @@ pub const DEFAULT_PROBE_TIMEOUT: &str = "5s";
 /// Default regions probed at the same time (and nodes, in regions too large for mesh checks).
 pub const DEFAULT_PROBE_CONCURRENCY: usize = 4;
 
-/// Parses a Go-style duration with h/m/s units (`30s`, `1m30s`, `0`), or whole milliseconds
-/// (`500ms`).
-fn parse_std_duration(s: &str) -> Result<Duration, String> {
-    if s == "0" {
-        return Ok(Duration::ZERO);
-    }
-    if let Some(ms) = s.strip_suffix("ms")
-        && let Ok(ms) = ms.parse::<u64>()
-    {
-        return Ok(Duration::from_millis(ms));
-    }
-    crate::certs::parse_duration(s)
-        .and_then(|d| Duration::try_from(d).ok())
-        .ok_or_else(|| format!("{s:?} is not a duration such as 30s, 1m or 500ms"))
-}
-
 /// `derp-operator`: turns cluster nodes into Tailscale DERP regions.
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -73,12 +57,21 @@ pub struct Args {
     /// `relayImage` value).
     #[arg(long, env = "DERP_OPERATOR_RELAY_IMAGE", default_value = crate::crd::DEFAULT_RELAY_IMAGE)]
     pub relay_image: String,
+    /// Image pull secrets (names of Secrets in each region's namespace, comma-separated) for
+    /// relay Pods of regions that do not set `spec.relay.imagePullSecrets` (the chart passes
+    /// its `relayImage.pullSecrets` value).
+    #[arg(
+        long,
+        env = "DERP_OPERATOR_RELAY_IMAGE_PULL_SECRETS",
+        value_delimiter = ','
+    )]
+    pub relay_image_pull_secrets: Vec<String>,
     /// Probe every relay node this often (TCP, TLS with the pin, DERP, round trip, STUN,
     /// mesh) for `status.nodes[]`, `NodesHealthy` and `derpMap.publishUnhealthy`; 0 disables.
-    #[arg(long, env = "DERP_OPERATOR_PROBE_INTERVAL", default_value = DEFAULT_PROBE_INTERVAL, value_parser = parse_std_duration)]
+    #[arg(long, env = "DERP_OPERATOR_PROBE_INTERVAL", default_value = DEFAULT_PROBE_INTERVAL, value_parser = derper::duration::parse_go_duration)]
     pub probe_interval: Duration,
     /// Limit for each probe step.
-    #[arg(long, env = "DERP_OPERATOR_PROBE_TIMEOUT", default_value = DEFAULT_PROBE_TIMEOUT, value_parser = parse_std_duration)]
+    #[arg(long, env = "DERP_OPERATOR_PROBE_TIMEOUT", default_value = DEFAULT_PROBE_TIMEOUT, value_parser = derper::duration::parse_go_duration)]
     pub probe_timeout: Duration,
     /// Regions probed at the same time.
     #[arg(long, env = "DERP_OPERATOR_PROBE_CONCURRENCY", default_value_t = DEFAULT_PROBE_CONCURRENCY)]
@@ -104,6 +97,8 @@ pub struct Config {
     pub concurrency: u16,
     /// Relay image for regions without `spec.relay.image`.
     pub relay_image: String,
+    /// Pull secrets for relay Pods of regions without `spec.relay.imagePullSecrets`.
+    pub relay_image_pull_secrets: Vec<String>,
     /// Probe loop settings (None: probing disabled).
     pub probe: Option<crate::health::ProbeSettings>,
 }
@@ -116,6 +111,11 @@ pub enum ArgsError {
         "--lease-namespace (DERP_OPERATOR_LEASE_NAMESPACE) is required with --leader-election=true"
     )]
     MissingLeaseNamespace,
+    /// A pull secret name that is not a Secret name.
+    #[error(
+        "--relay-image-pull-secrets: {0:?} is not a Secret name (lower-case letters, digits, '-' and '.')"
+    )]
+    RelayImagePullSecret(String),
     /// Zero concurrency.
     #[error("--concurrency must be at least 1")]
     ZeroConcurrency,
@@ -153,6 +153,7 @@ impl Args {
             identity,
             concurrency,
             relay_image,
+            relay_image_pull_secrets,
             probe_interval,
             probe_timeout,
             probe_concurrency,
@@ -162,6 +163,19 @@ impl Args {
         }
         if relay_image.trim().is_empty() || relay_image.chars().any(char::is_whitespace) {
             return Err(ArgsError::RelayImage(relay_image));
+        }
+        let relay_image_pull_secrets: Vec<String> = relay_image_pull_secrets
+            .into_iter()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if let Some(bad) = relay_image_pull_secrets.iter().find(|s| {
+            s.len() > 253
+                || !s
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        }) {
+            return Err(ArgsError::RelayImagePullSecret(bad.clone()));
         }
         let probe = if probe_interval.is_zero() {
             None
@@ -205,6 +219,7 @@ impl Args {
             identity,
             concurrency,
             relay_image,
+            relay_image_pull_secrets,
             probe,
         })
     }
@@ -259,5 +274,31 @@ mod tests {
             Err(ArgsError::ProbeTimeout { .. })
         ));
         assert!(parse(&["--probe-interval=soon"]).is_err());
+    }
+
+    #[test]
+    fn relay_image_pull_secrets_are_a_comma_list_of_secret_names() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["derp-operator", "--leader-election=false"];
+            argv.extend_from_slice(extra);
+            Args::try_parse_from(argv).unwrap().into_config()
+        };
+        assert!(parse(&[]).unwrap().relay_image_pull_secrets.is_empty());
+        assert_eq!(
+            parse(&["--relay-image-pull-secrets=regcred,mirror.creds"])
+                .unwrap()
+                .relay_image_pull_secrets,
+            ["regcred", "mirror.creds"]
+        );
+        assert!(
+            parse(&["--relay-image-pull-secrets="])
+                .unwrap()
+                .relay_image_pull_secrets
+                .is_empty()
+        );
+        assert!(matches!(
+            parse(&["--relay-image-pull-secrets=Reg_Cred"]),
+            Err(ArgsError::RelayImagePullSecret(s)) if s == "Reg_Cred"
+        ));
     }
 }

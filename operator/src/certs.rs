@@ -181,42 +181,17 @@ pub fn key_matches(cert_pem: &[u8], key_pem: &str) -> bool {
     cert.public_key().subject_public_key.data.as_ref() == key.public_key_raw()
 }
 
-/// Parse a Go-style duration made of `<n>h`, `<n>m`, `<n>s` parts (e.g. `87600h`, `1h30m`).
+/// A DerpRegion duration field (`87600h`, `1h30m`, `60s`) as a [`time::Duration`]: Go's
+/// grammar ([`derper::duration::parse_go_duration`]); `None` when it is not one.
 pub fn parse_duration(s: &str) -> Option<time::Duration> {
-    let mut total: i64 = 0;
-    let mut num: Option<i64> = None;
-    for c in s.chars() {
-        if let Some(d) = c.to_digit(10) {
-            num = Some(
-                num.unwrap_or(0)
-                    .checked_mul(10)?
-                    .checked_add(i64::from(d))?,
-            );
-        } else {
-            let n = num.take()?;
-            let unit = match c {
-                'h' => 3600,
-                'm' => 60,
-                's' => 1,
-                _ => return None,
-            };
-            total = total.checked_add(n.checked_mul(unit)?)?;
-        }
-    }
-    if num.is_some() || s.is_empty() {
-        return None;
-    }
-    Some(time::Duration::seconds(total))
+    derper::duration::parse_go_duration(s)
+        .ok()
+        .and_then(|d| time::Duration::try_from(d).ok())
 }
 
-/// File stem upstream derper uses for `<certdir>/<stem>.crt|.key`: the hostname with every
-/// character outside `[A-Za-z0-9.-]` removed (derp-protocol.md §3.2).
-pub fn cert_file_stem(hostname: &str) -> String {
-    hostname
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.')
-        .collect()
-}
+/// File stem of `<certdir>/<stem>.crt|.key` for a hostname: the relay's own rule
+/// (derp-protocol.md §3.2), so the Secret's mount and the relay agree by construction.
+pub use derper::certs::cert_file_stem;
 
 #[cfg(test)]
 mod tests {
@@ -290,11 +265,5 @@ mod tests {
         assert_eq!(parse_duration(""), None);
         assert_eq!(parse_duration("10"), None);
         assert_eq!(parse_duration("10d"), None);
-    }
-
-    #[test]
-    fn file_stem_strips_like_upstream() {
-        assert_eq!(cert_file_stem("2001:db8::1"), "2001db81");
-        assert_eq!(cert_file_stem("203.0.113.5"), "203.0.113.5");
     }
 }

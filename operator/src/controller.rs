@@ -39,6 +39,7 @@ use crate::{
         children::region_selector,
         derpmap::{self, DerpMap},
         nodes::{PortClaim, PortSet, select_nodes, selector_matches},
+        region_id::{in_conflict, precedence, region_id_winner},
     },
     status,
 };
@@ -51,6 +52,10 @@ pub struct Shared {
     derp_maps: Arc<RwLock<BTreeMap<String, DerpMap>>>,
     /// True while the controller runs with synced caches (and, with leader election, leads).
     ready: Arc<AtomicBool>,
+    /// The controller's DerpRegion cache once it runs: a map whose region is no longer in it
+    /// (deleted; a region without finalizers is never reconciled after its deletion) is left
+    /// out of the merged map.
+    regions: Arc<RwLock<Option<Store<DerpRegion>>>>,
 }
 
 impl Shared {
@@ -70,18 +75,31 @@ impl Shared {
         };
     }
 
-    /// The merged derpMap of every managed region (headscale `derp.urls` form). When two
-    /// regions share a region ID, the one whose `namespace/name` sorts last wins.
+    /// The merged derpMap of every managed region (headscale `derp.urls` form). A region whose
+    /// ID another region holds has no map here (see `plan::region_id`); should two maps still
+    /// share an ID for a moment, the one whose `namespace/name` sorts first is kept.
     pub fn merged_derp_map(&self) -> DerpMap {
         let maps = self
             .derp_maps
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let live = self
+            .regions
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let exists = |key: &str| {
+            let Some(store) = &live else { return true };
+            let (ns, name) = key.split_once('/').unwrap_or(("", key));
+            store
+                .get(&ObjectRef::<DerpRegion>::new(name).within(ns))
+                .is_some()
+        };
         let mut out = DerpMap::default();
-        for m in maps.values() {
+        for m in maps.iter().filter(|(k, _)| exists(k)).map(|(_, m)| m) {
             out.omit_default_regions |= m.omit_default_regions;
             for (id, r) in &m.regions {
-                out.regions.insert(*id, r.clone());
+                out.regions.entry(*id).or_insert_with(|| r.clone());
             }
         }
         out
@@ -106,6 +124,8 @@ pub struct Settings {
     pub probe: Option<ProbeSettings>,
     /// Relay image for regions without `spec.relay.image`.
     pub relay_image: String,
+    /// Image pull secrets for regions without `spec.relay.imagePullSecrets`.
+    pub relay_image_pull_secrets: Vec<String>,
 }
 
 impl Default for Settings {
@@ -116,6 +136,7 @@ impl Default for Settings {
             instance: None,
             probe: None,
             relay_image: crate::crd::DEFAULT_RELAY_IMAGE.to_owned(),
+            relay_image_pull_secrets: Vec::new(),
         }
     }
 }
@@ -130,14 +151,26 @@ struct Context {
     issuer: Arc<dyn CertIssuer>,
     tracker: Tracker,
     relay_image: String,
+    relay_image_pull_secrets: Vec<String>,
+    /// The watched DerpRegions (one namespace or all), for consistent reads.
+    regions_api: Api<DerpRegion>,
 }
 
-/// Precedence for port claims: the older region (then `namespace/name`) wins.
-fn precedence(r: &DerpRegion) -> (Option<k8s_openapi::jiff::Timestamp>, String) {
-    (
-        r.metadata.creation_timestamp.as_ref().map(|t| t.0),
-        crate::health::region_key(r),
-    )
+/// The region holding `region`'s ID when that is another region, from a consistent list of
+/// the watched regions: the controller's cache and the watch that triggered this reconcile
+/// (another region created, renamed or deleted) are separate streams, so the cache may not
+/// show that change yet.
+async fn region_id_holder(ctx: &Context, region: &DerpRegion) -> Result<Option<String>, Error> {
+    let all = ctx
+        .regions_api
+        .list(&ListParams::default())
+        .await
+        .map_err(|source| Error::ListChildren {
+            kind: "DerpRegions",
+            region: region.name_any(),
+            source,
+        })?;
+    Ok(region_id_winner(region, all.items.iter()))
 }
 
 /// Nodes and ports claimed by regions that take precedence over `region`.
@@ -220,6 +253,8 @@ async fn reconcile(region: Arc<DerpRegion>, ctx: Arc<Context>) -> Result<Action,
         let started = Instant::now();
         if region.metadata.deletion_timestamp.is_some() {
             // children go with the owner references (garbage collector)
+            ctx.metrics
+                .forget_conditions_except(&live_region_keys(&ctx));
             ctx.shared.set_map(key, None);
             return Ok(Action::await_change());
         }
@@ -239,6 +274,7 @@ async fn reconcile(region: Arc<DerpRegion>, ctx: Arc<Context>) -> Result<Action,
         let _ = ctx.regions.wait_until_ready().await;
         let claims = claims_for(&region, &ctx.regions.state(), &nodes);
         debug!(nodes = nodes.len(), claims = claims.len(), "observed");
+        let region_id_winner = region_id_holder(&ctx, &region).await?;
         let existing = list_children(&ctx.client, &ns, &name).await?;
         let probes = ctx.tracker.views(&key);
         let plan = plan::plan(&Inputs {
@@ -251,21 +287,36 @@ async fn reconcile(region: Arc<DerpRegion>, ctx: Arc<Context>) -> Result<Action,
             new_psk: &new_psk,
             probes: &probes,
             relay_image: &ctx.relay_image,
+            relay_image_pull_secrets: &ctx.relay_image_pull_secrets,
+            region_id_winner: region_id_winner.as_deref(),
         })
         .map_err(|source| Error::Plan {
             region: name.clone(),
             source,
         })?;
         ctx.metrics.certs_issued.inc_by(plan.certs_issued as u64);
+        if plan.pin_changes > 0 {
+            ctx.metrics
+                .pin_changes
+                .get_or_create(&crate::metrics::RegionLabels {
+                    region: key.clone(),
+                })
+                .inc_by(plan.pin_changes as u64);
+        }
         let writes = plan.writes.len();
         crate::apply::execute(&ctx.client, &ns, plan.writes, &ctx.metrics).await?;
         let api: Api<DerpRegion> = Api::namespaced(ctx.client.clone(), &ns);
         let status_written =
             status::patch_if_changed(&api, &region, &plan.status, &ctx.metrics).await?;
+        // deleted regions are never reconciled again: drop their gauges here (and in the
+        // probe loop); this region's gauges are written after that
+        ctx.metrics
+            .forget_conditions_except(&live_region_keys(&ctx));
+        ctx.metrics.record_conditions(&key, &plan.status.conditions);
         ctx.events
             .publish(&region, &plan.events, &ctx.metrics)
             .await;
-        ctx.shared.set_map(key, Some(plan.derp_map));
+        ctx.shared.set_map(key, plan.derp_map);
         ctx.metrics
             .reconcile_duration
             .observe(started.elapsed().as_secs_f64());
@@ -284,6 +335,16 @@ async fn reconcile(region: Arc<DerpRegion>, ctx: Arc<Context>) -> Result<Action,
     }
     .instrument(span)
     .await
+}
+
+/// `namespace/name` of every region in the controller's cache that is not being deleted.
+fn live_region_keys(ctx: &Context) -> Vec<String> {
+    ctx.regions
+        .state()
+        .iter()
+        .filter(|r| r.metadata.deletion_timestamp.is_none())
+        .map(|r| crate::health::region_key(r))
+        .collect()
 }
 
 fn error_policy(region: Arc<DerpRegion>, error: &Error, ctx: Arc<Context>) -> Action {
@@ -337,7 +398,7 @@ pub async fn run(
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={FIELD_MANAGER}"));
 
     let nodes_api: Api<Node> = Api::all(client.clone());
-    let controller = Controller::new(regions, watcher::Config::default());
+    let controller = Controller::new(regions.clone(), watcher::Config::default());
     let region_store = controller.store();
     let mapper_store = region_store.clone();
     let ctx = Arc::new(Context {
@@ -355,7 +416,14 @@ pub async fn run(
         issuer,
         tracker: Tracker::default(),
         relay_image: settings.relay_image.clone(),
+        relay_image_pull_secrets: settings.relay_image_pull_secrets.clone(),
+        regions_api: regions.clone(),
     });
+    let conflict_store = ctx.regions.clone();
+    *shared
+        .regions
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(ctx.regions.clone());
     // the probe loop asks for reconciles of regions whose probe view changed
     let (probe_tx, probe_rx) = futures::channel::mpsc::unbounded();
     let prober = settings.probe.clone().map(|probe| {
@@ -390,6 +458,20 @@ pub async fn run(
                             s.nodes.iter().any(|n| n.name == name)
                                 || s.skipped_nodes.iter().any(|n| n.name == name)
                         })
+                })
+                .map(|r| ObjectRef::from_obj(r.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        // a region that appears, changes its ID or goes away can start or end a region ID
+        // conflict: look again at the regions claiming the same ID and at those that lost one
+        .watches(regions, watcher::Config::default(), move |changed: DerpRegion| {
+            conflict_store
+                .state()
+                .into_iter()
+                .filter(|r| {
+                    r.metadata.uid != changed.metadata.uid
+                        && (r.spec.region_id == changed.spec.region_id
+                            || in_conflict(r.status.as_ref()))
                 })
                 .map(|r| ObjectRef::from_obj(r.as_ref()))
                 .collect::<Vec<_>>()

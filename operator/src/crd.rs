@@ -11,7 +11,10 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
+use derper::defaults;
+use k8s_openapi::api::core::v1::{
+    LocalObjectReference, ResourceRequirements, Toleration, Volume, VolumeMount,
+};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -38,17 +41,20 @@ pub const DEFAULT_RELAY_IMAGE: &str = "ghcr.io/kubederp/derper:0.1.0";
 pub const DEFAULT_CERT_VALIDITY: &str = "87600h";
 /// Default renewal window (design.md §3: 30 days).
 pub const DEFAULT_ROTATE_BEFORE: &str = "720h";
-/// Default DERP TLS port (design.md §3).
-pub const DEFAULT_DERP_PORT: i32 = 443;
-/// Default plain HTTP port (design.md §3; 0 disables).
-pub const DEFAULT_HTTP_PORT: i32 = 80;
-/// Default relay admin port (house-style §4.2: admin :9090).
-pub const DEFAULT_ADMIN_PORT: i32 = 9090;
+/// Node annotation: the public IPv4 address clients dial for this node (1:1 NAT, port
+/// forward), published instead of the one in `Node.status.addresses`.
+pub const ANNOTATION_PUBLIC_IPV4: &str = "kubederp.io/public-ipv4";
+/// Node annotation: the public IPv6 address clients dial for this node.
+pub const ANNOTATION_PUBLIC_IPV6: &str = "kubederp.io/public-ipv6";
+/// Node annotation: the DERP (TLS) port published for this node (`DERPPort`); the relay still
+/// binds `spec.ports.derp` on the node.
+pub const ANNOTATION_DERP_PORT: &str = "kubederp.io/derp-port";
+/// Node annotation: the STUN port published for this node (`STUNPort`); the relay still binds
+/// `spec.ports.stun` on the node.
+pub const ANNOTATION_STUN_PORT: &str = "kubederp.io/stun-port";
 /// Default `derpMap.unhealthyAfter`: two default probe intervals (30 s), so one lost probe
 /// never takes a node out of the map.
 pub const DEFAULT_UNHEALTHY_AFTER: &str = "60s";
-/// Default STUN port (design.md §3; -1 disables).
-pub const DEFAULT_STUN_PORT: i32 = 3478;
 
 /// A DERP region made of the cluster nodes selected by `nodeSelector` (design.md §3).
 #[allow(
@@ -87,10 +93,13 @@ pub const DEFAULT_STUN_PORT: i32 = 3478;
 #[x_kube(validation = Rule::new("!has(self.regionCode) || size(self.regionCode) > 0").message("spec.regionCode must not be empty when set"))]
 #[serde(rename_all = "camelCase")]
 pub struct DerpRegionSpec {
-    /// DERP region ID, 1–999, immutable. 900–999 is the range Tailscale reserves for
-    /// custom regions.
+    /// DERP region ID, 1–999. 900–999 is the range Tailscale reserves for custom regions.
+    /// Unique among the regions the operator watches: when two regions claim the same ID,
+    /// the older one (then the lower `namespace/name`) keeps it and the other is left out of
+    /// every published derpMap with `Ready=False`, reason `RegionIDConflict`. Changing it is
+    /// allowed (that is how a conflict is fixed) and is announced by a Warning Event: every
+    /// client and control server must then get the new derpMap.
     #[serde(rename = "regionID")]
-    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.regionID is immutable"))]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 999").message("spec.regionID must be between 1 and 999"))]
     pub region_id: i32,
     /// Short region code [metadata.name].
@@ -199,6 +208,7 @@ impl Default for AddressPolicy {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.http == 0 || self.http != self.derp").message("spec.ports.http must differ from spec.ports.derp"))]
+#[x_kube(validation = Rule::new("self.admin == 0 || (self.admin != self.derp && self.admin != self.http)").message("spec.ports.admin must differ from spec.ports.derp and spec.ports.http"))]
 pub struct Ports {
     /// DERP over TLS [443].
     #[serde(default = "default_derp_port")]
@@ -212,33 +222,36 @@ pub struct Ports {
     #[serde(default = "default_stun_port")]
     #[x_kube(validation = Rule::new("self == -1 || (self >= 1 && self <= 65535)").message("spec.ports.stun must be -1 (disabled) or between 1 and 65535"))]
     pub stun: i32,
-    /// Relay admin listener (metrics, health) bound to the node's internal IP [9090];
-    /// 0 disables it. An extension: only our `derper` reads it (via `DERPER_ADMIN_ADDR`).
+    /// Relay admin listener (metrics, health) bound to the node's internal IP [3480; it was
+    /// 9090 before, which Prometheus and Cockpit use on hosts]; 0 disables it. With host
+    /// networking it must be free on the node: a relay that cannot bind it exits, and the
+    /// region reports `RelaysReady=False` with reason `PortInUse`. An extension: only our `derper` reads it (via `DERPER_ADMIN_ADDR`).
     #[serde(default = "default_admin_port")]
     #[x_kube(validation = Rule::new("self >= 0 && self <= 65535").message("spec.ports.admin must be between 0 (disabled) and 65535"))]
     pub admin: i32,
 }
 
+// The defaults are the relay's ([`derper::defaults`]), widened to the CRD's i32.
 fn default_derp_port() -> i32 {
-    DEFAULT_DERP_PORT
+    i32::from(defaults::DEFAULT_DERP_PORT)
 }
 fn default_http_port() -> i32 {
-    DEFAULT_HTTP_PORT
+    defaults::DEFAULT_HTTP_PORT
 }
 fn default_stun_port() -> i32 {
-    DEFAULT_STUN_PORT
+    i32::from(defaults::DEFAULT_STUN_PORT)
 }
 fn default_admin_port() -> i32 {
-    DEFAULT_ADMIN_PORT
+    i32::from(defaults::DEFAULT_ADMIN_PORT)
 }
 
 impl Default for Ports {
     fn default() -> Self {
         Self {
-            derp: DEFAULT_DERP_PORT,
-            http: DEFAULT_HTTP_PORT,
-            stun: DEFAULT_STUN_PORT,
-            admin: DEFAULT_ADMIN_PORT,
+            derp: default_derp_port(),
+            http: default_http_port(),
+            stun: default_stun_port(),
+            admin: default_admin_port(),
         }
     }
 }
@@ -275,9 +288,10 @@ impl Default for CertificatePolicy {
     }
 }
 
-/// Relay container settings.
+/// Relay container and Pod settings.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.extraVolumeMounts) || self.extraVolumeMounts.all(m, has(self.extraVolumes) && self.extraVolumes.exists(v, v.name == m.name))").message("spec.relay.extraVolumeMounts[].name must name a volume of spec.relay.extraVolumes"))]
 pub struct RelaySpec {
     /// Relay image [ghcr.io/kubederp/derper]; the upstream Go `derper` image also works.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -295,6 +309,42 @@ pub struct RelaySpec {
     /// Relay log level (passed as `RUST_LOG`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_level: Option<String>,
+    /// Secrets (same namespace) used to pull the relay image; replaces the operator's
+    /// `--relay-image-pull-secrets` default (chart value `relayImage.pullSecrets`) when set.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub image_pull_secrets: Vec<LocalObjectReference>,
+    /// PriorityClass of the relay Pods (e.g. `system-node-critical`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$')").message("spec.relay.priorityClassName must be a DNS subdomain name"))]
+    pub priority_class_name: Option<String>,
+    /// Extra labels on the relay Pods (values: label values, at most 63 characters). Keys
+    /// under `kubederp.io/` and `app.kubernetes.io/` belong to the operator.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64))]
+    #[x_kube(validation = Rule::new("self.all(k, !k.startsWith('kubederp.io/') && !k.startsWith('app.kubernetes.io/'))").message("spec.relay.podLabels must not set kubederp.io/ or app.kubernetes.io/ keys (the operator owns them)"))]
+    #[schemars(extend("additionalProperties" = {"type": "string", "maxLength": 63, "pattern": "^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"}))]
+    pub pod_labels: BTreeMap<String, String>,
+    /// Extra annotations on the relay Pods. Keys under `kubederp.io/` belong to the operator.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64))]
+    #[x_kube(validation = Rule::new("self.all(k, !k.startsWith('kubederp.io/'))").message("spec.relay.podAnnotations must not set kubederp.io/ keys (the operator owns them)"))]
+    pub pod_annotations: BTreeMap<String, String>,
+    /// Up to 4 extra volumes of the relay Pods, for files a relay flag reads (e.g. a ConfigMap for
+    /// `--rate-config`). The names `certs`, `state`, `mesh-psk`, `mesh-peers` and `tailscaled`
+    /// are the operator's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 4))]
+    #[x_kube(validation = Rule::new("self.all(v, !(v.name in ['certs', 'state', 'mesh-psk', 'mesh-peers', 'tailscaled']))").message("spec.relay.extraVolumes must not use the names certs, state, mesh-psk, mesh-peers or tailscaled (the operator's)"))]
+    pub extra_volumes: Vec<Volume>,
+    /// Where the extra volumes are mounted in the relay container (up to 4). Each names a volume of
+    /// `extraVolumes`; the operator's mount paths (`/certs`, `/var/lib/derper`, `/etc/derp/…`,
+    /// `/var/run/tailscale`) cannot be used.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 4))]
+    #[x_kube(validation = Rule::new("self.all(m, !(m.mountPath in ['/certs', '/var/lib/derper', '/etc/derp/mesh-psk', '/etc/derp/mesh', '/var/run/tailscale']))").message("spec.relay.extraVolumeMounts must not use the operator's mount paths (/certs, /var/lib/derper, /etc/derp/mesh-psk, /etc/derp/mesh, /var/run/tailscale)"))]
+    pub extra_volume_mounts: Vec<VolumeMount>,
 }
 
 /// Mesh settings.
@@ -434,6 +484,9 @@ pub struct DerpRegionStatus {
     /// Effective region code (for the printer column).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region_code: Option<String>,
+    /// The `spec.regionID` this status describes (a change is announced by an Event).
+    #[serde(default, rename = "regionID", skip_serializing_if = "Option::is_none")]
+    pub region_id: Option<i32>,
     /// `<ready>/<desired>` relay nodes (for the printer column).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nodes_ready: Option<String>,
@@ -484,6 +537,14 @@ pub struct NodeStatus {
     /// Published IPv6 address.
     #[serde(default, rename = "ipv6", skip_serializing_if = "Option::is_none")]
     pub ipv6: Option<String>,
+    /// Published DERP port, when the Node's `kubederp.io/derp-port` annotation overrides
+    /// `spec.ports.derp` (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub derp_port: Option<i32>,
+    /// Published STUN port, when the Node's `kubederp.io/stun-port` annotation overrides
+    /// `spec.ports.stun` (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stun_port: Option<i32>,
     /// `sha256-raw:<hex>` pin of the node's certificate.
     #[serde(default)]
     pub cert_name: String,
@@ -521,7 +582,8 @@ pub struct NodeStatus {
 pub struct SkippedNode {
     /// Node name.
     pub name: String,
-    /// CamelCase reason (`NoUsableAddress`, `Untolerated`, `MaxNodes`, `PortConflict`).
+    /// CamelCase reason (`NoUsableAddress`, `Untolerated`, `MaxNodes`, `PortConflict`,
+    /// `InvalidNodeOverride`).
     pub reason: String,
     /// Details.
     pub message: String,

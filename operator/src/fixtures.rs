@@ -30,6 +30,14 @@ impl NodeBuilder {
             .insert(k.into(), v.into());
         self
     }
+    pub(crate) fn annotate(mut self, k: &str, v: &str) -> Self {
+        self.0
+            .metadata
+            .annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert(k.into(), v.into());
+        self
+    }
     fn addr(mut self, ty: &str, a: &str) -> Self {
         let st = self.0.status.get_or_insert_with(Default::default);
         st.addresses.get_or_insert_with(Vec::new).push(NodeAddress {

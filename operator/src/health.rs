@@ -4,7 +4,6 @@
 //! STUN, and packets across meshed nodes), from the operator process.
 //!
 //! Owns:
-//! - [`summarize`]: a probe report → one [`Outcome`] per node (`ok` or the first failed check);
 //! - [`NodeState`], the per-node state machine (PURE, explicit times): what the status shows
 //!   ([`ProbeView`]), when a node is withheld from the derpMap and when it comes back
 //!   (hysteresis), and which transitions deserve an Event;
@@ -13,7 +12,8 @@
 //!   Events, and ask the controller to reconcile a region whose view changed.
 //!
 //! Does not own: the status, the conditions and the derpMap filtering (computed purely in
-//! `plan` from [`ProbeView`]s), or the checks themselves (`derper::probe`).
+//! `plan` from [`ProbeView`]s), the checks themselves (`derper::probe`), or their summary per
+//! node ([`crate::outcome`]).
 //!
 //! Decisions (design.md §3 `NodesHealthy`, `derpMap.publishUnhealthy`):
 //! - The status is rewritten only when a node's view changes (result, latency bucket, withheld),
@@ -35,7 +35,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use derper::probe::{self, ProbeOptions, RegionReport, Status};
+use derper::derpmap;
+use derper::probe::{self, ProbeOptions, RegionReport};
 use futures::channel::mpsc::UnboundedSender;
 use kube::{
     ResourceExt,
@@ -48,6 +49,7 @@ use crate::{
     certs::parse_duration,
     crd::{DEFAULT_UNHEALTHY_AFTER, DerpRegion},
     metrics::Metrics,
+    outcome::{Outcome, summarize},
     plan::{PlannedEvent, ProbeView},
     status::EventPublisher,
 };
@@ -58,8 +60,6 @@ pub const RECOVER_PASSES: u32 = 3;
 /// Regions with more nodes than this are probed without the cross-node (mesh) checks, which
 /// cost one delivery per ordered pair of nodes (90 at this size).
 pub const MAX_MESH_PROBE_NODES: usize = 10;
-/// Longest probe result kept in the status (the rest of a long message is cut).
-pub const MAX_RESULT_LEN: usize = 300;
 
 /// Probe loop settings (from `--probe-interval`, `--probe-timeout`, `--probe-concurrency`).
 #[derive(Debug, Clone)]
@@ -70,135 +70,6 @@ pub struct ProbeSettings {
     pub timeout: Duration,
     /// Regions (or, in regions too large for mesh checks, nodes) probed at the same time.
     pub concurrency: usize,
-}
-
-/// One probe of one node.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Outcome {
-    /// Short name of the first failed check (`tcp`, `tls`, `pin`, `derp`, `round_trip`,
-    /// `stun`, `ipv6_<check>`, `mesh`), or `ok`: a bounded metrics label.
-    pub check: &'static str,
-    /// `ok`, or `<check>: <why>`.
-    pub result: String,
-    /// Packet round trip through the relay, when measured.
-    pub latency: Option<Duration>,
-}
-
-impl Outcome {
-    /// Whether every check passed.
-    pub fn ok(&self) -> bool {
-        self.check == "ok"
-    }
-}
-
-fn cut(s: String) -> String {
-    if s.len() <= MAX_RESULT_LEN {
-        return s;
-    }
-    let mut end = MAX_RESULT_LEN;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
-}
-
-fn ipv6_name(check: &str) -> &'static str {
-    match check {
-        "tcp" => "ipv6_tcp",
-        "tls" => "ipv6_tls",
-        "derp" => "ipv6_derp",
-        "stun" => "ipv6_stun",
-        _ => "ipv6",
-    }
-}
-
-fn main_name(check: &str) -> &'static str {
-    match check {
-        "tcp" => "tcp",
-        "tls" => "tls",
-        "derp" => "derp",
-        "round_trip" => "round_trip",
-        "stun" => "stun",
-        _ => "other",
-    }
-}
-
-/// One [`Outcome`] per node of a probe report, keyed by node name.
-pub fn summarize(report: &RegionReport) -> BTreeMap<String, Outcome> {
-    let mut out = BTreeMap::new();
-    for n in &report.nodes {
-        let own = n
-            .checks
-            .iter()
-            .into_iter()
-            .find(|(_, c)| c.status == Status::Fail)
-            .map(|(name, c)| {
-                let pin_mismatch = name == "tls"
-                    && n.tls.as_ref().is_some_and(|t| {
-                        t.expected_pin.is_some()
-                            && t.presented_pin.is_some()
-                            && t.expected_pin != t.presented_pin
-                    });
-                let check = if pin_mismatch { "pin" } else { main_name(name) };
-                (check, format!("{check}: {}", c.message))
-            })
-            .or_else(|| {
-                n.ipv6.as_ref().and_then(|f| {
-                    f.iter()
-                        .into_iter()
-                        .find(|(_, c)| c.status == Status::Fail)
-                        .map(|(name, c)| {
-                            let check = ipv6_name(name);
-                            (check, format!("{check} ({}): {}", f.address, c.message))
-                        })
-                })
-            });
-        let outcome = match own {
-            Some((check, result)) => Outcome {
-                check,
-                result: cut(result),
-                latency: None,
-            },
-            None => Outcome {
-                check: "ok",
-                result: "ok".to_owned(),
-                latency: n
-                    .checks
-                    .round_trip
-                    .latency_ms
-                    .filter(|ms| ms.is_finite() && *ms >= 0.0)
-                    .map(|ms| Duration::from_secs_f64(ms / 1000.0)),
-            },
-        };
-        out.insert(n.name.clone(), outcome);
-    }
-    // mesh: only between nodes whose own checks pass (see the module docs); a node keeps
-    // the first mesh failure it is part of
-    let own_ok: Vec<String> = out
-        .iter()
-        .filter(|(_, o)| o.ok())
-        .map(|(n, _)| n.clone())
-        .collect();
-    for m in &report.mesh {
-        if m.check.status != Status::Fail || !own_ok.contains(&m.from) || !own_ok.contains(&m.to) {
-            continue;
-        }
-        for (me, peer, dir) in [(&m.from, &m.to, "to"), (&m.to, &m.from, "from")] {
-            if let Some(o) = out.get_mut(me.as_str())
-                && o.ok()
-            {
-                *o = Outcome {
-                    check: "mesh",
-                    result: cut(format!(
-                        "mesh: a packet {dir} a client on mesh peer {peer} was not relayed ({})",
-                        m.check.message
-                    )),
-                    latency: None,
-                };
-            }
-        }
-    }
-    out
 }
 
 /// `ms` rounded up to a power of two (at least 1): the latency shown in the status.
@@ -378,8 +249,9 @@ pub fn region_key(region: &DerpRegion) -> String {
 }
 
 /// The derpMap region to probe: every node in the region's status (published or withheld),
-/// with its pin and the region's ports.
-pub fn probe_target(region: &DerpRegion) -> probe::DerpRegion {
+/// with its pin and its published addresses and ports (a Node's NAT/port-forward annotations
+/// included: the probe dials what clients dial).
+pub fn probe_target(region: &DerpRegion) -> derpmap::DerpRegion {
     let spec = &region.spec;
     let region_id = i64::from(spec.region_id);
     let nodes = region
@@ -389,7 +261,7 @@ pub fn probe_target(region: &DerpRegion) -> probe::DerpRegion {
         .unwrap_or_default()
         .iter()
         .filter(|n| n.ipv4.is_some() || n.ipv6.is_some())
-        .map(|n| probe::DerpNode {
+        .map(|n| derpmap::DerpNode {
             name: n.name.clone(),
             region_id,
             host_name: n
@@ -400,25 +272,26 @@ pub fn probe_target(region: &DerpRegion) -> probe::DerpRegion {
             cert_name: n.cert_name.clone(),
             ipv4: n.ipv4.clone().unwrap_or_else(|| "none".to_owned()),
             ipv6: n.ipv6.clone().unwrap_or_else(|| "none".to_owned()),
-            stun_port: i64::from(spec.ports.stun),
+            stun_port: n.stun_port.unwrap_or(spec.ports.stun),
             stun_only: spec.stun_only,
-            derp_port: i64::from(spec.ports.derp),
+            derp_port: n.derp_port.unwrap_or(spec.ports.derp),
             can_port80: spec.ports.http == 80,
             ..Default::default()
         })
         .collect();
-    probe::DerpRegion {
+    derpmap::DerpRegion {
         region_id,
         region_code: spec.effective_code(&region.name_any()),
         region_name: spec.effective_name(&region.name_any()),
         nodes,
+        ..derpmap::DerpRegion::default()
     }
 }
 
 /// Probes one region: with mesh checks when it is small enough, else its nodes only, at most
 /// `concurrency` at a time.
 async fn probe_one(
-    target: &probe::DerpRegion,
+    target: &derpmap::DerpRegion,
     opts: &ProbeOptions,
     concurrency: usize,
 ) -> RegionReport {
@@ -495,6 +368,7 @@ impl Prober {
             debug!(regions = keys.len(), "probe round");
             self.tracker.retain_regions(&keys);
             self.metrics.forget_probed_regions(&keys);
+            self.metrics.forget_conditions_except(&keys);
             for chunk in regions.chunks(self.settings.concurrency.max(1)) {
                 let mut rounds: Vec<Pin<Box<dyn Future<Output = ()> + Send + '_>>> = Vec::new();
                 for r in chunk {

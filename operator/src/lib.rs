@@ -8,7 +8,8 @@
 //! - [`controller`]: kube-runtime wiring and reconcile; [`apply`]: server-side apply and
 //!   pruning; [`status`]: status patches and Events;
 //! - [`health`]: the operator's own probes of every relay node (`derper::probe`), per-node
-//!   health with hysteresis, and the probe loop;
+//!   health with hysteresis, and the probe loop; [`outcome`]: a probe report summarised per
+//!   node (shared by `health` and `metrics`);
 //! - [`leader`]: Lease-based leader election;
 //! - [`args`], [`telemetry`], [`metrics`], [`admin`]: the process around it.
 //!
@@ -23,6 +24,7 @@ pub mod crd;
 pub mod health;
 pub mod leader;
 pub mod metrics;
+pub mod outcome;
 pub mod plan;
 pub mod status;
 pub mod telemetry;

@@ -138,6 +138,7 @@ async fn run(config: derp_operator::args::Config) -> anyhow::Result<()> {
             instance: Some(config.identity.clone()),
             probe: config.probe.clone(),
             relay_image: config.relay_image.clone(),
+            relay_image_pull_secrets: config.relay_image_pull_secrets.clone(),
         },
         shared,
         metrics,

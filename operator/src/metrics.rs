@@ -14,7 +14,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::health::Outcome;
+use crate::outcome::Outcome;
 
 /// Labels of [`Metrics::writes`].
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -42,6 +42,24 @@ pub struct NodeLabels {
     pub node: String,
 }
 
+/// Labels of per-region counters: the region (`namespace/name`), bounded by the regions the
+/// operator manages.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RegionLabels {
+    /// `namespace/name` of the region.
+    pub region: String,
+}
+
+/// Labels of [`Metrics::region_condition`]: the region (`namespace/name`) and the condition
+/// type (Ready, CertificatesReady, RelaysReady, DerpMapPublished, NodesHealthy).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConditionLabels {
+    /// `namespace/name` of the region.
+    pub region: String,
+    /// Condition type.
+    pub condition: String,
+}
+
 /// Labels of [`Metrics::probes`].
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProbeResultLabels {
@@ -64,6 +82,8 @@ pub struct Metrics {
     pub certs_issued: Counter,
     /// Events published on regions.
     pub events: Counter,
+    /// Published pins replaced by a new certificate, by region.
+    pub pin_changes: Family<RegionLabels, Counter>,
     /// Node probes finished, by result.
     pub probes: Family<ProbeResultLabels, Counter>,
     /// 1 when the last probe of a node passed, 0 when it failed.
@@ -72,6 +92,11 @@ pub struct Metrics {
     pub probe_latency: Family<NodeLabels, Gauge<f64, AtomicU64>>,
     /// Unix time of the last probe of a node.
     pub probe_timestamp: Family<NodeLabels, Gauge<f64, AtomicU64>>,
+    /// 1 when a condition of a region is True, 0 when False (absent when Unknown), as last
+    /// written to the region's status.
+    pub region_condition: Family<ConditionLabels, Gauge>,
+    /// Condition types with a gauge, by region (so that deleted regions are dropped).
+    conditions: Mutex<BTreeMap<String, Vec<String>>>,
     /// Nodes with probe gauges, by region (so that removed nodes and regions are dropped).
     /// A std lock: never held across an `.await`.
     probed: Mutex<BTreeMap<String, Vec<String>>>,
@@ -89,10 +114,13 @@ impl Metrics {
             writes: Family::default(),
             certs_issued: Counter::default(),
             events: Counter::default(),
+            pin_changes: Family::default(),
             probes: Family::default(),
             probe_success: Family::default(),
             probe_latency: Family::default(),
             probe_timestamp: Family::default(),
+            region_condition: Family::default(),
+            conditions: Mutex::default(),
             probed: Mutex::default(),
         };
         let r = registry.sub_registry_with_prefix("derp_operator");
@@ -127,6 +155,12 @@ impl Metrics {
             m.events.clone(),
         );
         r.register(
+            "pin_changes",
+            "Published certificate pins replaced by a new certificate (address change, \
+             rotation, lost Secret), by region: clients need the new derpMap after each",
+            m.pin_changes.clone(),
+        );
+        r.register(
             "probes",
             "Relay node probes finished by the operator, by result (ok or the first failed \
              check: tcp, tls, pin, derp, round_trip, stun, ipv6_*, mesh)",
@@ -149,7 +183,69 @@ impl Metrics {
              the result does)",
             m.probe_timestamp.clone(),
         );
+        r.register(
+            "region_condition",
+            "1 when the DerpRegion condition is True, 0 when False (Ready, CertificatesReady, \
+             RelaysReady, DerpMapPublished, NodesHealthy)",
+            m.region_condition.clone(),
+        );
         m
+    }
+
+    /// Record the conditions of `region` (`namespace/name`) as written to its status.
+    pub fn record_conditions(&self, region: &str, conditions: &[crate::crd::Condition]) {
+        let types: Vec<String> = conditions.iter().map(|c| c.type_.clone()).collect();
+        let before = self
+            .conditions_lock()
+            .insert(region.to_owned(), types)
+            .unwrap_or_default();
+        for condition in before {
+            self.region_condition.remove(&ConditionLabels {
+                region: region.to_owned(),
+                condition,
+            });
+        }
+        for c in conditions {
+            let value = match c.status.as_str() {
+                "True" => 1,
+                "False" => 0,
+                _ => continue,
+            };
+            self.region_condition
+                .get_or_create(&ConditionLabels {
+                    region: region.to_owned(),
+                    condition: c.type_.clone(),
+                })
+                .set(value);
+        }
+    }
+
+    /// Drop the condition gauges of regions not in `keep` (deleted regions).
+    pub fn forget_conditions_except(&self, keep: &[String]) {
+        let gone: Vec<(String, Vec<String>)> = {
+            let mut all = self.conditions_lock();
+            let gone = all
+                .iter()
+                .filter(|(r, _)| !keep.contains(r))
+                .map(|(r, c)| (r.clone(), c.clone()))
+                .collect();
+            all.retain(|r, _| keep.contains(r));
+            gone
+        };
+        for (region, conditions) in gone {
+            for condition in conditions {
+                self.region_condition.remove(&ConditionLabels {
+                    region: region.clone(),
+                    condition,
+                });
+            }
+        }
+    }
+
+    fn conditions_lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Vec<String>>> {
+        self.conditions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Record one probe round of `region` (`namespace/name`); nodes of the region that were
@@ -249,5 +345,64 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new(&mut Registry::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::Condition;
+
+    fn cond(type_: &str, status: &str) -> Condition {
+        Condition {
+            type_: type_.into(),
+            status: status.into(),
+            reason: "R".into(),
+            message: String::new(),
+            last_transition_time: None,
+            observed_generation: None,
+        }
+    }
+
+    fn text(r: &Registry) -> String {
+        let mut s = String::new();
+        prometheus_client::encoding::text::encode(&mut s, r).expect("encode");
+        s
+    }
+
+    #[test]
+    fn region_conditions_follow_the_status_and_deleted_regions_vanish() {
+        let mut r = Registry::default();
+        let m = Metrics::new(&mut r);
+        m.record_conditions(
+            "ns/a",
+            &[
+                cond("Ready", "True"),
+                cond("NodesHealthy", "False"),
+                cond("RelaysReady", "Unknown"),
+            ],
+        );
+        m.record_conditions("ns/b", &[cond("NodesHealthy", "True")]);
+        let t = text(&r);
+        let line = |region: &str, c: &str, v: i64| {
+            format!("derp_operator_region_condition{{region=\"{region}\",condition=\"{c}\"}} {v}")
+        };
+        assert!(t.contains(&line("ns/a", "Ready", 1)), "{t}");
+        assert!(t.contains(&line("ns/a", "NodesHealthy", 0)), "{t}");
+        assert!(t.contains(&line("ns/b", "NodesHealthy", 1)), "{t}");
+        assert!(
+            !t.contains("condition=\"RelaysReady\""),
+            "Unknown has no value: {t}"
+        );
+        // a condition that disappears from the status disappears from the metrics
+        m.record_conditions("ns/a", &[cond("Ready", "False")]);
+        let t = text(&r);
+        assert!(t.contains(&line("ns/a", "Ready", 0)), "{t}");
+        assert!(!t.contains(&line("ns/a", "NodesHealthy", 0)), "{t}");
+        // deleted regions
+        m.forget_conditions_except(&["ns/b".to_owned()]);
+        let t = text(&r);
+        assert!(!t.contains("region=\"ns/a\""), "{t}");
+        assert!(t.contains(&line("ns/b", "NodesHealthy", 1)), "{t}");
     }
 }

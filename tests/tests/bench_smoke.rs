@@ -1,6 +1,7 @@
 //! Smoke run of the benchmark (issue 10, performance.md §5): `scripts/bench --smoke` builds
 //! `derper` and `derp-bench`, starts our relay and upstream Go `derper` (built by
-//! `tests/interop/build.sh`) and runs every workload for a fraction of a second against each.
+//! `tests/interop/build.sh`) and runs every workload for a fraction of a second against each,
+//! including the real-client rows (R*: `derpinterop load`, built by the same script).
 //!
 //! It checks that everything runs and reports; it asserts nothing about speed. Like the other
 //! interop tests it does not skip: a missing Go toolchain or python3 is a loud failure.
@@ -25,7 +26,7 @@ fn bench_smoke_runs_every_workload_against_ours_and_upstream() {
     );
     for id in [
         "| T1 |", "| T2 |", "| T3 |", "| T4 |", "| T4c |", "| T5 |", "| T6 |", "| T7 |", "| T10 |",
-        "| M1 |",
+        "| M1 |", "| R1 |", "| R1s |", "| R1x |", "| R1t |", "| R2 |", "| R2t |", "| R3 |",
     ] {
         assert!(
             stdout.contains(id),
@@ -33,8 +34,11 @@ fn bench_smoke_runs_every_workload_against_ours_and_upstream() {
         );
     }
     // Both relays produced a number (a dash means a run measured nothing), also through a
-    // mesh of two relays of each kind (M1).
-    for id in ["| T1 |", "| M1 |"] {
+    // mesh of two relays of each kind (M1) and under real Tailscale clients (R1-R3: CPU per
+    // packet at fixed rates, context switches per packet, latency, capacity).
+    for id in [
+        "| T1 |", "| M1 |", "| R1 |", "| R1x |", "| R1t |", "| R2 |", "| R3 |",
+    ] {
         let row = stdout
             .lines()
             .find(|l| l.starts_with(id))

@@ -187,8 +187,105 @@ async fn chart_lints_clean_with_default_and_non_default_values() {
         "leaderElection.enabled=false",
         "--set",
         "image.digest=sha256:0000000000000000000000000000000000000000000000000000000000000000",
+        "--set",
+        "relayPodMonitor.enabled=true",
+        "--set",
+        "prometheusRule.enabled=true",
+        "--set",
+        "grafanaDashboard.enabled=true",
     ]);
     ok(cmd).await;
+}
+
+/// The monitoring objects: off by default (the PodMonitor and PrometheusRule CRDs may be
+/// absent), and when on, they ship exactly the files promtool and the metric-name test check.
+#[tokio::test]
+async fn monitoring_objects_are_optional_and_ship_the_checked_files() {
+    let cp = ControlPlane::shared();
+    let none = render(cp, "kubederp", "kubederp", &[]).await;
+    for kind in ["PodMonitor", "PrometheusRule", "ConfigMap"] {
+        assert!(
+            !none.iter().any(|d| d["kind"] == kind),
+            "{kind} rendered by default"
+        );
+    }
+    let on = [
+        "relayPodMonitor.enabled=true",
+        "prometheusRule.enabled=true",
+        "grafanaDashboard.enabled=true",
+        "prometheusRule.labels.release=kps",
+        "grafanaDashboard.namespace=grafana",
+    ];
+    let docs = render(cp, "kubederp", "kubederp", &on).await;
+
+    let pm = find(&docs, "PodMonitor", "kubederp-relays");
+    assert_eq!(pm["spec"]["namespaceSelector"], json!({"any": true}));
+    let ep = &pm["spec"]["podMetricsEndpoints"][0];
+    assert_eq!(
+        ep["port"], "admin",
+        "selected by name: any spec.ports.admin works"
+    );
+    assert_eq!(ep["path"], "/metrics");
+    assert_eq!(
+        pm["spec"]["selector"]["matchLabels"],
+        json!({
+            "app.kubernetes.io/name": derp_operator::crd::APP_NAME,
+            "app.kubernetes.io/component": "relay",
+            "app.kubernetes.io/managed-by": derp_operator::crd::FIELD_MANAGER,
+        })
+    );
+    let one = render(
+        cp,
+        "kubederp",
+        "kubederp",
+        &["relayPodMonitor.enabled=true", "watchNamespaces={derp}"],
+    )
+    .await;
+    assert_eq!(
+        find(&one, "PodMonitor", "kubederp-relays")["spec"]["namespaceSelector"],
+        json!({"matchNames": ["derp"]})
+    );
+
+    let rules: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(chart_dir().join("files/prometheus-rules.yaml"))
+            .expect("rules file"),
+    )
+    .expect("rules yaml");
+    let pr = find(&docs, "PrometheusRule", "kubederp");
+    assert_eq!(
+        pr["spec"], rules,
+        "the PrometheusRule is the promtool-tested file"
+    );
+    assert_eq!(pr["metadata"]["labels"]["release"], "kps");
+    let alerts: Vec<&str> = rules["groups"]
+        .as_array()
+        .expect("groups")
+        .iter()
+        .flat_map(|g| g["rules"].as_array().expect("rules"))
+        .filter_map(|r| r["alert"].as_str())
+        .collect();
+    for want in [
+        "DerpRelayCertificateExpiring",
+        "DerpRegionNodesUnhealthy",
+        "DerpMeshPeerDown",
+        "DerpClientRejectionsSurge",
+        "DerpRelayRestarting",
+    ] {
+        assert!(alerts.contains(&want), "{want} missing: {alerts:?}");
+    }
+
+    let cm = find(&docs, "ConfigMap", "kubederp-dashboard");
+    assert_eq!(cm["metadata"]["namespace"], "grafana");
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+    let shipped: Value =
+        serde_json::from_str(cm["data"]["kubederp.json"].as_str().expect("dashboard"))
+            .expect("dashboard JSON");
+    let file: Value = serde_json::from_str(
+        &std::fs::read_to_string(chart_dir().join("files/grafana-dashboard.json"))
+            .expect("dashboard file"),
+    )
+    .expect("dashboard file JSON");
+    assert_eq!(shipped, file);
 }
 
 #[tokio::test]
@@ -260,6 +357,47 @@ async fn rendered_deployment_is_hardened_and_probes_the_admin_port() {
     let sm = find(&docs, "ServiceMonitor", "kubederp");
     assert_eq!(sm["spec"]["endpoints"][0]["port"], "http-admin");
     assert_eq!(sm["spec"]["endpoints"][0]["path"], "/metrics");
+}
+
+#[tokio::test]
+async fn relay_pull_secrets_value_becomes_the_operator_flag() {
+    let cp = ControlPlane::shared();
+    let args = |docs: &[Value]| {
+        find(docs, "Deployment", "kubederp")["spec"]["template"]["spec"]["containers"][0]["args"]
+            .as_array()
+            .expect("args")
+            .clone()
+    };
+    let default = render(cp, "kubederp", "kubederp", &[]).await;
+    assert!(
+        !args(&default).iter().any(|a| a
+            .as_str()
+            .is_some_and(|a| a.starts_with("--relay-image-pull-secrets"))),
+        "no flag without the value"
+    );
+    let set = render(
+        cp,
+        "kubederp",
+        "kubederp",
+        &["relayImage.pullSecrets={regcred,mirror.creds}"],
+    )
+    .await;
+    assert!(
+        args(&set).contains(&json!("--relay-image-pull-secrets=regcred,mirror.creds")),
+        "{:?}",
+        args(&set)
+    );
+    // the operator accepts what the chart renders
+    let flag = "--relay-image-pull-secrets=regcred,mirror.creds";
+    let parsed = <derp_operator::args::Args as clap::Parser>::try_parse_from([
+        "derp-operator",
+        "--leader-election=false",
+        flag,
+    ])
+    .expect("flag parses")
+    .into_config()
+    .expect("valid");
+    assert_eq!(parsed.relay_image_pull_secrets, ["regcred", "mirror.creds"]);
 }
 
 #[tokio::test]
@@ -353,9 +491,18 @@ async fn values_schema_rejects_bad_values_at_install_with_a_clear_message() {
         ),
         (&["watchNamespaces={Not_A_Name}"], &["/watchNamespaces/0"]),
         (
+            &["relayImage.pullSecrets={Reg_Cred}"],
+            &["/relayImage/pullSecrets/0"],
+        ),
+        (
             &["resources.limits.memory=lots"],
             &["/resources/limits/memory"],
         ),
+        (
+            &["relayPodMonitor.interval=soon"],
+            &["/relayPodMonitor/interval"],
+        ),
+        (&["prometheusRule.enable=true"], &["enable", "not allowed"]),
         (
             &["replicas=2", "leaderElection.enabled=false"],
             &["replicas=2 needs leaderElection.enabled=true"],
@@ -1137,6 +1284,58 @@ async fn operator_runs_under_the_chart_service_account_and_needs_every_rule() {
         regions.get("home").await.ok().and_then(|r| r.status),
         op.log_tail()
     );
+    // the relay PodMonitor, rendered for this release, selects the relay Pods the operator
+    // created, on a container port it names, with the labels its relabelings read
+    let mon = render(
+        cp,
+        &release,
+        &op_ns.name,
+        &[watch.as_str(), "relayPodMonitor.enabled=true"],
+    )
+    .await;
+    let pm = find(&mon, "PodMonitor", &format!("{full}-relays"));
+    assert_eq!(
+        pm["spec"]["namespaceSelector"]["matchNames"],
+        json!([regions_ns.name])
+    );
+    let port_name = pm["spec"]["podMetricsEndpoints"][0]["port"]
+        .as_str()
+        .expect("port name");
+    let selector = pm["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .expect("matchLabels");
+    let relay_pods = Api::<Pod>::namespaced(client.clone(), &regions_ns.name)
+        .list(&ListParams::default().labels(MANAGED))
+        .await
+        .expect("relay Pods");
+    assert_eq!(relay_pods.items.len(), 2);
+    for pod in &relay_pods.items {
+        let labels = pod.metadata.labels.clone().unwrap_or_default();
+        for (k, v) in selector {
+            assert_eq!(
+                labels.get(k).map(String::as_str),
+                v.as_str(),
+                "{k}: {labels:?}"
+            );
+        }
+        for k in ["kubederp.io/region", "kubederp.io/node"] {
+            assert!(
+                labels.contains_key(k),
+                "{k} (relabeled) missing: {labels:?}"
+            );
+        }
+        let spec = pod.spec.as_ref().expect("pod spec");
+        let admin = spec
+            .containers
+            .iter()
+            .flat_map(|c| c.ports.iter().flatten())
+            .find(|p| p.name.as_deref() == Some(port_name));
+        assert!(
+            admin.is_some_and(|p| p.container_port > 0),
+            "no container port {port_name} in {}",
+            pod.name_any()
+        );
+    }
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &regions_ns.name);
     let dm = cms.get("home-derpmap").await.expect("derpMap ConfigMap");
     let policy = dm

@@ -291,16 +291,17 @@ async fn published_nodes(stack: &LocalStack) -> Option<Vec<String>> {
     Some(nodes.into_iter().map(|(n, _)| n).collect())
 }
 
-/// Node names in the operator's merged `/derpmap.json` (headscale `derp.urls` form).
-async fn admin_nodes(stack: &LocalStack) -> Vec<String> {
+/// The body of `GET <path>` on the operator's admin listener.
+async fn admin_get(stack: &LocalStack, path: &str) -> String {
     let addr = stack.operator_admin;
-    let body = tokio::task::spawn_blocking(move || {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || {
         use std::io::{Read as _, Write as _};
         let mut s = std::net::TcpStream::connect(addr).expect("connect operator admin");
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         write!(
             s,
-            "GET /derpmap.json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
         )
         .unwrap();
         let mut buf = String::new();
@@ -310,7 +311,23 @@ async fn admin_nodes(stack: &LocalStack) -> Vec<String> {
             .unwrap()
     })
     .await
-    .unwrap();
+    .unwrap()
+}
+
+/// `derp_operator_probe_timestamp_seconds` of `node` in region derp/home: when the operator last
+/// finished probing it.
+async fn probe_time(stack: &LocalStack, node: &str) -> Option<f64> {
+    let prefix =
+        format!(r#"derp_operator_probe_timestamp_seconds{{region="derp/home",node="{node}"}} "#);
+    admin_get(stack, "/metrics")
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
+}
+
+/// Node names in the operator's merged `/derpmap.json` (headscale `derp.urls` form).
+async fn admin_nodes(stack: &LocalStack) -> Vec<String> {
+    let body = admin_get(stack, "/derpmap.json").await;
     let map: Value = serde_json::from_str(&body).unwrap();
     map["Regions"]["900"]["Nodes"]
         .as_array()
@@ -452,8 +469,26 @@ async fn operator_status_and_published_map_follow_a_relay_being_stopped_and_star
             data[key]
         );
     }
-    // several more probe rounds fail: still exactly one Event for the transition
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    // several more probe rounds fail: still exactly one Event for the transition. A round's
+    // Events are published before the next round starts, so once the stopped node's probe
+    // time has moved on three times, two more failed rounds have had their Events.
+    let mut probed = probe_time(&stack, stopped).await;
+    for _ in 0..3 {
+        probed = wait_for(
+            "another probe round of the stopped node",
+            Duration::from_secs(30),
+            || {
+                let stack = &stack;
+                async move {
+                    probe_time(stack, stopped)
+                        .await
+                        .filter(|t| Some(*t) > probed)
+                }
+            },
+        )
+        .await
+        .into();
+    }
     assert_eq!(
         events_about(&stack, "NodeUnhealthy", stopped).await.len(),
         1,
@@ -497,24 +532,7 @@ async fn operator_status_and_published_map_follow_a_relay_being_stopped_and_star
         events_about(&stack, "NodeUnhealthy", stopped).await.len(),
         1
     );
-    let metrics = {
-        let addr = stack.operator_admin;
-        tokio::task::spawn_blocking(move || {
-            use std::io::{Read as _, Write as _};
-            let mut s = std::net::TcpStream::connect(addr).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            write!(
-                s,
-                "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-            )
-            .unwrap();
-            let mut buf = String::new();
-            s.read_to_string(&mut buf).unwrap();
-            buf
-        })
-        .await
-        .unwrap()
-    };
+    let metrics = admin_get(&stack, "/metrics").await;
     assert!(
         metrics.contains(r#"derp_operator_probe_success{region="derp/home",node="e2e-c-2"} 1"#),
         "{metrics}"

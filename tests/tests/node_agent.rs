@@ -715,14 +715,28 @@ async fn dropping_or_shutting_down_the_agent_leaves_no_processes() {
             !proc_alive(pid),
             "process {pid} survived the agent (graceful={graceful})"
         );
-        // Longer than the restart backoff: nothing may come back either.
-        tokio::time::sleep(Duration::from_millis(800)).await;
+        // Nothing may come back either. A graceful shutdown has awaited every task, so the
+        // check holds at once; a dropped agent has only cancelled and aborted them, so the
+        // check is repeated for longer than the restart backoff (300 ms): a supervisor that
+        // missed the cancellation would restart the container within that window.
         let needle = format!("--listen={ip}:28085");
-        assert_eq!(
-            procs_with_arg(&needle),
-            Vec::<u32>::new(),
-            "graceful={graceful}"
-        );
+        let watch_until = tokio::time::Instant::now()
+            + if graceful {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(800)
+            };
+        loop {
+            assert_eq!(
+                procs_with_arg(&needle),
+                Vec::<u32>::new(),
+                "graceful={graceful}"
+            );
+            if tokio::time::Instant::now() >= watch_until {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         assert!(http_get(&addr, "/healthz").await.is_none());
         Api::<Node>::all(client.clone())
             .delete(&node, &DeleteParams::default())
@@ -855,8 +869,10 @@ async fn liveness_failure_restarts_and_exec_readiness_probe_gates_ready() {
             "containers": [{
                 "name": "main", "image": IMAGE,
                 "args": ["--listen=127.0.27.1:28088", "--ready-file=/data/ready"],
-                "readinessProbe": {"exec": {"command": ["test", "-f", "/data/ready"]},
-                    "periodSeconds": 1},
+                // each run leaves a line in /data/probed, so the test can wait for runs
+                "readinessProbe": {"exec": {"command": ["sh", "-c",
+                    "echo run >> /data/probed; test -f /data/ready"]},
+                    "periodSeconds": 1, "failureThreshold": 2},
                 "volumeMounts": [{"name": "data", "mountPath": "/data"}],
             }],
             "volumes": [{"name": "data", "emptyDir": {}}],
@@ -872,7 +888,13 @@ async fn liveness_failure_restarts_and_exec_readiness_probe_gates_ready() {
         .find_map(|l| l.strip_prefix("--ready-file="))
         .unwrap()
         .to_owned();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Not Ready once the probe has failed failureThreshold (2) times, and one run later.
+    let runs = Path::new(&ready_file).with_file_name("probed");
+    wait_for("three readiness probe runs", T, || async {
+        let n = std::fs::read_to_string(&runs).ok()?.lines().count();
+        (n >= 3).then_some(())
+    })
+    .await;
     let s = pod_status(&pods, "exec-ready").await.unwrap();
     assert_eq!(condition(&s, "Ready").as_deref(), Some("False"), "{s}");
     std::fs::write(&ready_file, "").unwrap();

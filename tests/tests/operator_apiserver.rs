@@ -222,10 +222,10 @@ async fn region_lifecycle_nodes_join_leave_change_ip_restart_and_gc() {
         Some(&new_pin),
         "the relay Pod was replaced for the new certificate"
     );
-    wait_for("CertificateIssued event for the new IP", WAIT, || {
+    wait_for("PinChanged event for the new IP", WAIT, || {
         let (client, ns, new_pin) = (client.clone(), ns.clone(), new_pin.clone());
         async move {
-            let issued = events(&client, &ns, "CertificateIssued").await;
+            let issued = events(&client, &ns, "PinChanged").await;
             issued
                 .iter()
                 .any(|e| e.contains("AddressesChanged") && e.contains(&new_pin))
@@ -244,20 +244,16 @@ async fn region_lifecycle_nodes_join_leave_change_ip_restart_and_gc() {
     })
     .await;
     let (old1, new1) = (pins0[&n1].clone(), pins(&r)[&n1].clone());
-    wait_for(
-        "CertificateIssued event announcing the new pin",
-        WAIT,
-        || {
-            let (client, ns, old1, new1) = (client.clone(), ns.clone(), old1.clone(), new1.clone());
-            async move {
-                let issued = events(&client, &ns, "CertificateIssued").await;
-                issued
-                    .iter()
-                    .any(|e| e.contains("SecretMissing") && e.contains(&old1) && e.contains(&new1))
-                    .then_some(())
-            }
-        },
-    )
+    wait_for("PinChanged event announcing the new pin", WAIT, || {
+        let (client, ns, old1, new1) = (client.clone(), ns.clone(), old1.clone(), new1.clone());
+        async move {
+            let issued = events(&client, &ns, "PinChanged").await;
+            issued
+                .iter()
+                .any(|e| e.contains("SecretMissing") && e.contains(&old1) && e.contains(&new1))
+                .then_some(())
+        }
+    })
     .await;
 
     // --- a conflicting edit of the derpMap is reverted
@@ -364,6 +360,42 @@ async fn invalid_specs_are_refused_with_the_field_named() {
             json!({"regionID": 900, "addresses": {"types": ["Hostname"]}}),
             "spec.addresses.types",
         ),
+        (
+            json!({"regionID": 900, "ports": {"derp": 8443, "admin": 8443}}),
+            "spec.ports.admin",
+        ),
+        (
+            json!({"regionID": 900, "relay": {"podLabels": {"kubederp.io/region": "x"}}}),
+            "spec.relay.podLabels",
+        ),
+        (
+            json!({"regionID": 900, "relay": {"podLabels": {"team": "a b"}}}),
+            "spec.relay.podLabels",
+        ),
+        (
+            json!({"regionID": 900, "relay": {"podAnnotations": {"kubederp.io/spec-hash": "x"}}}),
+            "spec.relay.podAnnotations",
+        ),
+        (
+            json!({"regionID": 900, "relay": {"priorityClassName": "Not_A_Name"}}),
+            "spec.relay.priorityClassName",
+        ),
+        (
+            json!({"regionID": 900, "relay": {"extraVolumes": [{"name": "certs", "emptyDir": {}}]}}),
+            "spec.relay.extraVolumes",
+        ),
+        (
+            json!({"regionID": 900, "relay": {
+                "extraVolumes": [{"name": "rate", "emptyDir": {}}],
+                "extraVolumeMounts": [{"name": "other", "mountPath": "/etc/derp/rate"}]}}),
+            "spec.relay.extraVolumeMounts",
+        ),
+        (
+            json!({"regionID": 900, "relay": {
+                "extraVolumes": [{"name": "rate", "emptyDir": {}}],
+                "extraVolumeMounts": [{"name": "rate", "mountPath": "/certs"}]}}),
+            "spec.relay.extraVolumeMounts",
+        ),
     ];
     for (i, (spec, field)) in cases.iter().enumerate() {
         let obj: Value = json!({
@@ -400,21 +432,30 @@ async fn invalid_specs_are_refused_with_the_field_named() {
             status.message
         );
     }
-    // regionID is immutable
+    // regionID can change (that is how a region ID conflict is fixed), within its range
     let ok = create_region(&client, &ns.name, "good", json!({"regionID": 901})).await;
-    let err = api
+    let moved = api
         .patch(
             &ok.name_any(),
             &PatchParams::default(),
             &Patch::Merge(json!({"spec": {"regionID": 902}})),
         )
         .await
-        .expect_err("regionID change refused");
+        .expect("regionID change accepted");
+    assert_eq!(moved.spec.region_id, 902);
+    let err = api
+        .patch(
+            &ok.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"regionID": 1000}})),
+        )
+        .await
+        .expect_err("out of range");
     let kube::Error::Api(status) = &err else {
         panic!("unexpected {err}")
     };
     assert!(
-        status.message.contains("spec.regionID is immutable"),
+        status.message.contains("spec.regionID"),
         "{}",
         status.message
     );
@@ -422,6 +463,10 @@ async fn invalid_specs_are_refused_with_the_field_named() {
     let stored = api.get("good").await.expect("get");
     assert_eq!(stored.spec.ports.derp, 443);
     assert_eq!(stored.spec.ports.stun, 3478);
+    assert_eq!(
+        stored.spec.ports.admin, 3480,
+        "admin default moved off 9090"
+    );
     assert_eq!(stored.spec.certificate.validity, "87600h");
     assert!(stored.spec.derp_map.publish_unhealthy);
 }

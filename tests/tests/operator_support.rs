@@ -51,6 +51,11 @@ pub(crate) struct Operator {
 
 impl Operator {
     pub(crate) fn start(client: &Client, ns: &str) -> Operator {
+        Self::start_with(client, ns, Settings::default())
+    }
+
+    /// Like [`Operator::start`], with `settings` (its namespace and instance are set here).
+    pub(crate) fn start_with(client: &Client, ns: &str, settings: Settings) -> Operator {
         let mut registry = PromRegistry::default();
         let metrics = Arc::new(Metrics::new(&mut registry));
         let registry = Arc::new(registry);
@@ -62,7 +67,7 @@ impl Operator {
                 namespace: Some(ns.to_owned()),
                 concurrency: 4,
                 instance: Some(format!("test-{ns}")),
-                ..Settings::default()
+                ..settings
             },
             shared.clone(),
             metrics.clone(),
@@ -216,6 +221,18 @@ pub(crate) async fn label_node(client: &Client, node: &str, key: &str, value: Op
         )
         .await
         .expect("label node");
+}
+
+/// Set (`Some`) or remove (`None`) an annotation on a Node.
+pub(crate) async fn annotate_node(client: &Client, node: &str, key: &str, value: Option<&str>) {
+    Api::<Node>::all(client.clone())
+        .patch(
+            node,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {key: value}}})),
+        )
+        .await
+        .expect("annotate node");
 }
 
 pub(crate) async fn setup(prefix: &str) -> (Client, TestNamespace) {

@@ -683,17 +683,12 @@ async fn churn(target: &Target, meter: &Meter, args: &Args, concurrency: usize) 
     v
 }
 
+/// The Tailscale binding request ([`derper::probe::stun_binding_request`]) of socket `i`:
+/// its transaction ID is `i`, so every socket's requests are distinct.
 fn stun_request(i: usize) -> Vec<u8> {
-    let mut m = vec![0x00, 0x01, 0x00, 0x14, 0x21, 0x12, 0xa4, 0x42];
     let mut tx = [0u8; 12];
     tx[..8].copy_from_slice(&(i as u64).to_le_bytes());
-    m.extend_from_slice(&tx);
-    m.extend_from_slice(&[0x80, 0x22, 0x00, 0x08]);
-    m.extend_from_slice(b"tailnode");
-    let fp = derper::stun::fingerprint(&m);
-    m.extend_from_slice(&[0x80, 0x28, 0x00, 0x04]);
-    m.extend_from_slice(&fp.to_be_bytes());
-    m
+    derper::probe::stun_binding_request(derper::stun::TxId(tx))
 }
 
 async fn stun(

@@ -29,11 +29,11 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use bytes::Bytes;
 use clap::Parser;
 use derper::args::LogFormat;
-use derper::probe::{self, DerpMap, MapFormat, ProbeOptions, Report, Status};
-use http_body_util::{BodyExt as _, Empty};
+use derper::derpmap::MapFormat;
+use derper::probe::load::{Kubectl, LoadedMap, MapSource, load_map};
+use derper::probe::{self, ProbeOptions, Report, Status};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -54,8 +54,6 @@ const DEFAULT_STUN_TIMEOUT: &str = "3s";
 const DEFAULT_MESH_TIMEOUT: &str = "3s";
 /// Default time between runs in --listen mode (a Prometheus scrape interval).
 const DEFAULT_INTERVAL: &str = "30s";
-/// Limit for fetching a map over HTTP or running kubectl.
-const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Probe every node of a derpMap like a Tailscale client would: TCP, TLS with the
 /// sha256-raw pin, DERP handshake, a packet round trip, packets across every mesh pair, STUN.
@@ -109,15 +107,15 @@ struct Args {
     json: bool,
 
     /// Limit for each step (TCP, TLS, DERP handshake, packet delivery), e.g. 5s, 500ms.
-    #[arg(long, env = "DERPPROBE_TIMEOUT", default_value = DEFAULT_TIMEOUT, value_parser = parse_duration)]
+    #[arg(long, env = "DERPPROBE_TIMEOUT", default_value = DEFAULT_TIMEOUT, value_parser = positive_duration)]
     timeout: Duration,
 
     /// Limit for the STUN check.
-    #[arg(long, env = "DERPPROBE_STUN_TIMEOUT", default_value = DEFAULT_STUN_TIMEOUT, value_parser = parse_duration)]
+    #[arg(long, env = "DERPPROBE_STUN_TIMEOUT", default_value = DEFAULT_STUN_TIMEOUT, value_parser = positive_duration)]
     stun_timeout: Duration,
 
     /// Limit for each cross-node (mesh) delivery.
-    #[arg(long, env = "DERPPROBE_MESH_TIMEOUT", default_value = DEFAULT_MESH_TIMEOUT, value_parser = parse_duration)]
+    #[arg(long, env = "DERPPROBE_MESH_TIMEOUT", default_value = DEFAULT_MESH_TIMEOUT, value_parser = positive_duration)]
     mesh_timeout: Duration,
 
     /// Skip the cross-node (mesh) checks.
@@ -134,7 +132,7 @@ struct Args {
     listen: Option<SocketAddr>,
 
     /// Time between probe runs with --listen.
-    #[arg(long, env = "DERPPROBE_INTERVAL", default_value = DEFAULT_INTERVAL, value_parser = parse_duration)]
+    #[arg(long, env = "DERPPROBE_INTERVAL", default_value = DEFAULT_INTERVAL, value_parser = positive_duration)]
     interval: Duration,
 
     /// Log format (logs go to stderr).
@@ -142,39 +140,20 @@ struct Args {
     log_format: LogFormat,
 }
 
-/// Parses `500ms`, `5s`, `2m`, `1h` or a bare number of seconds.
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?} (use e.g. 500ms, 5s, 2m)"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("invalid duration unit in {s:?} (ms, s, m or h)")),
-    };
-    if !(secs > 0.0 && secs.is_finite()) {
-        return Err(format!("duration {s:?} must be positive"));
+/// A positive Go duration (`500ms`, `5s`, `2m`, `1h`; [`derper::duration`]).
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    match derper::duration::parse_go_duration(s) {
+        Ok(d) if d.is_zero() => Err(format!("duration {s:?} must be positive")),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
     }
-    Ok(Duration::from_secs_f64(secs))
 }
 
-/// Where the map comes from, resolved from the arguments.
-#[derive(Debug, Clone)]
-enum MapSource {
-    File(PathBuf),
-    Url(String),
-    ConfigMap {
-        namespace: String,
-        name: String,
-        key: Option<String>,
-    },
+impl Config {
+    /// Loads, parses and filters the map (see [`load_map`]).
+    async fn load_map(&self) -> Result<LoadedMap, String> {
+        load_map(&self.source, self.format, &self.regions, &self.kubectl).await
+    }
 }
 
 /// Validated settings (no options left for required values).
@@ -187,9 +166,7 @@ struct Config {
     probe: ProbeOptions,
     listen: Option<SocketAddr>,
     interval: Duration,
-    kubectl: PathBuf,
-    kubeconfig: Option<PathBuf>,
-    context: Option<String>,
+    kubectl: Kubectl,
 }
 
 impl Args {
@@ -275,158 +252,15 @@ impl Args {
                 probe,
                 listen,
                 interval,
-                kubectl,
-                kubeconfig,
-                context,
+                kubectl: Kubectl {
+                    program: kubectl,
+                    kubeconfig,
+                    context,
+                },
             },
             log_format,
         ))
     }
-}
-
-/// Fetches `url` (plain HTTP/1.1) and returns the body.
-async fn fetch(url: &str) -> Result<String, String> {
-    let uri: http::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
-    let host = uri
-        .host()
-        .ok_or_else(|| format!("{url}: no host"))?
-        .to_owned();
-    let port = uri.port_u16().unwrap_or(80);
-    let authority = uri
-        .authority()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|| host.clone());
-    let path = uri
-        .path_and_query()
-        .map(|p| p.to_string())
-        .unwrap_or_else(|| "/".into());
-    let host_for_connect = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
-    let tcp = tokio::net::TcpStream::connect((host_for_connect.as_str(), port))
-        .await
-        .map_err(|e| format!("{url}: connecting: {e}"))?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-            .await
-            .map_err(|e| format!("{url}: {e}"))?;
-    tokio::spawn(conn);
-    let req = http::Request::get(path)
-        .header(http::header::HOST, authority)
-        .header(http::header::USER_AGENT, "derpprobe")
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| format!("{url}: {e}"))?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| format!("{url}: {e}"))?;
-    let status = resp.status();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| format!("{url}: reading the body: {e}"))?
-        .to_bytes();
-    if !status.is_success() {
-        return Err(format!(
-            "{url}: HTTP {status}: {}",
-            String::from_utf8_lossy(&body).trim()
-        ));
-    }
-    String::from_utf8(body.to_vec()).map_err(|_| format!("{url}: the body is not UTF-8"))
-}
-
-/// Reads a ConfigMap with kubectl; returns (text, source name, format implied by the key).
-async fn read_configmap(
-    cfg: &Config,
-    namespace: &str,
-    name: &str,
-    key: Option<&str>,
-) -> Result<(String, String, Option<MapFormat>), String> {
-    let mut cmd = tokio::process::Command::new(&cfg.kubectl);
-    if let Some(k) = &cfg.kubeconfig {
-        cmd.arg("--kubeconfig").arg(k);
-    }
-    if let Some(c) = &cfg.context {
-        cmd.arg("--context").arg(c);
-    }
-    cmd.args(["get", "configmap", name, "-n", namespace, "-o", "json"])
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true);
-    let what = format!("configmap {namespace}/{name}");
-    let out = tokio::time::timeout(FETCH_TIMEOUT, cmd.output())
-        .await
-        .map_err(|_| format!("{what}: kubectl did not finish within {FETCH_TIMEOUT:?}"))?
-        .map_err(|e| format!("{what}: running {}: {e}", cfg.kubectl.display()))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{what}: kubectl failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .map_err(|e| format!("{what}: kubectl printed invalid JSON: {e}"))?;
-    let data = v
-        .get("data")
-        .and_then(|d| d.as_object())
-        .ok_or_else(|| format!("{what}: the ConfigMap has no data"))?;
-    let candidates: Vec<String> = match (key, cfg.format) {
-        (Some(k), _) => vec![k.to_owned()],
-        (None, Some(f)) => vec![f.configmap_key().to_owned()],
-        (None, None) => [MapFormat::Json, MapFormat::Policy, MapFormat::Headscale]
-            .iter()
-            .map(|f| f.configmap_key().to_owned())
-            .collect(),
-    };
-    for k in &candidates {
-        if let Some(text) = data.get(k).and_then(|t| t.as_str()) {
-            let implied = [MapFormat::Json, MapFormat::Policy, MapFormat::Headscale]
-                .into_iter()
-                .find(|f| f.configmap_key() == k);
-            return Ok((text.to_owned(), format!("{what} key {k}"), implied));
-        }
-    }
-    let have: Vec<&String> = data.keys().collect();
-    Err(format!(
-        "{what}: none of the keys {candidates:?} exists (keys: {have:?})"
-    ))
-}
-
-/// Loads, parses and filters the map. Errors name the source and the line or field.
-async fn load_map(cfg: &Config) -> Result<(DerpMap, MapFormat, String), String> {
-    let (text, source, implied) = match &cfg.source {
-        MapSource::File(p) => {
-            let text = tokio::fs::read_to_string(p)
-                .await
-                .map_err(|e| format!("reading {}: {e}", p.display()))?;
-            let ext = p.extension().and_then(|e| e.to_str()).unwrap_or_default();
-            let implied = match ext {
-                "hujson" => Some(MapFormat::Policy),
-                "yaml" | "yml" => Some(MapFormat::Headscale),
-                _ => None,
-            };
-            (text, p.display().to_string(), implied)
-        }
-        MapSource::Url(u) => {
-            let text = tokio::time::timeout(FETCH_TIMEOUT, fetch(u))
-                .await
-                .map_err(|_| format!("{u}: no answer within {FETCH_TIMEOUT:?}"))??;
-            (text, u.clone(), None)
-        }
-        MapSource::ConfigMap {
-            namespace,
-            name,
-            key,
-        } => read_configmap(cfg, namespace, name, key.as_deref()).await?,
-    };
-    let format = cfg.format.or(implied);
-    let (map, format) = probe::parse_map(&text, format, &source).map_err(|e| e.to_string())?;
-    let map = map
-        .filter_regions(&cfg.regions)
-        .map_err(|e| format!("{source}: {e}"))?;
-    Ok((map, format, source))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -759,14 +593,14 @@ async fn run_continuous(cfg: Config, listen: SocketAddr) -> ExitCode {
     tokio::pin!(stop);
     loop {
         let run = async {
-            match load_map(&cfg).await {
+            match cfg.load_map().await {
                 Err(e) => {
                     metrics.map_errors.inc();
                     metrics.last_run_ok.set(0);
                     metrics.stamp();
                     tracing::error!(error = %e, "cannot read the derpMap");
                 }
-                Ok((map, _, _)) => {
+                Ok(LoadedMap { map, .. }) => {
                     let report = probe::probe_map(&map, &cfg.probe).await;
                     metrics.record(&report);
                     let failures = report.failures();
@@ -812,7 +646,11 @@ async fn main() -> ExitCode {
     if let Some(listen) = cfg.listen {
         return run_continuous(cfg, listen).await;
     }
-    let (map, format, source) = match load_map(&cfg).await {
+    let LoadedMap {
+        map,
+        format,
+        source,
+    } = match cfg.load_map().await {
         Ok(m) => m,
         Err(e) => {
             eprintln!("derpprobe: cannot use the derpMap: {e}");
@@ -844,11 +682,16 @@ mod tests {
 
     #[test]
     fn durations_parse() {
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("5x").is_err());
+        assert_eq!(
+            positive_duration("500ms").unwrap(),
+            Duration::from_millis(500)
+        );
+        assert_eq!(positive_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(positive_duration("2m").unwrap(), Duration::from_secs(120));
+        // Go's grammar: a unit is required
+        assert!(positive_duration("3").is_err());
+        assert!(positive_duration("0s").is_err());
+        assert!(positive_duration("0").is_err());
+        assert!(positive_duration("5x").is_err());
     }
 }

@@ -327,3 +327,41 @@ fn mesh_failures_blame_both_ends_only_when_both_pass_their_own_checks() {
     ));
     assert!(s["a"].ok() && s["b"].ok());
 }
+
+#[test]
+fn probe_target_dials_the_published_overrides() {
+    use crate::crd::{DerpRegionStatus, NodeStatus};
+    let mut r = crate::fixtures::region();
+    r.status = Some(DerpRegionStatus {
+        nodes: vec![
+            NodeStatus {
+                name: "behind-nat".into(),
+                ipv4: Some("198.51.100.7".into()),
+                derp_port: Some(8443),
+                stun_port: Some(3479),
+                cert_name: "sha256-raw:aa".into(),
+                ..Default::default()
+            },
+            NodeStatus {
+                name: "plain".into(),
+                ipv4: Some("203.0.113.2".into()),
+                cert_name: "sha256-raw:bb".into(),
+                ..Default::default()
+            },
+        ],
+        ..Default::default()
+    });
+    let t = probe_target(&r);
+    let nat = &t.nodes[0];
+    assert_eq!(
+        (nat.ipv4.as_str(), nat.host_name.as_str()),
+        ("198.51.100.7", "198.51.100.7")
+    );
+    assert_eq!((nat.derp_port, nat.stun_port), (8443, 3479));
+    let plain = &t.nodes[1];
+    assert_eq!(
+        (plain.derp_port, plain.stun_port),
+        (443, 3478),
+        "the region's ports"
+    );
+}

@@ -9,9 +9,10 @@ use k8s_openapi::{
     ByteString,
     api::core::v1::{
         Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort,
-        EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector,
-        Pod, PodSecurityContext, PodSpec, Probe, SeccompProfile, Secret, SecretKeySelector,
-        SecretVolumeSource, SecurityContext, TCPSocketAction, Volume, VolumeMount,
+        EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, LocalObjectReference,
+        ObjectFieldSelector, Pod, PodSecurityContext, PodSpec, Probe, SeccompProfile, Secret,
+        SecretKeySelector, SecretVolumeSource, SecurityContext, TCPSocketAction, Volume,
+        VolumeMount,
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
@@ -178,12 +179,18 @@ pub fn mesh_secret(region: &DerpRegion, psk: &str) -> Secret {
     }
 }
 
-/// `host:port` of a relay as a mesh peer (IPv6 in brackets).
+/// `host:port` of a relay as a mesh peer (IPv6 in brackets): the node's own address when it
+/// has one (the relays mesh inside the cluster, not through a NAT's public address), else the
+/// published one; `port` is the port the relay binds.
 pub fn host_port(node: &SelectedNode, port: i32) -> String {
-    match (node.ipv4, node.ipv6) {
-        (Some(v4), _) => format!("{v4}:{port}"),
-        (None, Some(v6)) => format!("[{v6}]:{port}"),
-        (None, None) => String::new(),
+    let ip = node.node_ip.or(node
+        .ipv4
+        .map(std::net::IpAddr::V4)
+        .or(node.ipv6.map(std::net::IpAddr::V6)));
+    match ip {
+        Some(std::net::IpAddr::V4(v4)) => format!("{v4}:{port}"),
+        Some(std::net::IpAddr::V6(v6)) => format!("[{v6}]:{port}"),
+        None => String::new(),
     }
 }
 
@@ -289,6 +296,24 @@ pub fn relay_security_context(ports: &Ports) -> SecurityContext {
     }
 }
 
+/// Operator-wide relay Pod settings a region can override (`--relay-image`,
+/// `--relay-image-pull-secrets`).
+#[derive(Debug, Clone, Copy)]
+pub struct RelayDefaults<'a> {
+    /// Image for regions without `spec.relay.image`.
+    pub image: &'a str,
+    /// Pull secrets for regions without `spec.relay.imagePullSecrets`.
+    pub image_pull_secrets: &'a [String],
+}
+
+impl RelayDefaults<'static> {
+    /// The built-in defaults: the repository's relay image and no pull secrets.
+    pub const BUILTIN: RelayDefaults<'static> = RelayDefaults {
+        image: crate::crd::DEFAULT_RELAY_IMAGE,
+        image_pull_secrets: &[],
+    };
+}
+
 /// The relay Pod for one node, with its spec hash in [`ANNOTATION_SPEC_HASH`]. `pin` is part
 /// of the hash so that a new certificate restarts the relay (upstream derper reads its
 /// certificate only at start).
@@ -297,7 +322,7 @@ pub fn relay_pod(
     node: &SelectedNode,
     mesh: bool,
     pin: &str,
-    default_image: &str,
+    defaults: &RelayDefaults<'_>,
 ) -> Pod {
     let spec = &region.spec;
     let rname = region.name_any();
@@ -356,12 +381,16 @@ pub fn relay_pod(
         }),
         ..Default::default()
     }];
-    if ports.admin > 0 {
-        envs.push(env(
-            "DERPER_ADMIN_ADDR",
-            &format!("$(HOST_IP):{}", ports.admin),
-        ));
-    }
+    // an empty value turns our relay's admin listener off; without the variable it would
+    // bind its built-in default (127.0.0.1:9090) on the host's network
+    envs.push(env(
+        "DERPER_ADMIN_ADDR",
+        &if ports.admin > 0 {
+            format!("$(HOST_IP):{}", ports.admin)
+        } else {
+            String::new()
+        },
+    ));
     if mesh {
         envs.push(env(
             "DERPER_MESH_PEERS_FILE",
@@ -463,14 +492,20 @@ pub fn relay_pod(
         });
     }
 
+    mounts.extend(spec.relay.extra_volume_mounts.iter().cloned());
+    volumes.extend(spec.relay.extra_volumes.iter().cloned());
+
     let mut containers = vec![Container {
         name: "derper".into(),
         image: Some(
             spec.relay
                 .image
                 .clone()
-                .unwrap_or_else(|| default_image.to_owned()),
+                .unwrap_or_else(|| defaults.image.to_owned()),
         ),
+        // a relay that exits (e.g. a port already taken on the node) leaves the end of its
+        // log in the container status, where the operator reads it (`PortInUse`)
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
         image_pull_policy: spec.relay.image_pull_policy.clone(),
         args: Some(args),
         env: Some(envs),
@@ -542,6 +577,18 @@ pub fn relay_pod(
         enable_service_links: Some(false),
         automount_service_account_token: Some(false),
         tolerations: (!spec.tolerations.is_empty()).then(|| spec.tolerations.clone()),
+        priority_class_name: spec.relay.priority_class_name.clone(),
+        image_pull_secrets: if spec.relay.image_pull_secrets.is_empty() {
+            (!defaults.image_pull_secrets.is_empty()).then(|| {
+                defaults
+                    .image_pull_secrets
+                    .iter()
+                    .map(|n| LocalObjectReference { name: n.clone() })
+                    .collect()
+            })
+        } else {
+            Some(spec.relay.image_pull_secrets.clone())
+        },
         security_context: Some(PodSecurityContext {
             run_as_non_root: Some(true),
             run_as_user: Some(RELAY_UID),
@@ -557,21 +604,25 @@ pub fn relay_pod(
         volumes: Some(volumes),
         ..Default::default()
     };
-    let labels = labels(region, "relay", Some(&node.name));
-    let hash_input =
-        serde_json::to_string(&(&pod_spec, &labels, pin)).expect("pod spec always serializes");
+    // the region's extra labels and annotations, under the operator's own (which win)
+    let mut labels = spec.relay.pod_labels.clone();
+    labels.extend(self::labels(region, "relay", Some(&node.name)));
+    let mut annotations = spec.relay.pod_annotations.clone();
+    let hash_input = serde_json::to_string(&(&pod_spec, &labels, &annotations, pin))
+        .expect("pod spec always serializes");
     let hash = hex::encode(&Sha256::digest(hash_input.as_bytes())[..8]);
+    annotations.insert(ANNOTATION_SPEC_HASH.to_owned(), hash);
+    annotations.insert(ANNOTATION_PIN.to_owned(), pin.to_owned());
+    let mut metadata = meta(
+        region,
+        pod_name(&rname, &node.name),
+        "relay",
+        Some(&node.name),
+        annotations,
+    );
+    metadata.labels = Some(labels);
     Pod {
-        metadata: meta(
-            region,
-            pod_name(&rname, &node.name),
-            "relay",
-            Some(&node.name),
-            BTreeMap::from([
-                (ANNOTATION_SPEC_HASH.to_owned(), hash),
-                (ANNOTATION_PIN.to_owned(), pin.to_owned()),
-            ]),
-        ),
+        metadata,
         spec: Some(pod_spec),
         status: None,
     }
@@ -589,7 +640,6 @@ pub fn spec_hash(pod: &Pod) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::DEFAULT_RELAY_IMAGE;
     use crate::fixtures::region;
 
     #[test]
@@ -600,7 +650,10 @@ mod tests {
                 &sel(Some("10.0.0.1"), None),
                 false,
                 "p",
-                "registry.local/derper:9",
+                &RelayDefaults {
+                    image: "registry.local/derper:9",
+                    image_pull_secrets: &[],
+                },
             )
             .spec
             .and_then(|s| s.containers.into_iter().next())
@@ -620,6 +673,7 @@ mod tests {
             name: "n1".into(),
             ipv4: v4.map(|s| s.parse().unwrap()),
             ipv6: v6.map(|s| s.parse().unwrap()),
+            ..Default::default()
         }
     }
 
@@ -643,7 +697,7 @@ mod tests {
             &sel(None, Some("2001:db8::1")),
             true,
             "sha256-raw:00",
-            DEFAULT_RELAY_IMAGE,
+            &RelayDefaults::BUILTIN,
         );
         let spec = pod.spec.as_ref().unwrap();
         assert_eq!(spec.node_name.as_deref(), Some("n1"));
@@ -718,7 +772,7 @@ mod tests {
             &sel(Some("10.0.0.1"), None),
             false,
             "p",
-            DEFAULT_RELAY_IMAGE,
+            &RelayDefaults::BUILTIN,
         );
         let sc = pod.spec.as_ref().unwrap().containers[0]
             .security_context
@@ -766,7 +820,7 @@ mod tests {
     fn pod_hash_changes_with_pin_and_args_only() {
         let r = region();
         let n = sel(Some("10.0.0.1"), None);
-        let a = relay_pod(&r, &n, false, "sha256-raw:00", DEFAULT_RELAY_IMAGE);
+        let a = relay_pod(&r, &n, false, "sha256-raw:00", &RelayDefaults::BUILTIN);
         assert_eq!(
             spec_hash(&a),
             spec_hash(&relay_pod(
@@ -774,7 +828,7 @@ mod tests {
                 &n,
                 false,
                 "sha256-raw:00",
-                DEFAULT_RELAY_IMAGE
+                &RelayDefaults::BUILTIN
             ))
         );
         assert_ne!(
@@ -784,7 +838,7 @@ mod tests {
                 &n,
                 false,
                 "sha256-raw:01",
-                DEFAULT_RELAY_IMAGE
+                &RelayDefaults::BUILTIN
             ))
         );
         assert_ne!(
@@ -794,7 +848,7 @@ mod tests {
                 &n,
                 true,
                 "sha256-raw:00",
-                DEFAULT_RELAY_IMAGE
+                &RelayDefaults::BUILTIN
             ))
         );
     }
@@ -809,10 +863,31 @@ mod tests {
             &sel(Some("10.0.0.1"), None),
             false,
             "p",
-            DEFAULT_RELAY_IMAGE,
+            &RelayDefaults::BUILTIN,
         );
         let c = &pod.spec.as_ref().unwrap().containers[0];
         let args = c.args.as_ref().unwrap();
+        let admin_env = |c: &Container| {
+            c.env
+                .iter()
+                .flatten()
+                .find(|e| e.name == "DERPER_ADMIN_ADDR")
+                .and_then(|e| e.value.clone())
+        };
+        assert_eq!(admin_env(c).as_deref(), Some("$(HOST_IP):3480"));
+        r.spec.ports.admin = 0;
+        let off = relay_pod(
+            &r,
+            &sel(Some("10.0.0.1"), None),
+            false,
+            "p",
+            &RelayDefaults::BUILTIN,
+        );
+        assert_eq!(
+            admin_env(&off.spec.as_ref().unwrap().containers[0]).as_deref(),
+            Some(""),
+            "admin 0 turns the listener off instead of leaving the relay's default"
+        );
         assert!(args.contains(&"--http-port=-1".to_owned()));
         assert!(args.contains(&"--stun=false".to_owned()));
         assert!(c.readiness_probe.as_ref().unwrap().tcp_socket.is_some());
@@ -829,4 +904,84 @@ mod tests {
             "10.0.0.1:8443"
         );
     }
+
+    #[test]
+    fn relay_pod_carries_the_admins_pod_settings() {
+        use k8s_openapi::api::core::v1::LocalObjectReference;
+        let n = sel(Some("10.0.0.1"), None);
+        let defaults = RelayDefaults {
+            image: DEFAULT_IMAGE_FOR_TEST,
+            image_pull_secrets: &["regcred".to_owned()],
+        };
+        let mut r = region();
+        // operator default pull secrets apply when the region sets none
+        let pod = relay_pod(&r, &n, false, "p", &defaults);
+        let spec = pod.spec.as_ref().unwrap();
+        assert_eq!(
+            spec.image_pull_secrets,
+            Some(vec![LocalObjectReference {
+                name: "regcred".into()
+            }])
+        );
+        assert_eq!(
+            spec.containers[0].termination_message_policy.as_deref(),
+            Some("FallbackToLogsOnError")
+        );
+        let base_hash = spec_hash(&pod).map(str::to_owned);
+
+        r.spec.relay = serde_json::from_value(serde_json::json!({
+            "imagePullSecrets": [{"name": "mirror"}],
+            "priorityClassName": "system-node-critical",
+            "podLabels": {"team": "net"},
+            "podAnnotations": {"example.com/scrape": "true"},
+            "extraVolumes": [{"name": "rate", "configMap": {"name": "derp-rate"}}],
+            "extraVolumeMounts": [{"name": "rate", "mountPath": "/etc/derp/rate", "readOnly": true}],
+            "extraArgs": ["--rate-config=/etc/derp/rate/limits.json"],
+        }))
+        .unwrap();
+        let pod = relay_pod(&r, &n, false, "p", &defaults);
+        let spec = pod.spec.as_ref().unwrap();
+        assert_eq!(
+            spec.image_pull_secrets,
+            Some(vec![LocalObjectReference {
+                name: "mirror".into()
+            }]),
+            "the region's list replaces the operator's"
+        );
+        assert_eq!(
+            spec.priority_class_name.as_deref(),
+            Some("system-node-critical")
+        );
+        let labels = pod.metadata.labels.as_ref().unwrap();
+        assert_eq!(labels["team"], "net");
+        assert_eq!(labels["kubederp.io/region"], "home");
+        let ann = pod.metadata.annotations.as_ref().unwrap();
+        assert_eq!(ann["example.com/scrape"], "true");
+        assert!(ann.contains_key(ANNOTATION_SPEC_HASH));
+        assert!(
+            spec.volumes
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|v| v.name == "rate" && v.config_map.is_some())
+        );
+        let mounts = spec.containers[0].volume_mounts.as_ref().unwrap();
+        assert!(
+            mounts
+                .iter()
+                .any(|m| m.name == "rate" && m.mount_path == "/etc/derp/rate")
+        );
+        assert!(mounts.iter().any(|m| m.name == "certs"), "ours stay");
+        assert_ne!(
+            spec_hash(&pod).map(str::to_owned),
+            base_hash,
+            "changing the Pod settings replaces the relay"
+        );
+        // the operator's labels win over a clashing extra label (the CRD refuses them too)
+        r.spec.relay.pod_labels = BTreeMap::from([("kubederp.io/region".into(), "x".into())]);
+        let pod = relay_pod(&r, &n, false, "p", &defaults);
+        assert_eq!(pod.metadata.labels.unwrap()["kubederp.io/region"], "home");
+    }
+
+    const DEFAULT_IMAGE_FOR_TEST: &str = "registry.local/derper:1";
 }

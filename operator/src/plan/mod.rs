@@ -8,6 +8,8 @@
 pub mod children;
 pub mod derpmap;
 pub mod nodes;
+pub mod pod_failures;
+pub mod region_id;
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -17,11 +19,12 @@ use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 use self::{
     children::{
-        derpmap_config_map, derpmap_name, host_port, mesh_peers_config_map, mesh_peers_name,
-        mesh_secret, mesh_secret_name, relay_pod, spec_hash, tls_secret, tls_secret_name,
+        RelayDefaults, derpmap_config_map, derpmap_name, host_port, mesh_peers_config_map,
+        mesh_peers_name, mesh_secret, mesh_secret_name, relay_pod, spec_hash, tls_secret,
+        tls_secret_name,
     },
     derpmap::{DerpMap, DerpNode, DerpRegion as MapRegion},
-    nodes::{PortClaim, SelectedNode, Selection, select_nodes},
+    nodes::{INVALID_NODE_OVERRIDE, PortClaim, SelectedNode, Selection, select_nodes},
 };
 use crate::{
     certs::{CertIssuer, key_matches, parse_cert_pem, parse_duration},
@@ -65,6 +68,12 @@ pub struct Inputs<'a> {
     pub probes: &'a BTreeMap<String, ProbeView>,
     /// Relay image when the region does not set `spec.relay.image` (`--relay-image`).
     pub relay_image: &'a str,
+    /// Pull secrets when the region does not set `spec.relay.imagePullSecrets`
+    /// (`--relay-image-pull-secrets`).
+    pub relay_image_pull_secrets: &'a [String],
+    /// `namespace/name` of the region that holds this region's `spec.regionID` when another
+    /// region claims it first ([`region_id::region_id_winner`]); `None` when the ID is ours.
+    pub region_id_winner: Option<&'a str>,
 }
 
 /// What the operator's probes say about one node (kept by `health::Tracker`; it only changes
@@ -135,12 +144,16 @@ pub struct Plan {
     pub status: DerpRegionStatus,
     /// Events to emit.
     pub events: Vec<PlannedEvent>,
-    /// The region's derpMap (for the merged `/derpmap.json`).
-    pub derp_map: DerpMap,
+    /// The region's derpMap (for the merged `/derpmap.json`); `None` while another region
+    /// holds its region ID.
+    pub derp_map: Option<DerpMap>,
     /// When to reconcile again.
     pub requeue_after: Duration,
     /// Number of certificates issued by this plan.
     pub certs_issued: usize,
+    /// Number of nodes whose pin changes with this plan (a new certificate replacing one
+    /// that was published).
+    pub pin_changes: usize,
 }
 
 /// A planning failure (certificate issuance, invalid durations).
@@ -268,6 +281,87 @@ fn condition(type_: &str, ok: bool, reason: &str, message: String) -> Condition 
     }
 }
 
+/// `why` with the detail a person needs: for changed addresses, the old and new IP SANs.
+fn reissue_detail(why: &str, have: Option<&Secret>, ips: &[std::net::IpAddr]) -> String {
+    if why != "AddressesChanged" {
+        return why.to_owned();
+    }
+    let old = have
+        .and_then(|s| s.data.as_ref())
+        .and_then(|d| d.get("tls.crt"))
+        .and_then(|c| parse_cert_pem(&c.0).ok())
+        .map(|p| p.ips)
+        .unwrap_or_default();
+    let show = |v: &[std::net::IpAddr]| {
+        v.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "AddressesChanged: the published addresses changed from [{}] to [{}], so the \
+         certificate's IP SANs must change",
+        show(&old),
+        show(ips)
+    )
+}
+
+/// The Warning Event for a node whose published pin changes, with what users must do.
+pub fn pin_changed_event(node: &str, why: &str, old: &str, new: &str) -> PlannedEvent {
+    PlannedEvent {
+        warning: true,
+        reason: "PinChanged".into(),
+        note: format!(
+            "node {node}: new certificate ({why}); pin changed from {old} to {new}. Clients \
+             that pinned the old one cannot connect until they get the new derpMap: Tailscale \
+             SaaS: paste the policy snippet again; headscale derp.urls: picked up at its next \
+             update_frequency poll; headscale derp.paths: update the file, read at the same poll"
+        ),
+    }
+}
+
+/// Normal Events for nodes whose published DERP or STUN port changed (node annotations):
+/// the derpMap changes, the certificate does not (it holds IP SANs only).
+fn published_ports_events(prev: &[NodeStatus], now: &[NodeStatus]) -> Vec<PlannedEvent> {
+    now.iter()
+        .filter_map(|n| {
+            let p = prev.iter().find(|p| p.name == n.name)?;
+            (p.derp_port != n.derp_port || p.stun_port != n.stun_port).then(|| PlannedEvent {
+                warning: false,
+                reason: "PublishedPortsChanged".into(),
+                note: format!(
+                    "node {}: published ports now DERP {} / STUN {} (node annotations); the \
+                     certificate is unchanged (it holds only IP addresses)",
+                    n.name,
+                    n.derp_port.map_or("[region]".to_owned(), |p| p.to_string()),
+                    n.stun_port.map_or("[region]".to_owned(), |p| p.to_string()),
+                ),
+            })
+        })
+        .collect()
+}
+
+/// Replace (or add) condition `c` in `status`, keeping its transition time when the status
+/// did not change since `prev`.
+fn set_condition(
+    status: &mut DerpRegionStatus,
+    prev: &DerpRegionStatus,
+    now: OffsetDateTime,
+    mut c: Condition,
+) {
+    c.observed_generation = status.conditions.iter().find_map(|x| x.observed_generation);
+    c.last_transition_time = prev
+        .conditions
+        .iter()
+        .find(|p| p.type_ == c.type_ && p.status == c.status)
+        .and_then(|p| p.last_transition_time.clone())
+        .or_else(|| Some(rfc3339(now)));
+    match status.conditions.iter_mut().find(|x| x.type_ == c.type_) {
+        Some(x) => *x = c,
+        None => status.conditions.push(c),
+    }
+}
+
 /// Plan one region.
 pub fn plan(inp: &Inputs<'_>) -> Result<Plan, PlanError> {
     let region = inp.region;
@@ -295,6 +389,11 @@ pub fn plan(inp: &Inputs<'_>) -> Result<Plan, PlanError> {
     let mut wanted_secrets = Vec::new();
     let mut wanted_cms = Vec::new();
     let mut certs_issued = 0;
+    let mut pin_changes = 0;
+    let defaults = RelayDefaults {
+        image: inp.relay_image,
+        image_pull_secrets: inp.relay_image_pull_secrets,
+    };
     let mut next_renewal: Option<OffsetDateTime> = None;
 
     // 1. certificates: reuse or issue, one Secret per node
@@ -339,15 +438,16 @@ pub fn plan(inp: &Inputs<'_>) -> Result<Plan, PlanError> {
                     .find(|n| n.name == node.name)
                     .map(|n| n.cert_name.clone())
                     .filter(|p| !p.is_empty());
-                events.push(PlannedEvent {
-                    warning: false,
-                    reason: "CertificateIssued".into(),
-                    note: match &old_pin {
-                        Some(old) => format!(
-                            "node {}: new certificate ({why}); pin changed from {old} to {}",
-                            node.name, issued.pin
-                        ),
-                        None => format!(
+                let why = reissue_detail(why, have, &ips);
+                events.push(match &old_pin {
+                    Some(old) if *old != issued.pin => {
+                        pin_changes += 1;
+                        pin_changed_event(&node.name, &why, old, &issued.pin)
+                    }
+                    _ => PlannedEvent {
+                        warning: false,
+                        reason: "CertificateIssued".into(),
+                        note: format!(
                             "node {}: new certificate ({why}), pin {}",
                             node.name, issued.pin
                         ),
@@ -375,6 +475,15 @@ pub fn plan(inp: &Inputs<'_>) -> Result<Plan, PlanError> {
             pin,
             not_after,
         });
+    }
+
+    // a node left out for a malformed override annotation keeps its certificate, so fixing
+    // the typo brings it back with the same pin
+    for s in skipped.iter().filter(|s| s.reason == INVALID_NODE_OVERRIDE) {
+        let name = tls_secret_name(&rname, &s.name);
+        if inp.existing.secrets.contains_key(&name) {
+            wanted_secrets.push(name);
+        }
     }
 
     // 2. mesh Secret + peers ConfigMap
@@ -412,7 +521,7 @@ pub fn plan(inp: &Inputs<'_>) -> Result<Plan, PlanError> {
     let mut replace_ready = Vec::new();
     let mut not_ready_current = 0usize;
     for c in &certs {
-        let pod = relay_pod(region, &c.node, mesh, &c.pin, inp.relay_image);
+        let pod = relay_pod(region, &c.node, mesh, &c.pin, &defaults);
         let name = pod.name_any();
         wanted_pods.push(name.clone());
         match inp.existing.pods.get(&name) {
@@ -480,6 +589,8 @@ pub fn plan(inp: &Inputs<'_>) -> Result<Plan, PlanError> {
                 name: c.node.name.clone(),
                 ipv4: c.node.ipv4.map(|i| i.to_string()),
                 ipv6: c.node.ipv6.map(|i| i.to_string()),
+                derp_port: c.node.derp_port,
+                stun_port: c.node.stun_port,
                 cert_name: c.pin.clone(),
                 not_after: rfc3339(c.not_after),
                 pod_phase: Some(
@@ -493,7 +604,7 @@ pub fn plan(inp: &Inputs<'_>) -> Result<Plan, PlanError> {
                     p.metadata.deletion_timestamp.is_none()
                         && pod_ready(p)
                         && spec_hash(p)
-                            == spec_hash(&relay_pod(region, &c.node, mesh, &c.pin, inp.relay_image))
+                            == spec_hash(&relay_pod(region, &c.node, mesh, &c.pin, &defaults))
                 }),
                 last_probe_time: probe.map(|v| rfc3339(v.time)),
                 probe_result: probe.map(|v| v.result.clone()),
@@ -526,10 +637,11 @@ pub fn plan(inp: &Inputs<'_>) -> Result<Plan, PlanError> {
                 .node
                 .ipv6
                 .map_or_else(|| "none".to_owned(), |i| i.to_string()),
-            stun_port: spec.ports.stun,
+            stun_port: c.node.stun_port.unwrap_or(spec.ports.stun),
             stun_only: spec.stun_only,
-            derp_port: spec.ports.derp,
+            derp_port: c.node.derp_port.unwrap_or(spec.ports.derp),
             can_port80: spec.ports.http == 80,
+            ..DerpNode::default()
         })
         .collect();
     let map = DerpMap {
@@ -555,7 +667,11 @@ pub fn plan(inp: &Inputs<'_>) -> Result<Plan, PlanError> {
         &derpmap::render_headscale(&map),
     );
     let dm_name = derpmap_name(region);
-    if !config_map_unchanged(&cm, inp.existing.config_maps.get(&dm_name)) {
+    // a region whose ID another region holds publishes nothing: its ConfigMap is pruned, so
+    // nobody pastes a snippet that would overwrite the other region
+    if inp.region_id_winner.is_none()
+        && !config_map_unchanged(&cm, inp.existing.config_maps.get(&dm_name))
+    {
         writes.push(Write::ApplyConfigMap(cm));
         if prev
             .derp_map
@@ -573,7 +689,9 @@ pub fn plan(inp: &Inputs<'_>) -> Result<Plan, PlanError> {
             });
         }
     }
-    wanted_cms.push(dm_name.clone());
+    if inp.region_id_winner.is_none() {
+        wanted_cms.push(dm_name.clone());
+    }
 
     // 5. prune: owned children that are no longer wanted
     for (name, pod) in &inp.existing.pods {
@@ -623,6 +741,7 @@ pub fn plan(inp: &Inputs<'_>) -> Result<Plan, PlanError> {
             });
         }
     }
+    events.extend(published_ports_events(&prev.nodes, &nodes_status));
     for s in &skipped {
         if !prev.skipped_nodes.contains(s) && s.reason != "MaxNodes" {
             events.push(PlannedEvent {
@@ -663,7 +782,8 @@ pub fn plan(inp: &Inputs<'_>) -> Result<Plan, PlanError> {
         },
         kept_all: all_withheld && !withheld_nodes.is_empty(),
     };
-    let status = build_status(
+    let relay_failures = pod_failures::relay_failures(&inp.existing.pods, &rname, &nodes_status);
+    let mut status = build_status(
         region,
         &prev,
         inp.now,
@@ -674,6 +794,16 @@ pub fn plan(inp: &Inputs<'_>) -> Result<Plan, PlanError> {
             config_map_name: dm_name,
             content_hash: hash,
         },
+    );
+
+    pod_failures::apply(&mut status, &prev, inp.now, &relay_failures, &mut events);
+    region_id::apply(
+        &mut status,
+        &prev,
+        inp.now,
+        spec.region_id,
+        inp.region_id_winner,
+        &mut events,
     );
 
     let mut requeue_after = MAX_REQUEUE;
@@ -688,9 +818,10 @@ pub fn plan(inp: &Inputs<'_>) -> Result<Plan, PlanError> {
         writes,
         status,
         events,
-        derp_map: map,
+        derp_map: inp.region_id_winner.is_none().then_some(map),
         requeue_after,
         certs_issued,
+        pin_changes,
     })
 }
 
@@ -880,6 +1011,7 @@ fn build_status(
     DerpRegionStatus {
         observed_generation: generation,
         region_code: Some(region.spec.effective_code(&region.name_any())),
+        region_id: Some(region.spec.region_id),
         nodes_ready: Some(format!("{ready}/{desired}")),
         conditions: conds,
         nodes,

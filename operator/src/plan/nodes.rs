@@ -1,9 +1,11 @@
 //! PURE node selection: which Nodes become relay nodes of a region and with which IPs.
 //!
 //! Order of checks for every Node matching `nodeSelector` (in name order): being deleted,
-//! untolerated NoSchedule/NoExecute taints, a usable address per family (address types in the
-//! region's order of preference), a port claimed by a region that takes precedence, and
-//! finally `maxNodes`. Every node that is matched but not used gets a reason.
+//! untolerated NoSchedule/NoExecute taints, the admin's public-address/port annotations
+//! ([`node_overrides`]; a malformed one leaves the node out), a usable address per family
+//! (the annotation, else address types in the region's order of preference), a port claimed
+//! by a region that takes precedence, and finally `maxNodes`. Every node that is matched but
+//! not used gets a reason.
 
 use std::{
     collections::BTreeMap,
@@ -12,17 +14,116 @@ use std::{
 
 use k8s_openapi::api::core::v1::{Node, Taint, Toleration};
 
-use crate::crd::{AddressType, DerpRegionSpec, IpFamily, Ports, SkippedNode};
+use crate::crd::{
+    ANNOTATION_DERP_PORT, ANNOTATION_PUBLIC_IPV4, ANNOTATION_PUBLIC_IPV6, ANNOTATION_STUN_PORT,
+    AddressType, DerpRegionSpec, IpFamily, Ports, SkippedNode,
+};
+
+/// Reason of a node left out because one of its override annotations is malformed.
+pub const INVALID_NODE_OVERRIDE: &str = "InvalidNodeOverride";
 
 /// A node chosen as a relay node, with the addresses to publish.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SelectedNode {
     /// Node name.
     pub name: String,
-    /// IPv4 address to publish.
+    /// IPv4 address to publish (the `kubederp.io/public-ipv4` annotation, else the Node's).
     pub ipv4: Option<Ipv4Addr>,
-    /// IPv6 address to publish.
+    /// IPv6 address to publish (the `kubederp.io/public-ipv6` annotation, else the Node's).
     pub ipv6: Option<Ipv6Addr>,
+    /// The node's own address from `Node.status.addresses` (IPv4 preferred), which the other
+    /// relays of the region mesh with; `None` when only annotations give it an address.
+    pub node_ip: Option<IpAddr>,
+    /// Published DERP port when the `kubederp.io/derp-port` annotation overrides the region's.
+    pub derp_port: Option<i32>,
+    /// Published STUN port when the `kubederp.io/stun-port` annotation overrides the region's.
+    pub stun_port: Option<i32>,
+}
+
+/// Public addresses and ports a cluster admin set on a Node with annotations, for nodes whose
+/// clients reach them through 1:1 NAT or a port forward.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NodeOverrides {
+    /// `kubederp.io/public-ipv4`.
+    pub ipv4: Option<Ipv4Addr>,
+    /// `kubederp.io/public-ipv6`.
+    pub ipv6: Option<Ipv6Addr>,
+    /// `kubederp.io/derp-port`.
+    pub derp_port: Option<i32>,
+    /// `kubederp.io/stun-port`.
+    pub stun_port: Option<i32>,
+}
+
+fn parse_public_ipv4(v: &str) -> Result<Ipv4Addr, &'static str> {
+    match v.parse::<Ipv4Addr>() {
+        Ok(ip) if !(ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast()) => Ok(ip),
+        _ => Err("is not an IPv4 unicast address"),
+    }
+}
+
+fn parse_public_ipv6(v: &str) -> Result<Ipv6Addr, &'static str> {
+    match v.parse::<Ipv6Addr>() {
+        Ok(ip)
+            if !(ip.is_unspecified()
+                || ip.is_multicast()
+                || ip.is_unicast_link_local()
+                || ip.to_ipv4_mapped().is_some()) =>
+        {
+            Ok(ip)
+        }
+        _ => Err(
+            "is not an IPv6 unicast address (link-local and IPv4-mapped addresses cannot be dialled)",
+        ),
+    }
+}
+
+fn parse_port(v: &str) -> Result<i32, &'static str> {
+    match v.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(i32::from(p)),
+        _ => Err("is not a port number between 1 and 65535"),
+    }
+}
+
+/// The override annotations of `node`, or one message per malformed annotation (naming the
+/// annotation and its value). Loopback addresses are accepted (local test clusters use them).
+pub fn node_overrides(node: &Node) -> Result<NodeOverrides, Vec<String>> {
+    let ann = node.metadata.annotations.as_ref();
+    let get = |k: &str| ann.and_then(|a| a.get(k)).map(|v| v.trim());
+    let mut out = NodeOverrides::default();
+    let mut bad = Vec::new();
+    let mut check = |key: &str, r: Result<(), &'static str>| {
+        if let Err(why) = r {
+            bad.push(format!(
+                "annotation {key}={:?} {why}",
+                get(key).unwrap_or_default()
+            ));
+        }
+    };
+    if let Some(v) = get(ANNOTATION_PUBLIC_IPV4) {
+        check(
+            ANNOTATION_PUBLIC_IPV4,
+            parse_public_ipv4(v).map(|ip| out.ipv4 = Some(ip)),
+        );
+    }
+    if let Some(v) = get(ANNOTATION_PUBLIC_IPV6) {
+        check(
+            ANNOTATION_PUBLIC_IPV6,
+            parse_public_ipv6(v).map(|ip| out.ipv6 = Some(ip)),
+        );
+    }
+    if let Some(v) = get(ANNOTATION_DERP_PORT) {
+        check(
+            ANNOTATION_DERP_PORT,
+            parse_port(v).map(|p| out.derp_port = Some(p)),
+        );
+    }
+    if let Some(v) = get(ANNOTATION_STUN_PORT) {
+        check(
+            ANNOTATION_STUN_PORT,
+            parse_port(v).map(|p| out.stun_port = Some(p)),
+        );
+    }
+    if bad.is_empty() { Ok(out) } else { Err(bad) }
 }
 
 impl SelectedNode {
@@ -218,7 +319,30 @@ pub fn select_nodes(spec: &DerpRegionSpec, nodes: &[&Node], claims: &[PortClaim]
             ));
             continue;
         }
-        let (ipv4, ipv6) = pick_addresses(node, &spec.addresses.types, &spec.addresses.families);
+        let over = match node_overrides(node) {
+            Ok(o) => o,
+            Err(bad) => {
+                out.skipped.push(skip(
+                    INVALID_NODE_OVERRIDE,
+                    format!(
+                        "{}; fix or remove it (the node is left out of the region until then; \
+                         its certificate is kept)",
+                        bad.join("; ")
+                    ),
+                ));
+                continue;
+            }
+        };
+        let (own4, own6) = pick_addresses(node, &spec.addresses.types, &spec.addresses.families);
+        let node_ip = own4.map(IpAddr::V4).or(own6.map(IpAddr::V6));
+        let ipv4 = over
+            .ipv4
+            .filter(|_| spec.addresses.families.contains(&IpFamily::IPv4))
+            .or(own4);
+        let ipv6 = over
+            .ipv6
+            .filter(|_| spec.addresses.families.contains(&IpFamily::IPv6))
+            .or(own6);
         if ipv4.is_none() && ipv6.is_none() {
             out.skipped.push(skip(
                 "NoUsableAddress",
@@ -252,7 +376,15 @@ pub fn select_nodes(spec: &DerpRegionSpec, nodes: &[&Node], claims: &[PortClaim]
             ));
             continue;
         }
-        out.selected.push(SelectedNode { name, ipv4, ipv6 });
+        out.selected.push(SelectedNode {
+            name,
+            ipv4,
+            ipv6,
+            node_ip,
+            derp_port: over.derp_port,
+            // a region with STUN off publishes STUNPort -1 whatever the node says
+            stun_port: over.stun_port.filter(|_| spec.ports.stun > 0),
+        });
     }
     out
 }
@@ -402,5 +534,137 @@ mod tests {
         });
         assert_eq!(p.tcp, vec![443]);
         assert!(p.udp.is_empty());
+    }
+
+    #[test]
+    fn override_annotations_are_validated_and_name_the_annotation() {
+        let with = |k: &str, v: &str| node_overrides(&node("a").annotate(k, v).build());
+        assert_eq!(
+            with(ANNOTATION_PUBLIC_IPV4, " 198.51.100.7 ").unwrap().ipv4,
+            Some("198.51.100.7".parse().unwrap())
+        );
+        assert_eq!(
+            with(ANNOTATION_PUBLIC_IPV6, "2001:db8::7").unwrap().ipv6,
+            Some("2001:db8::7".parse().unwrap())
+        );
+        assert_eq!(
+            with(ANNOTATION_DERP_PORT, "8443").unwrap().derp_port,
+            Some(8443)
+        );
+        assert_eq!(
+            with(ANNOTATION_STUN_PORT, "65535").unwrap().stun_port,
+            Some(65535)
+        );
+        for (k, v) in [
+            (ANNOTATION_PUBLIC_IPV4, "300.1.1.1"),
+            (ANNOTATION_PUBLIC_IPV4, "2001:db8::1"),
+            (ANNOTATION_PUBLIC_IPV4, "0.0.0.0"),
+            (ANNOTATION_PUBLIC_IPV4, "224.0.0.1"),
+            (ANNOTATION_PUBLIC_IPV4, "255.255.255.255"),
+            (ANNOTATION_PUBLIC_IPV4, ""),
+            (ANNOTATION_PUBLIC_IPV6, "198.51.100.7"),
+            (ANNOTATION_PUBLIC_IPV6, "fe80::1"),
+            (ANNOTATION_PUBLIC_IPV6, "ff02::1"),
+            (ANNOTATION_PUBLIC_IPV6, "::ffff:198.51.100.7"),
+            (ANNOTATION_PUBLIC_IPV6, "::"),
+            (ANNOTATION_DERP_PORT, "0"),
+            (ANNOTATION_DERP_PORT, "65536"),
+            (ANNOTATION_DERP_PORT, "-1"),
+            (ANNOTATION_STUN_PORT, "3478/udp"),
+        ] {
+            let err = with(k, v).expect_err(&format!("{k}={v:?} must be refused"));
+            assert_eq!(err.len(), 1);
+            assert!(
+                err[0].starts_with(&format!("annotation {k}={v:?} ")),
+                "{err:?}"
+            );
+        }
+        // every malformed annotation is named, not just the first
+        let n = node("a")
+            .annotate(ANNOTATION_PUBLIC_IPV4, "x")
+            .annotate(ANNOTATION_DERP_PORT, "y")
+            .build();
+        assert_eq!(node_overrides(&n).unwrap_err().len(), 2);
+    }
+
+    #[test]
+    fn overrides_replace_the_published_addresses_within_the_region_families() {
+        let n = node("a")
+            .label("relay", "yes")
+            .internal("10.0.0.1")
+            .annotate(ANNOTATION_PUBLIC_IPV4, "198.51.100.7")
+            .annotate(ANNOTATION_PUBLIC_IPV6, "2001:db8::7")
+            .annotate(ANNOTATION_DERP_PORT, "8443")
+            .annotate(ANNOTATION_STUN_PORT, "3479")
+            .build();
+        let mut spec = region_spec();
+        let s = &select_nodes(&spec, &[&n], &[]).selected[0];
+        assert_eq!(s.ipv4, Some("198.51.100.7".parse().unwrap()));
+        assert_eq!(s.ipv6, Some("2001:db8::7".parse().unwrap()));
+        assert_eq!(s.node_ip, Some("10.0.0.1".parse().unwrap()));
+        assert_eq!((s.derp_port, s.stun_port), (Some(8443), Some(3479)));
+        // a region publishing IPv4 only ignores the IPv6 annotation; STUN off ignores its port
+        spec.addresses.families = vec![IpFamily::IPv4];
+        spec.ports.stun = -1;
+        let s = &select_nodes(&spec, &[&n], &[]).selected[0];
+        assert_eq!(s.ipv6, None);
+        assert_eq!(s.stun_port, None);
+        // an annotation alone makes a node without a usable status address usable
+        let bare = node("b")
+            .label("relay", "yes")
+            .hostname_addr("b")
+            .annotate(ANNOTATION_PUBLIC_IPV4, "198.51.100.8")
+            .build();
+        let s = &select_nodes(&region_spec(), &[&bare], &[]).selected[0];
+        assert_eq!(s.hostname(), "198.51.100.8");
+        assert_eq!(s.node_ip, None);
+    }
+
+    #[test]
+    fn malformed_override_leaves_the_node_out_naming_node_and_annotation() {
+        let n = node("a")
+            .label("relay", "yes")
+            .internal("10.0.0.1")
+            .annotate(ANNOTATION_PUBLIC_IPV4, "198.51.100.300")
+            .build();
+        let sel = select_nodes(&region_spec(), &[&n], &[]);
+        assert!(sel.selected.is_empty());
+        assert_eq!(sel.skipped[0].name, "a");
+        assert_eq!(sel.skipped[0].reason, INVALID_NODE_OVERRIDE);
+        assert!(
+            sel.skipped[0]
+                .message
+                .contains("annotation kubederp.io/public-ipv4=\"198.51.100.300\""),
+            "{}",
+            sel.skipped[0].message
+        );
+    }
+
+    #[test]
+    fn admin_port_clashes_with_another_regions_ports_on_the_node() {
+        let n = node("a").label("relay", "yes").internal("10.0.0.1").build();
+        // the other region's DERP port is our admin port
+        let claim = PortClaim {
+            region: "ns/other".into(),
+            node: "a".into(),
+            ports: PortSet::of(&Ports {
+                derp: 8443,
+                http: 0,
+                stun: -1,
+                admin: 0,
+            }),
+        };
+        let mut spec = region_spec();
+        spec.ports = Ports {
+            derp: 9443,
+            http: 0,
+            stun: 3479,
+            admin: 8443,
+        };
+        let sel = select_nodes(&spec, &[&n], std::slice::from_ref(&claim));
+        assert_eq!(sel.skipped[0].reason, "PortConflict");
+        assert!(sel.skipped[0].message.contains("tcp/8443"));
+        spec.ports.admin = 0;
+        assert_eq!(select_nodes(&spec, &[&n], &[claim]).selected.len(), 1);
     }
 }

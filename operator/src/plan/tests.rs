@@ -69,6 +69,8 @@ fn run_probed(
         new_psk: &psk,
         probes,
         relay_image: crate::crd::DEFAULT_RELAY_IMAGE,
+        relay_image_pull_secrets: &[],
+        region_id_winner: None,
     })
     .unwrap()
 }
@@ -155,7 +157,7 @@ fn first_plan_creates_secrets_mesh_pods_and_derpmap_in_order() {
     assert_eq!(mesh.data.as_ref().unwrap()["psk"].0, psk().into_bytes());
     assert_eq!(p.status.nodes.len(), 3);
     assert_eq!(p.status.nodes_ready.as_deref(), Some("0/3"));
-    let map = &p.derp_map.regions[&900];
+    let map = &p.derp_map.as_ref().unwrap().regions[&900];
     assert_eq!(map.region_code, "home");
     assert_eq!(map.nodes.len(), 3);
     assert_eq!(map.nodes[0].cert_name, p.status.nodes[0].cert_name);
@@ -215,10 +217,15 @@ fn changed_node_ip_reissues_only_that_certificate_and_replaces_its_pod() {
             |w| matches!(w, Write::DeletePod { name, reason: "Replace" } if name == "home-n2")
         )
     );
-    assert!(p2.events.iter().any(|e| e.reason == "CertificateIssued"
+    assert!(p2.events.iter().any(|e| e.reason == "PinChanged"
+        && e.warning
         && e.note.contains("pin changed from")
-        && e.note.contains("AddressesChanged")));
-    assert_eq!(p2.derp_map.regions[&900].nodes[1].host_name, "198.51.100.2");
+        && e.note.contains("from [203.0.113.2] to [198.51.100.2]")));
+    assert_eq!(p2.pin_changes, 1);
+    assert_eq!(
+        p2.derp_map.as_ref().unwrap().regions[&900].nodes[1].host_name,
+        "198.51.100.2"
+    );
 }
 
 #[test]
@@ -259,6 +266,8 @@ fn expiring_certificate_is_rotated() {
         new_psk: &psk,
         probes: &BTreeMap::new(),
         relay_image: crate::crd::DEFAULT_RELAY_IMAGE,
+        relay_image_pull_secrets: &[],
+        region_id_winner: None,
     })
     .unwrap();
     assert_eq!(p2.certs_issued, 3);
@@ -282,7 +291,7 @@ fn unlabelled_node_is_pruned_and_map_updated() {
         p2.writes
             .contains(&Write::DeleteSecret("home-n3-tls".into()))
     );
-    assert_eq!(p2.derp_map.regions[&900].nodes.len(), 2);
+    assert_eq!(p2.derp_map.as_ref().unwrap().regions[&900].nodes.len(), 2);
     assert!(p2.events.iter().any(|e| e.reason == "NodeRemoved"));
 }
 
@@ -369,6 +378,8 @@ fn port_conflict_becomes_node_condition() {
         new_psk: &psk,
         probes: &BTreeMap::new(),
         relay_image: crate::crd::DEFAULT_RELAY_IMAGE,
+        relay_image_pull_secrets: &[],
+        region_id_winner: None,
     })
     .unwrap();
     assert_eq!(p.status.nodes.len(), 2);
@@ -404,7 +415,7 @@ fn unhealthy_nodes_are_left_out_when_publish_unhealthy_is_false() {
     let mut r = region();
     r.spec.derp_map.publish_unhealthy = false;
     let p = run(&r, &three_nodes(), &Existing::default(), &RcgenIssuer);
-    assert!(p.derp_map.regions[&900].nodes.is_empty());
+    assert!(p.derp_map.as_ref().unwrap().regions[&900].nodes.is_empty());
 }
 
 #[test]
@@ -466,7 +477,7 @@ fn cond<'a>(p: &'a Plan, t: &str) -> &'a Condition {
 }
 
 fn published(p: &Plan) -> Vec<&str> {
-    p.derp_map.regions[&900]
+    p.derp_map.as_ref().unwrap().regions[&900]
         .nodes
         .iter()
         .map(|n| n.name.as_str())
@@ -576,4 +587,446 @@ fn unchanged_probe_views_plan_no_writes_and_the_same_status() {
     let p3 = run_probed(&r, &nodes, &existing, &RcgenIssuer, &probes);
     assert!(p3.writes.is_empty(), "{:?}", p3.writes);
     assert_eq!(p3.status, p2.status);
+}
+
+// ---------------------------------------------------------------------------------------
+// NAT / port-forward overrides (Node annotations)
+// ---------------------------------------------------------------------------------------
+
+use crate::crd::{
+    ANNOTATION_DERP_PORT, ANNOTATION_PUBLIC_IPV4, ANNOTATION_PUBLIC_IPV6, ANNOTATION_STUN_PORT,
+};
+
+/// `three_nodes()` with n1 behind a port forward: public 198.51.100.7, DERP 8443, STUN 3479.
+fn nodes_with_forward(ipv4: &str, derp: &str) -> Vec<Node> {
+    let mut nodes = three_nodes();
+    nodes[0] = node("n1")
+        .label("relay", "yes")
+        .internal("10.0.0.1")
+        .annotate(ANNOTATION_PUBLIC_IPV4, ipv4)
+        .annotate(ANNOTATION_DERP_PORT, derp)
+        .annotate(ANNOTATION_STUN_PORT, "3479")
+        .build();
+    nodes
+}
+
+fn cert_ips(existing: &Existing, secret: &str) -> Vec<std::net::IpAddr> {
+    parse_cert_pem(&existing.secrets[secret].data.as_ref().unwrap()["tls.crt"].0)
+        .unwrap()
+        .ips
+}
+
+#[test]
+fn override_annotations_reach_the_map_the_certificate_and_the_status() {
+    let nodes = nodes_with_forward("198.51.100.7", "8443");
+    let mut existing = Existing::default();
+    let p = run(&region(), &nodes, &existing, &RcgenIssuer);
+    apply_all(&mut existing, &p, true);
+    let n1 = &p.derp_map.as_ref().unwrap().regions[&900].nodes[0];
+    assert_eq!(n1.ipv4, "198.51.100.7");
+    assert_eq!(n1.host_name, "198.51.100.7");
+    assert_eq!((n1.derp_port, n1.stun_port), (8443, 3479));
+    let n2 = &p.derp_map.as_ref().unwrap().regions[&900].nodes[1];
+    assert_eq!(
+        (n2.derp_port, n2.stun_port),
+        (443, 3478),
+        "others keep the region's"
+    );
+    assert_eq!(
+        cert_ips(&existing, "home-n1-tls"),
+        vec!["198.51.100.7".parse::<std::net::IpAddr>().unwrap()]
+    );
+    let st = &p.status.nodes[0];
+    assert_eq!(st.ipv4.as_deref(), Some("198.51.100.7"));
+    assert_eq!((st.derp_port, st.stun_port), (Some(8443), Some(3479)));
+    assert_eq!(
+        (p.status.nodes[1].derp_port, p.status.nodes[1].stun_port),
+        (None, None)
+    );
+    // the relay binds the region's port; the other relays mesh with the node's own address
+    let pod = &existing.pods["home-n1"];
+    let args = pod.spec.as_ref().unwrap().containers[0]
+        .args
+        .clone()
+        .unwrap();
+    assert!(args.contains(&":443".to_owned()), "{args:?}");
+    assert!(
+        args.contains(&"--hostname=198.51.100.7".to_owned()),
+        "{args:?}"
+    );
+    let peers = &existing.config_maps["home-mesh-peers"]
+        .data
+        .as_ref()
+        .unwrap()["peers"];
+    assert!(peers.starts_with("10.0.0.1:443 sha256-raw:"), "{peers}");
+}
+
+#[test]
+fn port_only_override_change_keeps_the_certificate_and_the_relay() {
+    let issuer = CountingIssuer::default();
+    let mut existing = Existing::default();
+    let p1 = run(
+        &region(),
+        &nodes_with_forward("198.51.100.7", "8443"),
+        &existing,
+        &issuer,
+    );
+    apply_all(&mut existing, &p1, true);
+    let p2 = run(
+        &with_status(region(), &p1),
+        &nodes_with_forward("198.51.100.7", "9443"),
+        &existing,
+        &issuer,
+    );
+    assert_eq!(p2.certs_issued, 0, "ports are not in the certificate");
+    assert_eq!(p2.pin_changes, 0);
+    assert_eq!(p2.status.nodes[0].cert_name, p1.status.nodes[0].cert_name);
+    assert!(
+        p2.writes
+            .iter()
+            .all(|w| matches!(w, Write::ApplyConfigMap(c) if c.name_any() == "home-derpmap")),
+        "only the derpMap changes: {:?}",
+        p2.writes
+    );
+    assert_eq!(
+        p2.derp_map.as_ref().unwrap().regions[&900].nodes[0].derp_port,
+        9443
+    );
+    let e = p2
+        .events
+        .iter()
+        .find(|e| e.reason == "PublishedPortsChanged")
+        .expect("event");
+    assert!(
+        e.note.contains("node n1") && e.note.contains("DERP 9443"),
+        "{}",
+        e.note
+    );
+    assert!(e.note.contains("certificate is unchanged"), "{}", e.note);
+}
+
+#[test]
+fn address_override_change_reissues_with_the_sans_named_and_counts_a_pin_change() {
+    let mut existing = Existing::default();
+    let p1 = run(
+        &region(),
+        &nodes_with_forward("198.51.100.7", "8443"),
+        &existing,
+        &RcgenIssuer,
+    );
+    apply_all(&mut existing, &p1, true);
+    let p2 = run(
+        &with_status(region(), &p1),
+        &nodes_with_forward("198.51.100.8", "8443"),
+        &existing,
+        &RcgenIssuer,
+    );
+    assert_eq!((p2.certs_issued, p2.pin_changes), (1, 1));
+    apply_all(&mut existing, &p2, true);
+    assert_eq!(
+        cert_ips(&existing, "home-n1-tls"),
+        vec!["198.51.100.8".parse::<std::net::IpAddr>().unwrap()]
+    );
+    let e = p2
+        .events
+        .iter()
+        .find(|e| e.reason == "PinChanged")
+        .expect("event");
+    assert!(e.warning);
+    assert!(
+        e.note.contains("from [198.51.100.7] to [198.51.100.8]"),
+        "{}",
+        e.note
+    );
+    assert!(
+        e.note.contains("paste the policy snippet again"),
+        "{}",
+        e.note
+    );
+    assert!(e.note.contains("update_frequency"), "{}", e.note);
+}
+
+#[test]
+fn malformed_override_leaves_the_node_out_keeps_its_certificate_and_says_why() {
+    let mut existing = Existing::default();
+    let good = nodes_with_forward("198.51.100.7", "8443");
+    let p1 = run(&region(), &good, &existing, &RcgenIssuer);
+    apply_all(&mut existing, &p1, true);
+    let bad = nodes_with_forward("198.51.100.7", "84430");
+    let p2 = run(&with_status(region(), &p1), &bad, &existing, &RcgenIssuer);
+    let names: Vec<_> = p2.status.nodes.iter().map(|n| n.name.as_str()).collect();
+    assert_eq!(names, ["n2", "n3"]);
+    assert_eq!(p2.derp_map.as_ref().unwrap().regions[&900].nodes.len(), 2);
+    assert!(p2.writes.contains(&Write::DeletePod {
+        name: "home-n1".into(),
+        reason: "Prune"
+    }));
+    assert!(
+        !p2.writes
+            .contains(&Write::DeleteSecret("home-n1-tls".into())),
+        "the certificate is kept: {:?}",
+        p2.writes
+    );
+    let c = p2
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "NodesHealthy")
+        .unwrap();
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", "InvalidNodeOverride")
+    );
+    assert!(
+        c.message.contains("node n1") && c.message.contains("kubederp.io/derp-port=\"84430\""),
+        "{}",
+        c.message
+    );
+    let e = p2
+        .events
+        .iter()
+        .find(|e| e.reason == "InvalidNodeOverride")
+        .expect("event");
+    assert!(
+        e.warning && e.note.contains("kubederp.io/derp-port"),
+        "{}",
+        e.note
+    );
+    // fixing the annotation brings the node back with the same pin
+    apply_all(&mut existing, &p2, true);
+    let p3 = run(&with_status(region(), &p2), &good, &existing, &RcgenIssuer);
+    assert_eq!(p3.certs_issued, 0);
+    assert_eq!(p3.status.nodes[0].cert_name, p1.status.nodes[0].cert_name);
+}
+
+#[test]
+fn ipv6_override_is_published_and_in_the_sans() {
+    let mut nodes = three_nodes();
+    nodes[0] = node("n1")
+        .label("relay", "yes")
+        .internal("10.0.0.1")
+        .annotate(ANNOTATION_PUBLIC_IPV6, "2001:db8::7")
+        .build();
+    let mut existing = Existing::default();
+    let p = run(&region(), &nodes, &existing, &RcgenIssuer);
+    apply_all(&mut existing, &p, true);
+    let n1 = &p.derp_map.as_ref().unwrap().regions[&900].nodes[0];
+    assert_eq!(
+        (n1.ipv4.as_str(), n1.ipv6.as_str()),
+        ("10.0.0.1", "2001:db8::7")
+    );
+    assert_eq!(
+        cert_ips(&existing, "home-n1-tls"),
+        vec![
+            "10.0.0.1".parse::<std::net::IpAddr>().unwrap(),
+            "2001:db8::7".parse().unwrap()
+        ]
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Region ID conflicts and pin changes
+// ---------------------------------------------------------------------------------------
+
+fn run_conflicted(
+    region: &DerpRegion,
+    nodes: &[Node],
+    existing: &Existing,
+    winner: Option<&str>,
+) -> Plan {
+    let refs: Vec<&Node> = nodes.iter().collect();
+    plan(&Inputs {
+        region,
+        nodes: &refs,
+        claims: &[],
+        existing,
+        now: now(),
+        issuer: &RcgenIssuer,
+        new_psk: &psk,
+        probes: &BTreeMap::new(),
+        relay_image: crate::crd::DEFAULT_RELAY_IMAGE,
+        relay_image_pull_secrets: &[],
+        region_id_winner: winner,
+    })
+    .unwrap()
+}
+
+#[test]
+fn region_id_loser_publishes_nothing_and_says_who_holds_the_id() {
+    let nodes = three_nodes();
+    let mut existing = Existing::default();
+    // published first, then another (older) region claims the ID
+    let p1 = run(&region(), &nodes, &existing, &RcgenIssuer);
+    apply_all(&mut existing, &p1, true);
+    let p2 = run_conflicted(
+        &with_status(region(), &p1),
+        &nodes,
+        &existing,
+        Some("ns/first"),
+    );
+    assert!(p2.derp_map.is_none(), "left out of /derpmap.json");
+    assert!(
+        p2.writes
+            .contains(&Write::DeleteConfigMap("home-derpmap".into()))
+    );
+    assert!(
+        !p2.writes
+            .iter()
+            .any(|w| matches!(w, Write::DeletePod { .. } | Write::DeleteSecret(_))),
+        "relays and certificates stay: {:?}",
+        p2.writes
+    );
+    assert!(p2.status.derp_map.is_none());
+    for ty in ["Ready", "DerpMapPublished"] {
+        let c = p2.status.conditions.iter().find(|c| c.type_ == ty).unwrap();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "RegionIDConflict")
+        );
+        assert!(
+            c.message.contains("ns/first") && c.message.contains("900"),
+            "{}",
+            c.message
+        );
+    }
+    let warned: Vec<_> = p2
+        .events
+        .iter()
+        .filter(|e| e.reason == "RegionIDConflict")
+        .collect();
+    assert_eq!(warned.len(), 1);
+    assert!(warned[0].warning && warned[0].note.contains("ns/first"));
+    // steady: no second Event, no writes
+    apply_all(&mut existing, &p2, true);
+    let p3 = run_conflicted(
+        &with_status(region(), &p2),
+        &nodes,
+        &existing,
+        Some("ns/first"),
+    );
+    assert!(p3.writes.is_empty(), "{:?}", p3.writes);
+    assert!(p3.events.is_empty(), "{:?}", p3.events);
+    assert_eq!(p3.status, p2.status);
+    // the winner goes away: published again, Ready, announced
+    let p4 = run_conflicted(&with_status(region(), &p3), &nodes, &existing, None);
+    assert!(p4.derp_map.is_some());
+    assert!(
+        p4.writes
+            .iter()
+            .any(|w| matches!(w, Write::ApplyConfigMap(c) if c.name_any() == "home-derpmap"))
+    );
+    let ready = p4
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert_eq!(ready.status, "True");
+    assert!(
+        p4.events
+            .iter()
+            .any(|e| e.reason == "RegionIDConflictResolved" && !e.warning)
+    );
+}
+
+#[test]
+fn region_id_change_is_a_warning_event() {
+    let nodes = three_nodes();
+    let mut existing = Existing::default();
+    let p1 = run(&region(), &nodes, &existing, &RcgenIssuer);
+    apply_all(&mut existing, &p1, true);
+    assert_eq!(p1.status.region_id, Some(900));
+    let mut r = with_status(region(), &p1);
+    r.spec.region_id = 901;
+    let p2 = run(&r, &nodes, &existing, &RcgenIssuer);
+    let e = p2
+        .events
+        .iter()
+        .find(|e| e.reason == "RegionIDChanged")
+        .expect("event");
+    assert!(
+        e.warning && e.note.contains("from 900 to 901"),
+        "{}",
+        e.note
+    );
+    assert_eq!(p2.status.region_id, Some(901));
+    assert!(p2.derp_map.as_ref().unwrap().regions.contains_key(&901));
+}
+
+// ---------------------------------------------------------------------------------------
+// Relays that cannot start: a port taken on the node
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn relay_that_cannot_bind_its_admin_port_makes_a_port_in_use_condition() {
+    use k8s_openapi::api::core::v1::{
+        ContainerState, ContainerStateTerminated, ContainerStateWaiting, ContainerStatus,
+    };
+    let nodes = three_nodes();
+    let mut existing = Existing::default();
+    let p1 = run(&region(), &nodes, &existing, &RcgenIssuer);
+    apply_all(&mut existing, &p1, true);
+    // what the kubelet reports for a relay that exits at start (FallbackToLogsOnError)
+    let log = "INFO derper: server public key\n\
+               ERROR derper: bind admin listener on 10.0.0.2:3480: Address already in use (os error 98)\n\
+               derper: bind admin listener on 10.0.0.2:3480: Address already in use (os error 98)\n";
+    existing.pods.get_mut("home-n2").unwrap().status = Some(PodStatus {
+        phase: Some("Running".into()),
+        container_statuses: Some(vec![ContainerStatus {
+            name: "derper".into(),
+            state: Some(ContainerState {
+                waiting: Some(ContainerStateWaiting {
+                    reason: Some("CrashLoopBackOff".into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            last_state: Some(ContainerState {
+                terminated: Some(ContainerStateTerminated {
+                    exit_code: 1,
+                    reason: Some("Error".into()),
+                    message: Some(log.into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    });
+    let p2 = run(&with_status(region(), &p1), &nodes, &existing, &RcgenIssuer);
+    for ty in ["RelaysReady", "Ready"] {
+        let c = p2.status.conditions.iter().find(|c| c.type_ == ty).unwrap();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "PortInUse"),
+            "{ty}"
+        );
+        assert!(
+            c.message.contains("node n2")
+                && c.message.contains("10.0.0.2:3480")
+                && c.message.contains("spec.ports.admin"),
+            "{}",
+            c.message
+        );
+    }
+    let warned: Vec<_> = p2
+        .events
+        .iter()
+        .filter(|e| e.reason == "PortInUse")
+        .collect();
+    assert_eq!(warned.len(), 1);
+    // once: the same failure on the next look is not a new Event
+    let p3 = run(&with_status(region(), &p2), &nodes, &existing, &RcgenIssuer);
+    assert!(!p3.events.iter().any(|e| e.reason == "PortInUse"));
+    // a relay that becomes Ready again clears it
+    existing.pods.get_mut("home-n2").unwrap().status = Some(ready_status());
+    let p4 = run(&with_status(region(), &p3), &nodes, &existing, &RcgenIssuer);
+    let c = p4
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "RelaysReady")
+        .unwrap();
+    assert_eq!(c.status, "True");
 }

@@ -279,6 +279,16 @@ func tlsVersionName(v uint16) string {
 }
 
 func (s *setup) connect(ctx context.Context, p *peer) error {
+	if err := s.connectClient(ctx, p); err != nil {
+		return err
+	}
+	go p.recvLoop()
+	return nil
+}
+
+// connectClient connects p's client and checks the transport it took; nothing reads from
+// it yet.
+func (s *setup) connectClient(ctx context.Context, p *peer) error {
 	wsBefore := logWatch.websocketConnects()
 	t0 := time.Now()
 	if err := p.c.Connect(ctx); err != nil {
@@ -315,7 +325,6 @@ func (s *setup) connect(ctx context.Context, p *peer) error {
 		}
 		return fmt.Errorf("mode %q requested but the client used %q%s", s.mode, p.info.Transport, why)
 	}
-	go p.recvLoop()
 	return nil
 }
 

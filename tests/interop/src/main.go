@@ -38,6 +38,7 @@ func usage() {
 subcommands:
   exchange   two fresh node keys connect through a region and exchange packets both ways
   peergone   B receives from A, A closes, B must observe PeerGone(A)
+  load       N sender->receiver pairs of real clients at a fixed rate or capacity (load.go)
   netcheck   run the real netcheck client (STUN, then HTTPS latency) against a derpMap
   parsemap   read a derpMap (tailcfg JSON or headscale YAML) and print canonical tailcfg JSON
   version    print the tailscale.com version this binary was built against
@@ -60,6 +61,8 @@ func main() {
 		os.Exit(runExchange(args))
 	case "peergone":
 		os.Exit(runPeerGone(args))
+	case "load":
+		os.Exit(runLoad(args))
 	case "netcheck":
 		os.Exit(runNetcheck(args))
 	case "parsemap":
