@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod bins;
+pub mod headscale;
 pub mod interop;
 pub mod k8s;
 pub mod stack;

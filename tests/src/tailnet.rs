@@ -167,6 +167,15 @@ impl Node {
         run_cli(&self.socket, args, Duration::from_secs(30))
     }
 
+    /// A `tailscale --socket=<socket>` command (log upload off) for callers that need their
+    /// own stdin, environment or bound, such as `tailscale nc`.
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(bin("tailscale"));
+        cmd.arg(format!("--socket={}", self.socket.display()))
+            .env("TS_NO_LOGS_NO_SUPPORT", "true");
+        cmd
+    }
+
     /// `tailscale status --json`, parsed.
     pub fn status(&self) -> Result<Value> {
         status_json(&self.socket)
@@ -210,6 +219,23 @@ impl Node {
     }
 }
 
+/// How the nodes of a [`Tailnet`] join. The default joins Tailscale's test control server;
+/// another login server (headscale, `tests/tests/headscale.rs`) keeps the same isolation: the
+/// test control server still runs as the traffic trap every non-loopback URL is proxied to.
+#[derive(Debug, Clone, Default)]
+pub struct JoinOptions {
+    /// `--login-server` for `tailscale up`; `None` = the test control server.
+    pub login_server: Option<String>,
+    /// `--auth-key` for `tailscale up` (for example a headscale pre-auth key).
+    pub auth_key: Option<String>,
+    /// Extra environment for every `tailscaled` (for example `TS_DEBUG_*` knobs).
+    pub env: Vec<(String, String)>,
+    /// Run each `tailscaled` in a private mount namespace where `/etc/resolv.conf` names
+    /// 127.0.0.1 only, so a name it looks up (`tailscale debug derp` resolves the map's
+    /// `"IPv6": "none"` as a host name) fails on loopback instead of leaving the machine.
+    pub loopback_dns: bool,
+}
+
 /// Control server + nodes in one temporary directory; everything is killed on drop.
 #[derive(Debug)]
 pub struct Tailnet {
@@ -228,6 +254,11 @@ impl Tailnet {
     /// Starts the control server and one tailscaled per name, brings each up, and waits
     /// (at most [`START_TIMEOUT`]) until all are `Running` and each sees all others as peers.
     pub fn start(names: &[&str]) -> Result<Self> {
+        Self::start_with(names, &JoinOptions::default())
+    }
+
+    /// [`Tailnet::start`] with the nodes joining as `join` says.
+    pub fn start_with(names: &[&str], join: &JoinOptions) -> Result<Self> {
         let deadline = Instant::now() + START_TIMEOUT;
         // Short path: Unix socket paths are limited to 107 bytes.
         let dir = tempfile::Builder::new()
@@ -243,20 +274,29 @@ impl Tailnet {
         };
         let mut daemons = Vec::new();
         for name in names {
-            daemons.push(tailnet.start_daemon(name)?);
+            daemons.push(tailnet.start_daemon(name, join)?);
         }
+        let login = join
+            .login_server
+            .clone()
+            .unwrap_or_else(|| tailnet.control_url.clone());
         for (name, mut daemon, socket, state_dir) in daemons {
             tailnet.wait_socket(&mut daemon, &socket, deadline)?;
+            let mut args = vec![
+                "up".to_owned(),
+                format!("--login-server={login}"),
+                format!("--hostname={name}"),
+                "--accept-dns=false".to_owned(),
+                "--accept-routes=false".to_owned(),
+                "--timeout=30s".to_owned(),
+            ];
+            if let Some(key) = &join.auth_key {
+                args.push(format!("--auth-key={key}"));
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let out = run_cli(
                 &socket,
-                &[
-                    "up",
-                    &format!("--login-server={}", tailnet.control_url),
-                    &format!("--hostname={name}"),
-                    "--accept-dns=false",
-                    "--accept-routes=false",
-                    "--timeout=30s",
-                ],
+                &args,
                 deadline.saturating_duration_since(Instant::now()),
             )?;
             if !out.status.success() {
@@ -279,14 +319,29 @@ impl Tailnet {
         Ok(tailnet)
     }
 
-    fn start_daemon(&self, name: &str) -> Result<(String, Proc, PathBuf, PathBuf)> {
+    fn start_daemon(
+        &self,
+        name: &str,
+        join: &JoinOptions,
+    ) -> Result<(String, Proc, PathBuf, PathBuf)> {
         let state_dir = self.dir.path().join(name);
         fs::create_dir_all(&state_dir)?;
         let socket = state_dir.join("tailscaled.sock");
         let log = state_dir.join("tailscaled.log");
         let file = fs::File::create(&log)?;
         let url = &self.control_url;
-        let mut cmd = Command::new(bin("tailscaled"));
+        let mut cmd = if join.loopback_dns {
+            let resolv = state_dir.join("resolv.conf");
+            fs::write(&resolv, "nameserver 127.0.0.1\n")?;
+            let mut cmd = Command::new("unshare");
+            cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+                .arg(r#"mount --bind "$0" /etc/resolv.conf && exec "$@""#)
+                .arg(&resolv)
+                .arg(bin("tailscaled"));
+            cmd
+        } else {
+            Command::new(bin("tailscaled"))
+        };
         cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("HOME", &state_dir)
@@ -310,6 +365,7 @@ impl Tailnet {
             // The nodes never need to reach each other: no disco pings to interface
             // addresses.
             .env("TS_DEBUG_NEVER_DIRECT_UDP", "1")
+            .envs(join.env.iter().map(|(k, v)| (k, v)))
             .arg("--tun=userspace-networking")
             .arg(format!("--statedir={}", state_dir.display()))
             .arg(format!("--socket={}", socket.display()))
