@@ -45,26 +45,10 @@ fn pause(d: Duration) {
 pub fn headscale_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let dir = if let Some(dir) = std::env::var_os(HEADSCALE_BIN_DIR_ENV) {
-            PathBuf::from(dir)
-        } else {
-            let script = crate::k8s::workspace_root().join("tests/interop/headscale/build.sh");
-            let out = Command::new("bash")
-                .arg(&script)
-                .stdin(Stdio::null())
-                .output()
-                .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            assert!(
-                out.status.success(),
-                "{} failed ({}):\n{}\n{}",
-                script.display(),
-                out.status,
-                stdout,
-                String::from_utf8_lossy(&out.stderr)
-            );
-            PathBuf::from(stdout.lines().last().unwrap_or_default().trim())
-        };
+        let dir = crate::interop::go_peer_dir(
+            HEADSCALE_BIN_DIR_ENV,
+            "tests/interop/headscale/build.sh",
+        );
         let bin = dir.join("headscale");
         assert!(
             bin.is_file(),

@@ -51,40 +51,43 @@ fn pause(d: Duration) {
 /// build log when the build fails.
 pub fn interop_bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        if let Some(dir) = std::env::var_os(INTEROP_BIN_DIR_ENV) {
-            let dir = PathBuf::from(dir);
-            assert!(
-                dir.is_dir(),
-                "{INTEROP_BIN_DIR_ENV}={} is not a directory",
-                dir.display()
-            );
-            return dir;
-        }
-        let script = crate::k8s::workspace_root().join("tests/interop/build.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{} failed ({}):\n{}\n{}",
-            script.display(),
-            out.status,
-            stdout,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let last = stdout.lines().last().unwrap_or_default().trim();
-        let dir = PathBuf::from(last);
-        assert!(
-            dir.is_dir(),
-            "{} printed {last:?}, not a directory",
-            script.display()
-        );
-        dir
-    })
+    DIR.get_or_init(|| go_peer_dir(INTEROP_BIN_DIR_ENV, "tests/interop/build.sh"))
+}
+
+/// The directory of a Go-built test peer: `$env` when set (it must be a directory), else the
+/// last stdout line of the build script `script` (relative to the workspace root), which builds
+/// into the cache when needed. Panics with the build log when the build fails. The one lookup
+/// behind [`interop_bin_dir`], [`crate::tailnet::tailnet_bin_dir`] and
+/// [`crate::headscale::headscale_bin`].
+pub fn go_peer_dir(env: &str, script: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os(env) {
+        let dir = PathBuf::from(dir);
+        assert!(dir.is_dir(), "{env}={} is not a directory", dir.display());
+        return dir;
+    }
+    let script = crate::k8s::workspace_root().join(script);
+    let out = Command::new("bash")
+        .arg(&script)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{} failed ({}):\n{}\n{}",
+        script.display(),
+        out.status,
+        stdout,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().unwrap_or_default().trim();
+    let dir = PathBuf::from(last);
+    assert!(
+        dir.is_dir(),
+        "{} printed {last:?}, not a directory",
+        script.display()
+    );
+    dir
 }
 
 fn interop_bin(name: &str) -> PathBuf {

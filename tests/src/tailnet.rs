@@ -59,38 +59,7 @@ fn pause(d: Duration) {
 pub fn tailnet_bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        if let Some(dir) = std::env::var_os(TAILNET_BIN_DIR_ENV) {
-            let dir = PathBuf::from(dir);
-            assert!(
-                dir.is_dir(),
-                "{TAILNET_BIN_DIR_ENV}={} is not a directory",
-                dir.display()
-            );
-            return dir;
-        }
-        let script = crate::k8s::workspace_root().join("tests/interop/tailnet/build.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{} failed ({}):\n{}\n{}",
-            script.display(),
-            out.status,
-            stdout,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let last = stdout.lines().last().unwrap_or_default().trim();
-        let dir = PathBuf::from(last);
-        assert!(
-            dir.is_dir(),
-            "{} printed {last:?}, not a directory",
-            script.display()
-        );
-        dir
+        crate::interop::go_peer_dir(TAILNET_BIN_DIR_ENV, "tests/interop/tailnet/build.sh")
     })
 }
 
