@@ -4,7 +4,10 @@
 //! *whether* to write, only how.
 
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use k8s_openapi::api::{
+    core::v1::{ConfigMap, Pod, Secret},
+    policy::v1::PodDisruptionBudget,
+};
 use kube::{
     Api, Client, ResourceExt,
     api::{DeleteParams, Patch, PatchParams},
@@ -47,7 +50,7 @@ fn phase(w: &Write) -> u8 {
     match w {
         Write::ApplySecret(_) => 0,
         Write::ApplyConfigMap(_) => 1,
-        Write::CreatePod(_) | Write::DeletePod { .. } => 2,
+        Write::ApplyPdb(_) | Write::CreatePod(_) | Write::DeletePod { .. } => 2,
         Write::DeleteSecret(_) | Write::DeleteConfigMap(_) => 3,
     }
 }
@@ -64,6 +67,7 @@ pub async fn execute(
         secrets: Api::namespaced(client.clone(), ns),
         cms: Api::namespaced(client.clone(), ns),
         pods: Api::namespaced(client.clone(), ns),
+        pdbs: Api::namespaced(client.clone(), ns),
     };
     let mut writes = writes.into_iter().peekable();
     while let Some(first) = writes.next() {
@@ -84,10 +88,16 @@ struct Apis {
     secrets: Api<Secret>,
     cms: Api<ConfigMap>,
     pods: Api<Pod>,
+    pdbs: Api<PodDisruptionBudget>,
 }
 
 async fn execute_one(apis: &Apis, w: Write, metrics: &Metrics) -> Result<(), Error> {
-    let Apis { secrets, cms, pods } = apis;
+    let Apis {
+        secrets,
+        cms,
+        pods,
+        pdbs,
+    } = apis;
     match w {
         Write::ApplySecret(s) => {
             let name = s.name_any();
@@ -112,6 +122,14 @@ async fn execute_one(apis: &Apis, w: Write, metrics: &Metrics) -> Result<(), Err
             apply(pods, &p)
                 .await
                 .map_err(|source| Error::CreatePod { name, source })
+        }
+        Write::ApplyPdb(p) => {
+            let name = p.name_any();
+            debug!(pdb = %name, "applying relay poddisruptionbudget");
+            metrics.write("PodDisruptionBudget", "apply");
+            apply(pdbs, &p)
+                .await
+                .map_err(|source| Error::ApplyPdb { name, source })
         }
         Write::DeletePod { name, reason } => {
             debug!(pod = %name, reason, "deleting relay pod");

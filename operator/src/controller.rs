@@ -15,7 +15,10 @@ use std::{
 };
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
+use k8s_openapi::api::{
+    core::v1::{ConfigMap, Node, Pod, Secret},
+    policy::v1::PodDisruptionBudget,
+};
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::ListParams,
@@ -222,10 +225,15 @@ async fn list_children(client: &Client, ns: &str, region: &str) -> Result<Existi
         .list(&lp)
         .await
         .map_err(err("Pods"))?;
+    let pdbs = Api::<PodDisruptionBudget>::namespaced(client.clone(), ns)
+        .list(&lp)
+        .await
+        .map_err(err("PodDisruptionBudgets"))?;
     Ok(Existing {
         secrets: secrets.into_iter().map(|o| (o.name_any(), o)).collect(),
         config_maps: cms.into_iter().map(|o| (o.name_any(), o)).collect(),
         pods: pods.into_iter().map(|o| (o.name_any(), o)).collect(),
+        pdbs: pdbs.into_iter().map(|o| (o.name_any(), o)).collect(),
     })
 }
 
@@ -446,7 +454,8 @@ pub async fn run(
     controller
         .owns(child_api::<Secret>(&client, ns), owned.clone())
         .owns(child_api::<ConfigMap>(&client, ns), owned.clone())
-        .owns(child_api::<Pod>(&client, ns), owned)
+        .owns(child_api::<Pod>(&client, ns), owned.clone())
+        .owns(child_api::<PodDisruptionBudget>(&client, ns), owned)
         .watches(nodes_api, watcher::Config::default(), move |node: Node| {
             let name = node.name_any();
             mapper_store

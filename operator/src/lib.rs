@@ -85,6 +85,15 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    /// Server-side apply of the relay PodDisruptionBudget failed.
+    #[error("apply PodDisruptionBudget {name}: {source}")]
+    ApplyPdb {
+        /// Object name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
     /// Deleting a relay Pod failed.
     #[error("delete Pod {name}: {source}")]
     DeletePod {
@@ -139,6 +148,7 @@ impl Error {
             Error::ApplySecret { .. } => "ApplySecret",
             Error::ApplyConfigMap { .. } => "ApplyConfigMap",
             Error::CreatePod { .. } => "CreatePod",
+            Error::ApplyPdb { .. } => "ApplyPdb",
             Error::DeletePod { .. } => "DeletePod",
             Error::DeleteSecret { .. } => "DeleteSecret",
             Error::DeleteConfigMap { .. } => "DeleteConfigMap",
@@ -155,6 +165,7 @@ impl Error {
             | Error::ApplySecret { source, .. }
             | Error::ApplyConfigMap { source, .. }
             | Error::CreatePod { source, .. }
+            | Error::ApplyPdb { source, .. }
             | Error::DeletePod { source, .. }
             | Error::DeleteSecret { source, .. }
             | Error::DeleteConfigMap { source, .. }

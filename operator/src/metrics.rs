@@ -330,7 +330,13 @@ impl Metrics {
     /// Total writes of every kind (tests use it to prove an idle reconcile writes nothing).
     pub fn total_writes(&self) -> u64 {
         let mut total = 0;
-        for kind in ["Secret", "ConfigMap", "Pod", "DerpRegionStatus"] {
+        for kind in [
+            "Secret",
+            "ConfigMap",
+            "Pod",
+            "PodDisruptionBudget",
+            "DerpRegionStatus",
+        ] {
             for op in ["apply", "delete", "patch"] {
                 total += self
                     .writes

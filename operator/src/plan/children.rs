@@ -14,7 +14,8 @@ use k8s_openapi::{
         SecretKeySelector, SecretVolumeSource, SecurityContext, TCPSocketAction, Volume,
         VolumeMount,
     },
-    apimachinery::pkg::util::intstr::IntOrString,
+    api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec},
+    apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
 };
 use kube::{Resource, ResourceExt, api::ObjectMeta};
 use sha2::{Digest, Sha256};
@@ -230,6 +231,62 @@ pub fn derpmap_config_map(region: &DerpRegion, json: &str, policy: &str, hs: &st
         ])),
         ..Default::default()
     }
+}
+
+/// Name of the region's PodDisruptionBudget: `<region>-relays`.
+pub fn relay_pdb_name(region: &str) -> String {
+    fit_name(&format!("{region}-relays"), MAX_NAME)
+}
+
+/// `minAvailable` of the relay PodDisruptionBudget: more relays than a region can have, so no
+/// eviction of a Ready relay is ever allowed. An integer, because the disruption controller
+/// computes `maxUnavailable` and percentages from the owner's scale subresource, which a
+/// DerpRegion does not have.
+pub const RELAY_PDB_MIN_AVAILABLE: i32 = i32::MAX;
+
+/// The region's PodDisruptionBudget over its relay Pods: the Eviction API (`kubectl drain`,
+/// cluster-autoscaler) refuses to evict a Ready relay, so a drained node's relay is stopped by
+/// the operator once the published map no longer lists the node (cordon → withdraw → delete).
+/// A relay that is not Ready is not published and may be evicted (`AlwaysAllow`).
+pub fn relay_pdb(region: &DerpRegion) -> PodDisruptionBudget {
+    let rname = region.name_any();
+    PodDisruptionBudget {
+        metadata: meta(
+            region,
+            relay_pdb_name(&rname),
+            "relay",
+            None,
+            BTreeMap::new(),
+        ),
+        spec: Some(PodDisruptionBudgetSpec {
+            min_available: Some(IntOrString::Int(RELAY_PDB_MIN_AVAILABLE)),
+            selector: Some(LabelSelector {
+                match_labels: Some(BTreeMap::from([
+                    (LABEL_REGION.to_owned(), fit_name(&rname, MAX_NAME)),
+                    ("app.kubernetes.io/component".to_owned(), "relay".to_owned()),
+                ])),
+                ..Default::default()
+            }),
+            unhealthy_pod_eviction_policy: Some("AlwaysAllow".to_owned()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The write that creates or updates the region's PodDisruptionBudget, or `None` when the
+/// existing one (in `have`, by name) already matches.
+pub fn relay_pdb_write(
+    region: &DerpRegion,
+    have: &BTreeMap<String, PodDisruptionBudget>,
+) -> Option<super::Write> {
+    let want = relay_pdb(region);
+    let unchanged = have.get(&want.name_any()).is_some_and(|h| {
+        h.metadata.deletion_timestamp.is_none()
+            && h.spec == want.spec
+            && super::meta_matches(&want.metadata, &h.metadata)
+    });
+    (!unchanged).then(|| super::Write::ApplyPdb(Box::new(want)))
 }
 
 fn env(name: &str, value: &str) -> EnvVar {

@@ -24,7 +24,7 @@ use self::{
         tls_secret_name,
     },
     derpmap::{DerpMap, DerpNode, DerpRegion as MapRegion},
-    nodes::{INVALID_NODE_OVERRIDE, PortClaim, SelectedNode, Selection, select_nodes},
+    nodes::{PortClaim, SelectedNode, Selection, select_nodes},
 };
 use crate::{
     certs::{CertIssuer, key_matches, parse_cert_pem, parse_duration},
@@ -48,6 +48,8 @@ pub struct Existing {
     pub config_maps: BTreeMap<String, ConfigMap>,
     /// Pods.
     pub pods: BTreeMap<String, Pod>,
+    /// PodDisruptionBudgets.
+    pub pdbs: BTreeMap<String, k8s_openapi::api::policy::v1::PodDisruptionBudget>,
 }
 
 /// Everything [`plan`] needs.
@@ -114,6 +116,8 @@ pub enum Write {
     ApplyConfigMap(ConfigMap),
     /// Create (server-side apply) a relay Pod.
     CreatePod(Box<Pod>),
+    /// Server-side apply the relay PodDisruptionBudget ([`children::relay_pdb`]).
+    ApplyPdb(Box<k8s_openapi::api::policy::v1::PodDisruptionBudget>),
     /// Delete a relay Pod (replacement or prune).
     DeletePod {
         /// Pod name.
@@ -497,9 +501,12 @@ pub fn plan(inp: &Inputs<'_>) -> Result<Plan, PlanError> {
         });
     }
 
-    // a node left out for a malformed override annotation keeps its certificate, so fixing
-    // the typo brings it back with the same pin
-    for s in skipped.iter().filter(|s| s.reason == INVALID_NODE_OVERRIDE) {
+    // a node left out for a malformed override annotation or a cordon keeps its certificate,
+    // so fixing the typo or uncordoning brings it back with the same pin
+    for s in skipped
+        .iter()
+        .filter(|s| nodes::keeps_certificate(&s.reason))
+    {
         let name = tls_secret_name(&rname, &s.name);
         if inp.existing.secrets.contains_key(&name) {
             wanted_secrets.push(name);
@@ -540,6 +547,7 @@ pub fn plan(inp: &Inputs<'_>) -> Result<Plan, PlanError> {
     let mut replace_unready = Vec::new();
     let mut replace_ready = Vec::new();
     let mut not_ready_current = 0usize;
+    writes.extend(children::relay_pdb_write(region, &inp.existing.pdbs));
     for c in &certs {
         let pod = relay_pod(region, &c.node, mesh, &c.pin, &defaults);
         let name = pod.name_any();

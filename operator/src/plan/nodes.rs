@@ -22,6 +22,14 @@ use crate::crd::{
 
 /// Reason of a node left out because one of its override annotations is malformed.
 pub const INVALID_NODE_OVERRIDE: &str = "InvalidNodeOverride";
+/// Reason of a node left out because it is cordoned (`spec.unschedulable`, e.g. `kubectl drain`).
+pub const CORDONED: &str = "Cordoned";
+
+/// Whether a node skipped for `reason` keeps its certificate, so it comes back with the same
+/// pin: a cordon (maintenance) or a typo in an override annotation is temporary.
+pub fn keeps_certificate(reason: &str) -> bool {
+    reason == INVALID_NODE_OVERRIDE || reason == CORDONED
+}
 
 /// A node chosen as a relay node, with the addresses to publish.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -310,9 +318,9 @@ pub fn select_nodes(spec: &DerpRegionSpec, nodes: &[&Node], claims: &[PortClaim]
         }
         if node.spec.as_ref().and_then(|s| s.unschedulable) == Some(true) {
             out.skipped.push(skip(
-                "Cordoned",
+                CORDONED,
                 "the Node is cordoned (spec.unschedulable): withdrawn from the derpMap, then its \
-                 relay is stopped"
+                 relay is stopped; its certificate is kept"
                     .into(),
             ));
             continue;

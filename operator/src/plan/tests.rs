@@ -2,7 +2,10 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use k8s_openapi::api::core::v1::{PodCondition, PodStatus};
+use k8s_openapi::{
+    api::core::v1::{PodCondition, PodStatus},
+    apimachinery::pkg::util::intstr::IntOrString,
+};
 
 use super::*;
 use crate::{
@@ -101,6 +104,9 @@ fn apply_all(existing: &mut Existing, p: &Plan, ready: bool) {
             Write::DeleteConfigMap(n) => {
                 existing.config_maps.remove(n);
             }
+            Write::ApplyPdb(pdb) => {
+                existing.pdbs.insert(pdb.name_any(), (**pdb).clone());
+            }
         }
     }
 }
@@ -134,13 +140,14 @@ fn first_plan_creates_secrets_mesh_pods_and_derpmap_in_order() {
             Write::ApplySecret(_) => "secret",
             Write::ApplyConfigMap(_) => "cm",
             Write::CreatePod(_) => "pod",
+            Write::ApplyPdb(_) => "pdb",
             _ => "other",
         })
         .collect();
     assert_eq!(
         kinds,
         [
-            "secret", "secret", "secret", "secret", "cm", "pod", "pod", "pod", "cm"
+            "secret", "secret", "secret", "secret", "cm", "pdb", "pod", "pod", "pod", "cm"
         ]
     );
     assert_eq!(issuer.0.load(Ordering::SeqCst), 3);
@@ -362,6 +369,58 @@ fn cordoned_node_leaves_the_published_map_before_its_relay_is_stopped() {
 }
 
 #[test]
+fn a_cordoned_node_keeps_its_certificate_and_comes_back_with_the_same_pin() {
+    let issuer = CountingIssuer::default();
+    let mut nodes = three_nodes();
+    let r = region();
+    let mut existing = Existing::default();
+    let p1 = run(&r, &nodes, &existing, &issuer);
+    apply_all(&mut existing, &p1, true);
+    let pin = |p: &Plan| {
+        p.status
+            .nodes
+            .iter()
+            .find(|n| n.name == "n2")
+            .map(|n| n.cert_name.clone())
+    };
+    let before = pin(&p1).unwrap();
+    let cordon = |nodes: &mut Vec<Node>, on: Option<bool>| {
+        nodes[1]
+            .spec
+            .get_or_insert_with(Default::default)
+            .unschedulable = on;
+    };
+
+    cordon(&mut nodes, Some(true));
+    let mut r = with_status(r, &p1);
+    for _ in 0..3 {
+        let p = run(&r, &nodes, &existing, &issuer);
+        assert!(
+            !p.writes
+                .contains(&Write::DeleteSecret("home-n2-tls".into())),
+            "the cordoned node's certificate must stay: {:?}",
+            p.writes
+        );
+        apply_all(&mut existing, &p, true);
+        r = with_status(r, &p);
+    }
+    assert!(
+        !existing.pods.contains_key("home-n2"),
+        "its relay is stopped"
+    );
+
+    cordon(&mut nodes, None);
+    let p = run(&r, &nodes, &existing, &issuer);
+    assert_eq!(pin(&p).unwrap(), before);
+    assert_eq!(
+        issuer.0.load(Ordering::SeqCst),
+        3,
+        "no certificate issued again"
+    );
+    assert!(!p.events.iter().any(|e| e.reason == "PinChanged"));
+}
+
+#[test]
 fn a_relay_rollout_withdraws_one_node_at_a_time_and_never_empties_the_map() {
     let issuer = CountingIssuer::default();
     let nodes = three_nodes();
@@ -439,8 +498,10 @@ fn no_matching_nodes_is_a_condition_not_an_error() {
     assert_eq!(ready.status, "False");
     assert_eq!(ready.reason, "NoNodes");
     assert!(ready.message.contains("spec.nodeSelector"));
-    // the derpMap is still published (empty region), no mesh for zero nodes
-    assert_eq!(p.writes.len(), 1);
+    // the derpMap is still published (empty region) and the relays' budget is in place before
+    // any relay; no mesh for zero nodes
+    assert_eq!(p.writes.len(), 2, "{:?}", p.writes);
+    assert_eq!(pdb_writes(&p).len(), 1);
 }
 
 #[test]
@@ -1134,4 +1195,94 @@ fn relay_that_cannot_bind_its_admin_port_makes_a_port_in_use_condition() {
         .find(|c| c.type_ == "RelaysReady")
         .unwrap();
     assert_eq!(c.status, "True");
+}
+
+fn pdb_writes(p: &Plan) -> Vec<&k8s_openapi::api::policy::v1::PodDisruptionBudget> {
+    p.writes
+        .iter()
+        .filter_map(|w| match w {
+            Write::ApplyPdb(pdb) => Some(&**pdb),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_region_owns_a_disruption_budget_that_refuses_evicting_its_ready_relays() {
+    let r = region();
+    let p = run(&r, &three_nodes(), &Existing::default(), &RcgenIssuer);
+    let [pdb] = pdb_writes(&p)[..] else {
+        panic!("one PodDisruptionBudget per region: {:?}", p.writes)
+    };
+    assert_eq!(pdb.name_any(), "home-relays");
+    let owner = &pdb.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.controller),
+        ("DerpRegion", Some(true)),
+        "garbage-collected with its region"
+    );
+    let spec = pdb.spec.as_ref().unwrap();
+    // an integer minAvailable above any relay count: no disruption is ever allowed while the
+    // relays are Ready, and the disruption controller needs no scale subresource for it
+    assert_eq!(spec.min_available, Some(IntOrString::Int(i32::MAX)));
+    assert_eq!(spec.max_unavailable, None);
+    // a relay that is not Ready is not published: evicting it withdraws nothing
+    assert_eq!(
+        spec.unhealthy_pod_eviction_policy.as_deref(),
+        Some("AlwaysAllow")
+    );
+    let want = spec
+        .selector
+        .as_ref()
+        .unwrap()
+        .match_labels
+        .clone()
+        .unwrap();
+    let selects = |pod: &Pod| {
+        want.iter()
+            .all(|(k, v)| pod.labels().get(k).is_some_and(|have| have == v))
+    };
+    let pods: Vec<&Pod> = p
+        .writes
+        .iter()
+        .filter_map(|w| match w {
+            Write::CreatePod(pod) => Some(&**pod),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(pods.len(), 3);
+    assert!(
+        pods.iter().all(|pod| selects(pod)),
+        "selects every relay Pod"
+    );
+    let mut other = region();
+    other.metadata.name = Some("other".into());
+    other.metadata.uid = Some("other-uid".into());
+    let q = run(&other, &three_nodes(), &Existing::default(), &RcgenIssuer);
+    assert!(
+        q.writes
+            .iter()
+            .all(|w| !matches!(w, Write::CreatePod(pod) if selects(pod))),
+        "selects no relay of another region"
+    );
+}
+
+#[test]
+fn a_deleted_or_edited_disruption_budget_is_applied_again_and_an_intact_one_is_left_alone() {
+    let r = region();
+    let nodes = three_nodes();
+    let mut existing = Existing::default();
+    let p1 = run(&r, &nodes, &existing, &RcgenIssuer);
+    apply_all(&mut existing, &p1, true);
+    let r = with_status(r, &p1);
+    assert!(pdb_writes(&run(&r, &nodes, &existing, &RcgenIssuer)).is_empty());
+
+    let edited = existing.pdbs.get_mut("home-relays").unwrap();
+    edited.spec.as_mut().unwrap().min_available = Some(IntOrString::Int(1));
+    let p2 = run(&r, &nodes, &existing, &RcgenIssuer);
+    assert_eq!(pdb_writes(&p2).len(), 1, "{:?}", p2.writes);
+
+    existing.pdbs.clear();
+    let p3 = run(&r, &nodes, &existing, &RcgenIssuer);
+    assert_eq!(pdb_writes(&p3).len(), 1, "{:?}", p3.writes);
 }
