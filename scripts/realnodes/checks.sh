@@ -222,6 +222,66 @@ case_cordon() {
   log "lifecycle: uncordon rn-2 -> back in the map"
 }
 
+# Drain: `kubectl drain` (no --force, no --disable-eviction) asks the Eviction API, which the
+# region's PodDisruptionBudget refuses for a Ready relay; the operator sees the cordon, withdraws
+# the node from the map, then deletes the relay itself, and the drain completes. Each poll reads
+# the Pod first, then the map, then connects to the relay: while the map lists the node, its
+# relay Pod must be running and the relay still accept connections on the node IP.
+case_drain() {
+  local node=rn-1 pod="$REGION-rn-1" ip pin out rc state seen_withdrawn=false refused deadline allowed
+  ip=$(node_ip 1)
+  pin=$(pins | grep "^$node=")
+  out=$(jp pdb "$REGION-relays" -n "$NS" -o jsonpath='{.spec.minAvailable} {.status.disruptionsAllowed} {.status.currentHealthy}') ||
+    fail "drain: no PodDisruptionBudget $REGION-relays"
+  read -r _ allowed _ <<< "$out"
+  [ "${allowed:-0}" = 0 ] || fail "drain: PodDisruptionBudget allows $allowed disruption(s): $out"
+  log "drain: PodDisruptionBudget $REGION-relays: minAvailable/disruptionsAllowed/currentHealthy = $out"
+  # the relay's emptyDir (its state directory) makes a plain drain refuse; nothing is cordoned
+  out=$(kubectl drain "$node" --ignore-daemonsets --dry-run=server 2>&1) &&
+    fail "drain: expected a refusal without --delete-emptydir-data, got: $out"
+  log "drain: without --delete-emptydir-data kubectl refuses: $(echo "$out" | grep -m1 -o 'cannot delete.*' || echo "$out" | tail -1)"
+  kubectl drain "$node" --ignore-daemonsets --delete-emptydir-data --timeout=150s \
+    > "$RN_DIR/drain.out" 2>&1 &
+  local drain_pid=$! t0=$SECONDS
+  deadline=$(( $(date +%s) + 120 ))
+  while :; do
+    state=$(kubectl get pod -n "$NS" "$pod" -o jsonpath='{.metadata.deletionTimestamp}' 2>&1 || true)
+    case "$state" in
+      *NotFound*) state=gone ;;
+      "") state=running ;;
+      *) state=deleting ;;
+    esac
+    if [[ " $(map_nodes) " == *" $node "* ]]; then
+      [ "$state" = running ] || fail "drain: relay Pod $pod $state while the map still lists $node ($(cat "$RN_DIR/drain.out"))"
+      timeout 2 bash -c "exec 3<>/dev/tcp/$ip/443" 2>/dev/null ||
+        fail "drain: the relay on $ip:443 stopped serving while the map still lists $node"
+    else
+      seen_withdrawn=true
+      [ "$state" != running ] && break
+    fi
+    [ "$(date +%s)" -ge "$deadline" ] && fail "drain: map '$(map_nodes)', Pod $state after 120s ($(cat "$RN_DIR/drain.out"))"
+    sleep 0.1
+  done
+  $seen_withdrawn || fail "drain: never saw the map without $node"
+  log "drain: $node withdrawn from the map (relay serving until then), then its relay Pod $state"
+  deadline=$(( $(date +%s) + 60 ))
+  while kill -0 "$drain_pid" 2>/dev/null; do
+    [ "$(date +%s)" -ge "$deadline" ] && fail "drain: kubectl drain still running 60s after the relay stopped: $(cat "$RN_DIR/drain.out")"
+    sleep 0.2
+  done
+  rc=0
+  wait "$drain_pid" || rc=$?
+  [ "$rc" = 0 ] || fail "drain: kubectl drain exited $rc: $(cat "$RN_DIR/drain.out")"
+  refused=$(grep -c "disruption budget" "$RN_DIR/drain.out" || true)
+  [ "$refused" -gt 0 ] || fail "drain: the eviction of $pod was never refused, so nothing proves the operator (not the eviction) stopped it: $(cat "$RN_DIR/drain.out")"
+  log "drain: kubectl drain $node exited 0 after $((SECONDS - t0))s; the eviction of $pod was refused $refused time(s) ($(grep -m1 -o "Cannot evict pod[^.]*" "$RN_DIR/drain.out"))"
+  kubectl uncordon "$node" >/dev/null
+  wait_map 120 "rn-1 rn-2 rn-3"
+  [ "$(pins | grep "^$node=")" = "$pin" ] || fail "drain: $node came back with pin $(pins | grep "^$node="), was $pin"
+  wait_for 90 "$pod Ready again" pod_ready "$pod"
+  log "lifecycle: drain $node -> withdrawn, relay stopped by the operator, drain done; uncordon -> back in the map with the same pin"
+}
+
 case_helm_upgrade() {
   local n min=3 count changed=0 deadline
   for n in "${NODES[@]}"; do
@@ -247,11 +307,12 @@ case_helm_upgrade() {
 
 case_helm_uninstall() {
   helm uninstall kubederp -n kubederp --wait >/dev/null || fail "helm uninstall failed"
-  local crd regions relays
+  local crd regions relays pdbs
   crd=$(jp crd derpregions.kubederp.io -o name)
   regions=$(jp derpregion -A -o name | wc -l)
   relays=$(jp pods -n "$NS" -l kubederp.io/region="$REGION" -o name | wc -l)
-  log "lifecycle: helm uninstall -> operator gone ($(jp pods -n kubederp -o name | wc -l) Pods in kubederp); CRD ${crd:-gone}; $regions DerpRegion(s) and $relays relay Pod(s) remain"
+  pdbs=$(jp pdb -n "$NS" -o name | tr '\n' ' ')
+  log "lifecycle: helm uninstall -> operator gone ($(jp pods -n kubederp -o name | wc -l) Pods in kubederp); CRD ${crd:-gone}; $regions DerpRegion(s), $relays relay Pod(s) and PodDisruptionBudget(s) ${pdbs:-none} remain"
 }
 
 run_checks() {
@@ -265,6 +326,7 @@ run_checks() {
   case_operator_restart
   case_kubelet_stopped
   case_cordon
+  case_drain
   case_helm_upgrade
   case_helm_uninstall
 }

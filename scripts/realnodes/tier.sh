@@ -75,5 +75,11 @@ done
 kubectl wait node --all --for=condition=Ready --timeout=120s >/dev/null || fail "nodes not Ready"
 log "nodes Ready: $(kubectl get nodes -o jsonpath='{range .items[*]}{.metadata.name}={.status.addresses[0].address} {end}')"
 
-[ "${RN_CHECKS:-all}" = none ] || run_checks
+# RN_CHECKS: all (default), none, or check functions to run in order (a developer's subset,
+# e.g. "install_chart region_up case_drain")
+case "${RN_CHECKS:-all}" in
+  all) run_checks ;;
+  none) ;;
+  *) for c in $RN_CHECKS; do "$c"; done ;;
+esac
 log "all checks passed"
