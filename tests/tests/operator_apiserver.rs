@@ -16,10 +16,13 @@ use std::time::Duration;
 
 use derp_operator::{certs::parse_cert_pem, crd::DerpRegion};
 use derp_tests::k8s::wait_for;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use k8s_openapi::api::{
+    core::v1::{ConfigMap, Node, Pod, Secret},
+    policy::v1::PodDisruptionBudget,
+};
 use kube::{
-    Api, ResourceExt,
-    api::{DeleteParams, Patch, PatchParams, PostParams},
+    Api, Client, ResourceExt,
+    api::{DeleteParams, EvictParams, Patch, PatchParams, PostParams},
 };
 use serde_json::{Value, json};
 use support::*;
@@ -823,4 +826,124 @@ async fn lease_leader_election_hands_over_on_release() {
     assert_eq!(spec.holder_identity.as_deref(), Some("b"));
     assert_eq!(spec.lease_transitions, Some(1));
     lead_b.release().await.expect("release");
+}
+
+/// Node names the stored derpMap ConfigMap lists.
+async fn published(client: &Client, ns: &str) -> Vec<String> {
+    let map = derpmap_json(client, ns, "home-derpmap").await;
+    let mut names: Vec<String> = map["Regions"]
+        .as_object()
+        .into_iter()
+        .flat_map(|r| r.values())
+        .flat_map(|r| r["Nodes"].as_array().cloned().unwrap_or_default())
+        .filter_map(|n| n["Name"].as_str().map(str::to_owned))
+        .collect();
+    names.sort();
+    names
+}
+
+/// `kubectl drain` through the Eviction API: the region's PodDisruptionBudget refuses to evict
+/// a Ready relay (the control plane here runs no disruption controller, as some clusters do
+/// not); after the cordon the operator withdraws the node and deletes the relay itself, so an
+/// eviction retried like kubectl drain's goes through only once the stored map no longer lists
+/// the node. Uncordoned, the node comes back with its pin; the budget goes with its region.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evicting_a_relay_waits_until_the_operator_has_withdrawn_its_cordoned_node() {
+    let (client, ns) = setup("op-drain").await;
+    let ns = ns.name.clone();
+    let t = tag();
+    let key = "kubederp.io/test-relay";
+    let (n1, n2) = (format!("drain-{t}-n1"), format!("drain-{t}-n2"));
+    let mut nodes = TestNodes::new(&client);
+    for (name, ip) in [(&n1, "127.0.11.1"), (&n2, "127.0.11.2")] {
+        nodes
+            .create(name, json!({key: t}), &[("InternalIP", ip)])
+            .await;
+    }
+    let _kubelet = fake_kubelet(&client, &ns);
+    let op = Operator::start(&client, &ns);
+    create_region(
+        &client,
+        &ns,
+        "home",
+        json!({"regionID": 900, "nodeSelector": {key: t}}),
+    )
+    .await;
+    let r = wait_region(&client, &ns, "home", "region Ready over 2 nodes", |r| {
+        is_ready_with(r, &[&n1, &n2])
+    })
+    .await;
+    let pin = pins(&r)[&n2].clone();
+    wait_for("the map to list both nodes", WAIT, || async {
+        (published(&client, &ns).await == [n1.clone(), n2.clone()]).then_some(())
+    })
+    .await;
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns);
+    let pdb = pdbs.get("home-relays").await.expect("the region's budget");
+    assert_eq!(pdb.owner_references()[0].kind, "DerpRegion");
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let relay = format!("home-{n2}");
+    let refused = pods.evict(&relay, &EvictParams::default()).await;
+    assert!(
+        matches!(&refused, Err(kube::Error::Api(e)) if e.code == 429),
+        "a Ready, published relay must not be evicted: {refused:?}"
+    );
+
+    Api::<Node>::all(client.clone())
+        .patch(
+            &n2,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"unschedulable": true}})),
+        )
+        .await
+        .expect("cordon");
+    // kubectl drain retries a refused eviction every 5 s; here every 100 ms
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match pods.evict(&relay, &EvictParams::default()).await {
+            Err(kube::Error::Api(e)) if e.code == 429 => {}
+            Ok(_) => break,
+            Err(kube::Error::Api(e)) if e.code == 404 => break,
+            Err(e) => panic!("eviction of {relay}: {e}"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "eviction of {relay} still refused after {}s",
+            WAIT.as_secs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        published(&client, &ns).await,
+        [n1.clone()],
+        "the eviction went through while the map still listed {n2}"
+    );
+
+    Api::<Node>::all(client.clone())
+        .patch(
+            &n2,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"unschedulable": null}})),
+        )
+        .await
+        .expect("uncordon");
+    let r = wait_region(&client, &ns, "home", "n2 back after uncordon", |r| {
+        is_ready_with(r, &[&n1, &n2])
+    })
+    .await;
+    assert_eq!(pins(&r)[&n2], pin, "same pin after the drain");
+
+    Api::<DerpRegion>::namespaced(client.clone(), &ns)
+        .delete("home", &DeleteParams::background())
+        .await
+        .expect("delete region");
+    wait_for("the budget to be garbage-collected", WAIT, || async {
+        pdbs.get_opt("home-relays")
+            .await
+            .ok()
+            .and_then(|p| p.is_none().then_some(()))
+    })
+    .await;
+    op.stop().await;
 }
