@@ -916,7 +916,7 @@ async fn evicting_a_relay_waits_until_the_operator_has_withdrawn_its_cordoned_no
     }
     assert_eq!(
         published(&client, &ns).await,
-        [n1.clone()],
+        std::slice::from_ref(&n1),
         "the eviction went through while the map still listed {n2}"
     );
 
