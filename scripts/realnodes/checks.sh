@@ -277,7 +277,8 @@ case_drain() {
   log "drain: kubectl drain $node exited 0 after $((SECONDS - t0))s; the eviction of $pod was refused $refused time(s) ($(grep -m1 -o "Cannot evict pod[^.]*" "$RN_DIR/drain.out"))"
   kubectl uncordon "$node" >/dev/null
   wait_map 120 "rn-1 rn-2 rn-3"
-  [ "$(pins | grep "^$node=")" = "$pin" ] || fail "drain: $node came back with pin $(pins | grep "^$node="), was $pin"
+  [ "$(pins | grep "^$node=")" = "$pin" ] ||
+    fail "drain: $node came back with pin $(pins | grep "^$node="), was $pin; Secret $REGION-$node-tls created $(jp secret "$REGION-$node-tls" -n "$NS" -o jsonpath='{.metadata.creationTimestamp}'); region events: $(kubectl get events -n "$NS" --field-selector involvedObject.kind=DerpRegion -o custom-columns=R:.reason,M:.message --no-headers 2>&1 | tail -n 12); operator: $(kubectl logs -n kubederp -l app.kubernetes.io/name=kubederp --tail=-1 2>&1 | grep -i "$node-tls\|secret" | tail -n 8)"
   wait_for 90 "$pod Ready again" pod_ready "$pod"
   log "lifecycle: drain $node -> withdrawn, relay stopped by the operator, drain done; uncordon -> back in the map with the same pin"
 }

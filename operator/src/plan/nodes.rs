@@ -245,6 +245,20 @@ fn tolerates(t: &Toleration, taint: &Taint) -> bool {
 }
 
 /// The first taint that repels a Pod with `tolerations` (NoSchedule / NoExecute only).
+/// Taint the node lifecycle controller mirrors `spec.unschedulable` with; it is removed a
+/// moment after `kubectl uncordon`.
+const UNSCHEDULABLE_TAINT: &str = "node.kubernetes.io/unschedulable";
+
+/// Cordoned, or just uncordoned and still carrying the cordon's taint (which would otherwise
+/// make it `Untolerated` for a moment, and lose its certificate).
+fn is_cordoned(node: &Node) -> bool {
+    let spec = node.spec.as_ref();
+    spec.and_then(|s| s.unschedulable) == Some(true)
+        || spec
+            .and_then(|s| s.taints.as_ref())
+            .is_some_and(|ts| ts.iter().any(|t| t.key == UNSCHEDULABLE_TAINT))
+}
+
 fn untolerated_taint<'a>(node: &'a Node, tolerations: &[Toleration]) -> Option<&'a Taint> {
     node.spec
         .as_ref()
@@ -316,7 +330,7 @@ pub fn select_nodes(spec: &DerpRegionSpec, nodes: &[&Node], claims: &[PortClaim]
                 .push(skip("NodeDeleting", "the Node is being deleted".into()));
             continue;
         }
-        if node.spec.as_ref().and_then(|s| s.unschedulable) == Some(true) {
+        if is_cordoned(node) {
             out.skipped.push(skip(
                 CORDONED,
                 "the Node is cordoned (spec.unschedulable): withdrawn from the derpMap, then its \

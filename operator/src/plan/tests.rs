@@ -409,7 +409,24 @@ fn a_cordoned_node_keeps_its_certificate_and_comes_back_with_the_same_pin() {
         "its relay is stopped"
     );
 
+    // uncordoned: the cordon's taint stays a moment longer (node lifecycle controller)
     cordon(&mut nodes, None);
+    nodes[1].spec.get_or_insert_with(Default::default).taints =
+        Some(vec![k8s_openapi::api::core::v1::Taint {
+            key: "node.kubernetes.io/unschedulable".into(),
+            effect: "NoSchedule".into(),
+            ..Default::default()
+        }]);
+    let p = run(&r, &nodes, &existing, &issuer);
+    assert!(
+        !p.writes
+            .contains(&Write::DeleteSecret("home-n2-tls".into())),
+        "the certificate must stay while the cordon's taint remains: {:?}",
+        p.writes
+    );
+    apply_all(&mut existing, &p, true);
+    let r = with_status(r, &p);
+    nodes[1].spec.get_or_insert_with(Default::default).taints = None;
     let p = run(&r, &nodes, &existing, &issuer);
     assert_eq!(pin(&p).unwrap(), before);
     assert_eq!(
