@@ -83,7 +83,7 @@ pub const VERIFY_URL_MAX_BODY: usize = 4096;
 
 impl VerifyUrl {
     /// Validates the URL. `https://` endpoints are verified against the system CA bundle
-    /// ([`crate::roots::system_roots`]: `SSL_CERT_FILE` or the usual paths).
+    /// (`crate::roots::system_roots`: `SSL_CERT_FILE` or the usual paths).
     pub fn new(url: &str, fail_open: bool) -> Result<Self, String> {
         Self::with_roots(url, fail_open, crate::roots::system_roots)
     }

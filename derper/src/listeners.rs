@@ -3,7 +3,7 @@
 //! listener, and returns a [`RunningServer`] that shuts them down gracefully.
 //!
 //! Each accepted TCP connection passes the accept rate limit and the handshake caps, gets
-//! its socket options, completes TLS ([`crate::tls_stream`]) when configured, and is handed
+//! its socket options, completes TLS (`crate::tls_stream`) when configured, and is handed
 //! to the HTTP surface ([`crate::http`]), which upgrades `/derp` requests to a DERP
 //! connection on the core ([`crate::server`]).
 
