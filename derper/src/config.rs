@@ -10,7 +10,8 @@ use crate::args::{Args, CertMode, LogFormat, MetacertFlag};
 use crate::duration::parse_go_duration;
 use crate::http::{HomePage, HttpOptions};
 use crate::key::MeshKey;
-use crate::server::{ServerOptions, TcpOptions};
+use crate::listeners::TcpOptions;
+use crate::server::ServerOptions;
 
 /// Configuration errors (printed to the user as-is).
 #[derive(Debug, thiserror::Error)]
@@ -339,7 +340,7 @@ impl TryFrom<Args> for Config {
                 let roots = if mesh_with.trim().is_empty() {
                     Vec::new()
                 } else {
-                    crate::mesh::system_roots()
+                    crate::roots::system_roots()
                 };
                 Some(crate::mesh::MeshConfig {
                     mesh_key: k.clone(),

@@ -14,7 +14,8 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::{Check, MetacertInfo, ProbeOptions, TlsInfo};
+use super::options::ProbeOptions;
+use super::report::{Check, MetacertInfo, TlsInfo};
 use crate::derpmap::DerpNode;
 use crate::duration::fmt_duration;
 use crate::key::NodePublicKey;
