@@ -90,26 +90,24 @@ pub async fn set_addresses(client: &Client, node: &str, addresses: &[(&str, &str
 
 /// Sets (`Some`) or removes (`None`) a label on a Node.
 pub async fn label_node(client: &Client, node: &str, key: &str, value: Option<&str>) {
-    Api::<Node>::all(client.clone())
-        .patch(
-            node,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"labels": {key: value}}})),
-        )
-        .await
-        .expect("label node");
+    patch_metadata(client, node, "labels", key, value).await;
 }
 
 /// Sets (`Some`) or removes (`None`) an annotation on a Node.
 pub async fn annotate_node(client: &Client, node: &str, key: &str, value: Option<&str>) {
+    patch_metadata(client, node, "annotations", key, value).await;
+}
+
+/// Sets or removes one key of the Node's `metadata.<field>` (labels or annotations).
+async fn patch_metadata(client: &Client, node: &str, field: &str, key: &str, value: Option<&str>) {
     Api::<Node>::all(client.clone())
         .patch(
             node,
             &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"annotations": {key: value}}})),
+            &Patch::Merge(json!({"metadata": {field: {key: value}}})),
         )
         .await
-        .expect("annotate node");
+        .unwrap_or_else(|e| panic!("setting {field} {key}={value:?} on node {node}: {e}"));
 }
 
 /// Aborts a spawned task when dropped.
