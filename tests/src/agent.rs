@@ -1,21 +1,23 @@
-//! The local node agent: a small kubelet stand-in that runs the Pods bound to some Node objects
-//! as local processes, for the local demo stack and end-to-end tests (design.md §6). There is no
-//! container runtime here, so a "container" is a process on the host.
+//! The local node agent: a small kubelet stand-in that runs the relay Pods the operator creates
+//! as local processes, for `scripts/demo` and the end-to-end tests (design.md §6). There is no
+//! container runtime here, so a "container" is a process on the host. What a real kubelet and
+//! container runtime do with the same Pods is proven by the real-node tier
+//! (`scripts/real-nodes`); this agent supports what the relay Pods use
+//! (`operator/src/plan/children.rs`) and refuses the rest.
 //!
 //! What it does:
-//! - registers Node objects (addresses, `Ready`, capacity, nodeInfo), keeps them Ready with a
-//!   status heartbeat and a Lease in `kube-node-lease`, and lets tests add, remove, relabel and
-//!   re-address nodes at run time ([`NodeAgent::add_node`], …);
+//! - registers Node objects (an `InternalIP`, `Ready`, capacity, nodeInfo) and keeps them Ready
+//!   with a status heartbeat and a Lease in `kube-node-lease`;
 //! - watches every Pod and runs those whose `spec.nodeName` is one of its nodes: each container
 //!   becomes a process (in its own process group, tied to this process with `PR_SET_PDEATHSIG`),
-//!   with the container's command, args and env (`$(VAR)` expansion with `$$` escaping, downward
-//!   API `fieldRef`, `secretKeyRef`, `configMapKeyRef`, `envFrom`);
-//! - projects `secret`, `configMap`, `downwardAPI`, `projected` (of those) and `emptyDir`
-//!   volumes to files under a per-Pod directory, and keeps them up to date when the source
-//!   object changes with kubelet's `..data` symlink swap, so a reader sees the old or the new
-//!   content, never a mix;
-//! - restarts exited containers per `restartPolicy` with exponential backoff, runs readiness and
-//!   liveness probes (`httpGet`, `tcpSocket`, `exec`), reports Pod status (phase, host/pod IPs,
+//!   with the container's command, args and env (`$(VAR)` expansion with `$$` escaping, the
+//!   downward-API `fieldRef`s `status.hostIP` and `status.podIP`);
+//! - projects `secret` and `configMap` volumes (with `items` and modes) to files under a per-Pod
+//!   directory, keeps them up to date when the source object changes with kubelet's `..data`
+//!   symlink swap (a reader sees the old or the new content, never a mix), and makes `emptyDir`
+//!   volumes directories;
+//! - restarts exited containers (`restartPolicy: Always`) with exponential backoff, runs
+//!   readiness probes (`httpGet`, `tcpSocket`), reports Pod status (phase, host/pod IPs,
 //!   conditions, containerStatuses), and finalizes Pod deletion (processes stopped, then the
 //!   Pod is deleted with grace period 0, as the kubelet does);
 //! - writes each container's stdout and stderr to `<workdir>/logs/<namespace>_<pod>_<container>.log`
@@ -24,43 +26,43 @@
 //!   a minimal kubelet endpoint on each node IP ([`AgentConfig::kubelet_port`]).
 //!
 //! **Images.** An image is mapped to a local executable ([`AgentConfig::resolve_image`]):
-//! explicit `image prefix → path` entries first (longest prefix wins), then, when
-//! [`AgentConfig::workspace_images`] is on, an image whose repository's last path segment is a
-//! binary of this workspace (`derper`, `derp-operator`) runs [`crate::bins::workspace_bin`]. The
-//! executable is always the image's; a container `command` may only name it again
-//! (`command[0]`'s file name equal to the executable's or the image's last segment), and the
-//! rest of `command` followed by `args` become its arguments. When a running Pod's container
-//! image changes (the one mutable container field), the container is restarted with the new
-//! image's executable, as the kubelet does; an image with no executable is logged as an error
-//! and the old process keeps running.
+//! explicit `image prefix → path` entries first (longest prefix wins), then an image whose
+//! repository's last path segment is `derper` runs this workspace's relay
+//! ([`crate::bins::workspace_bin`]). The executable is always the image's; a container
+//! `command` may only name it again (`command[0]`'s file name equal to the executable's or the
+//! image's last segment), and the rest of `command` followed by `args` become its arguments.
+//! A running container's image never changes here (the operator replaces a relay Pod instead);
+//! a changed image is logged as an error and the old process keeps running.
 //!
 //! **Mount paths.** A process cannot see `/certs`, so every `volumeMount.mountPath` is rewritten
 //! to the volume's local directory in the container's command, args and env values (after
-//! `$(VAR)` expansion), and in a `workingDir` under a mount. The rule: an occurrence of a
-//! mountPath is replaced when it starts the string or follows one of `= : , ; @ " '` or
-//! whitespace, and is followed by the end of the string, `/`, or one of those characters.
-//! Longer mountPaths are tried first. So `--certdir=/certs`, `-c=/var/lib/derper/k` and
-//! `/certs/a.crt` are rewritten, `/certsx` and `/x/certs` are not. `subPath` mounts map to
-//! `<volume dir>/<subPath>`. File *contents* are never rewritten.
+//! `$(VAR)` expansion). The rule: an occurrence of a mountPath is replaced when it starts the
+//! string or follows one of `= : , ; @ " '` or whitespace, and is followed by the end of the
+//! string, `/`, or one of those characters. Longer mountPaths are tried first. So
+//! `--certdir=/certs`, `-c=/var/lib/derper/k` and `/certs/a.crt` are rewritten, `/certsx` and
+//! `/x/certs` are not. File *contents* are never rewritten.
 //!
-//! **Listen addresses.** All local nodes share one host, so with [`AgentConfig::bind_node_ip`]
-//! (default on) an argument that is a wildcard listen address (`:443`, `--addr=:443`,
-//! `0.0.0.0:443`, `[::]:443`) becomes `<node IPv4>:<port>` ([`bind_wildcard_listen`]); our
-//! `derper` binds its HTTP and STUN ports on the `-a` address, so all its listeners follow.
+//! **Listen addresses.** All local nodes share one host, so an argument that is a wildcard
+//! listen address (`:443`, `--addr=:443`, `0.0.0.0:443`, `[::]:443`) becomes
+//! `<node IPv4>:<port>`; our `derper` binds its HTTP and STUN ports on the `-a` address, so all
+//! its listeners follow.
 //!
 //! **Refusals.** Anything in a Pod spec the agent cannot honour (no `hostNetwork`, init or
-//! ephemeral containers, an unknown volume type or image, startup probes, lifecycle hooks, …)
-//! makes the Pod `Failed` with reason `UnsupportedPodSpec` and a message naming the field, and
-//! is logged at error level; nothing is silently ignored. Fields that only matter to a
-//! scheduler or a container runtime's isolation (`tolerations`, `affinity`, `resources`,
-//! `securityContext`, `dnsPolicy`, `ports`, `imagePullPolicy`, …) are accepted and have no
-//! effect on the process: it runs as the agent's user, unconfined.
+//! ephemeral containers, a volume type other than secret/configMap/emptyDir, `envFrom`, env
+//! from Secret or ConfigMap keys, other `fieldRef`s, `subPath`, `workingDir`, liveness, startup
+//! or exec probes, named probe ports, a `restartPolicy` other than `Always`, an unknown image,
+//! lifecycle hooks, …) makes the Pod `Failed` with reason `UnsupportedPodSpec` and a message
+//! naming the field, and is logged at error level; nothing is silently ignored. Fields that
+//! only matter to a scheduler or a container runtime's isolation (`tolerations`, `affinity`,
+//! `resources`, `securityContext`, `dnsPolicy`, `ports`, `imagePullPolicy`, …) are accepted
+//! and have no effect on the process: it runs as the agent's user, unconfined.
 //!
 //! Not here: networking other than the host's (every Pod uses host networking), scheduling
-//! (Pods must already carry `spec.nodeName`), node lifecycle control (no taint-based eviction).
+//! (Pods must already carry `spec.nodeName`), node lifecycle control (no taint-based eviction),
+//! nodes added or changed at run time.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Component, Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -71,7 +73,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, ContainerPort, EnvVar, KeyToPath, Node, Pod, Probe, Secret, Taint, Volume,
+    ConfigMap, Container, KeyToPath, Node, Pod, Probe, Secret, Volume,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -97,28 +99,10 @@ const LEASE_SECONDS: i32 = 40;
 /// `PATH` given to processes whose Pod does not set one (the usual container default).
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// Binaries of this workspace that an image can name (last path segment of the repository).
-const WORKSPACE_BINARIES: &[&str] = &["derper", "derp-operator"];
-
-/// The kind of address a node publishes its IPs as.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum AddressType {
-    /// `InternalIP` (the default).
-    #[default]
-    InternalIP,
-    /// `ExternalIP`.
-    ExternalIP,
-}
-
-impl AddressType {
-    /// The Kubernetes spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AddressType::InternalIP => "InternalIP",
-            AddressType::ExternalIP => "ExternalIP",
-        }
-    }
-}
+/// Binaries of this workspace that an image can name (last path segment of the repository):
+/// the relay, whose Pods the operator creates. (The operator itself runs as a process in the
+/// local stack, and as a Pod only on the real-node tier.)
+const WORKSPACE_BINARIES: &[&str] = &["derper"];
 
 /// One node the agent registers and runs Pods for.
 #[derive(Debug, Clone, PartialEq)]
@@ -127,26 +111,18 @@ pub struct NodeSpec {
     pub name: String,
     /// Labels, in addition to `kubernetes.io/{hostname,os,arch}` which the agent always sets.
     pub labels: BTreeMap<String, String>,
-    /// Taints in `spec.taints`.
-    pub taints: Vec<Taint>,
-    /// The node's IPv4 address (a loopback address such as `127.0.0.2` locally).
+    /// The node's IPv4 address (a loopback address such as `127.0.0.2` locally), published as
+    /// its `InternalIP`.
     pub ipv4: Ipv4Addr,
-    /// An optional IPv6 address.
-    pub ipv6: Option<Ipv6Addr>,
-    /// Whether the IPs are published as `InternalIP` or `ExternalIP`.
-    pub address_type: AddressType,
 }
 
 impl NodeSpec {
-    /// A node with no labels, taints or IPv6, publishing `ipv4` as `InternalIP`.
+    /// A node with no labels.
     pub fn new(name: impl Into<String>, ipv4: Ipv4Addr) -> NodeSpec {
         NodeSpec {
             name: name.into(),
             labels: BTreeMap::new(),
-            taints: Vec::new(),
             ipv4,
-            ipv6: None,
-            address_type: AddressType::InternalIP,
         }
     }
 
@@ -155,81 +131,6 @@ impl NodeSpec {
     pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> NodeSpec {
         self.labels.insert(key.into(), value.into());
         self
-    }
-
-    /// Adds a taint.
-    #[must_use]
-    pub fn taint(mut self, taint: Taint) -> NodeSpec {
-        self.taints.push(taint);
-        self
-    }
-
-    /// Sets the IPv6 address.
-    #[must_use]
-    pub fn ipv6(mut self, ip: Ipv6Addr) -> NodeSpec {
-        self.ipv6 = Some(ip);
-        self
-    }
-
-    /// Sets the address type.
-    #[must_use]
-    pub fn address_type(mut self, t: AddressType) -> NodeSpec {
-        self.address_type = t;
-        self
-    }
-
-    /// Parses the command-line form
-    /// `name=127.0.0.2[,ipv6=::1][,type=ExternalIP][,label=k=v]...[,taint=k=v:Effect]...`.
-    pub fn parse(s: &str) -> anyhow::Result<NodeSpec> {
-        let mut parts = s.split(',');
-        let first = parts.next().unwrap_or_default();
-        let (name, ip) = first
-            .split_once('=')
-            .with_context(|| format!("node {s:?}: expected name=IPv4 first"))?;
-        let ip: Ipv4Addr = ip
-            .parse()
-            .with_context(|| format!("node {s:?}: bad IPv4 {ip:?}"))?;
-        let mut node = NodeSpec::new(name, ip);
-        for part in parts {
-            let (key, value) = part
-                .split_once('=')
-                .with_context(|| format!("node {s:?}: expected key=value, got {part:?}"))?;
-            match key {
-                "ipv6" => node.ipv6 = Some(value.parse().context("bad ipv6")?),
-                "type" => {
-                    node.address_type = match value {
-                        "InternalIP" => AddressType::InternalIP,
-                        "ExternalIP" => AddressType::ExternalIP,
-                        _ => bail!("node {s:?}: type must be InternalIP or ExternalIP"),
-                    }
-                }
-                "label" => {
-                    let (k, v) = value.split_once('=').unwrap_or((value, ""));
-                    node.labels.insert(k.to_owned(), v.to_owned());
-                }
-                "taint" => {
-                    let (kv, effect) = value
-                        .rsplit_once(':')
-                        .with_context(|| format!("taint {value:?}: expected k[=v]:Effect"))?;
-                    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-                    node.taints.push(Taint {
-                        key: k.to_owned(),
-                        value: (!v.is_empty()).then(|| v.to_owned()),
-                        effect: effect.to_owned(),
-                        time_added: None,
-                    });
-                }
-                _ => bail!("node {s:?}: unknown key {key:?} (ipv6, type, label, taint)"),
-            }
-        }
-        Ok(node)
-    }
-
-    /// The node's IPs, IPv4 first.
-    pub fn ips(&self) -> Vec<IpAddr> {
-        let mut ips = vec![IpAddr::V4(self.ipv4)];
-        ips.extend(self.ipv6.map(IpAddr::V6));
-        ips
     }
 }
 
@@ -240,9 +141,6 @@ pub struct AgentConfig {
     pub workdir: PathBuf,
     /// Explicit image mappings: an image reference starting with the prefix runs the path.
     pub images: BTreeMap<String, PathBuf>,
-    /// Map images whose repository's last segment is a workspace binary (`derper`,
-    /// `derp-operator`) to [`crate::bins::workspace_bin`] (built on first use). Default on.
-    pub workspace_images: bool,
     /// Node status and Lease heartbeat period (kubelet default: 10 s).
     pub heartbeat: Duration,
     /// First restart delay after a container exits; doubles per restart (kubelet: 10 s; shorter
@@ -254,10 +152,6 @@ pub struct AgentConfig {
     pub resync: Duration,
     /// Cap on the termination grace period when the agent itself shuts down.
     pub shutdown_grace: Duration,
-    /// Rewrite wildcard listen arguments (`:443`, `--addr=:443`, `0.0.0.0:443`) to the node's
-    /// IPv4 address. All local "nodes" share one host, so a wildcard bind on one node would
-    /// take the port from every other node; a real node only has its own IPs. Default on.
-    pub bind_node_ip: bool,
     /// Port of each node's minimal kubelet API (only `/containerLogs`, so `kubectl logs`
     /// works), served over TLS with a self-signed certificate on the node's IPv4 address;
     /// kube-apiserver does not verify kubelet certificates unless told to. 0 disables it.
@@ -266,19 +160,17 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
-    /// Defaults: workspace images on, 10 s heartbeat, 1 s restart backoff doubling to 20 s,
-    /// 5 s resync, 5 s shutdown grace, wildcard listen arguments bound to the node IP.
+    /// Defaults: 10 s heartbeat, 1 s restart backoff doubling to 20 s, 5 s resync, 5 s shutdown
+    /// grace, the kubelet API on port 10250.
     pub fn new(workdir: impl Into<PathBuf>) -> AgentConfig {
         AgentConfig {
             workdir: workdir.into(),
             images: BTreeMap::new(),
-            workspace_images: true,
             heartbeat: Duration::from_secs(10),
             restart_backoff: Duration::from_secs(1),
             max_restart_backoff: Duration::from_secs(20),
             resync: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(5),
-            bind_node_ip: true,
             kubelet_port: 10250,
         }
     }
@@ -302,7 +194,7 @@ impl AgentConfig {
             return Ok(path.clone());
         }
         let segment = image_last_segment(image);
-        if self.workspace_images && WORKSPACE_BINARIES.contains(&segment) {
+        if WORKSPACE_BINARIES.contains(&segment) {
             let name = segment.to_owned();
             return std::panic::catch_unwind(|| crate::bins::workspace_bin(&name)).map_err(|e| {
                 let why = e
@@ -316,8 +208,7 @@ impl AgentConfig {
         let known: Vec<&str> = self.images.keys().map(String::as_str).collect();
         Err(format!(
             "no local executable for image {image:?} (explicit prefixes: {known:?}; workspace \
-             binaries {}: {WORKSPACE_BINARIES:?})",
-            if self.workspace_images { "on" } else { "off" }
+             binaries: {WORKSPACE_BINARIES:?})"
         ))
     }
 }
@@ -482,13 +373,10 @@ enum PodUpdate {
     Pod(Arc<Pod>),
     /// The Pod is gone from the apiserver.
     Gone,
-    /// Its node was removed from the agent.
-    NodeRemoved,
 }
 
 #[derive(Debug)]
 struct WorkerHandle {
-    node: String,
     tx: watch::Sender<PodUpdate>,
     task: JoinHandle<()>,
 }
@@ -674,103 +562,6 @@ impl NodeAgent {
             .and_then(|p| u32::try_from(p.pid).ok())
     }
 
-    /// Registers another node and starts running its Pods.
-    pub async fn add_node(&self, node: NodeSpec) -> anyhow::Result<()> {
-        self.register(node).await?;
-        self.shared.kick.notify_one();
-        Ok(())
-    }
-
-    /// Stops the node's processes, deletes its Pods (grace period 0, as the Pod garbage
-    /// collector does for Pods on a deleted node), its Lease and the Node object.
-    pub async fn remove_node(&self, name: &str) -> anyhow::Result<()> {
-        let removed = write_lock(&self.shared.nodes).remove(name);
-        if removed.is_none() {
-            bail!("node {name} is not registered with this agent");
-        }
-        if let Some(server) = lock(&self.shared.kubelet_servers).remove(name) {
-            server.abort();
-        }
-        let handles: Vec<JoinHandle<()>> = {
-            let mut workers = lock(&self.shared.workers);
-            let uids: Vec<String> = workers
-                .iter()
-                .filter(|(_, w)| w.node == name)
-                .map(|(uid, _)| uid.clone())
-                .collect();
-            uids.iter()
-                .filter_map(|uid| workers.remove(uid))
-                .map(|w| {
-                    w.tx.send_replace(PodUpdate::NodeRemoved);
-                    w.task
-                })
-                .collect()
-        };
-        for h in handles {
-            let _ = h.await;
-        }
-        let leases = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(
-            self.shared.client.clone(),
-            LEASE_NAMESPACE,
-        );
-        let _ = leases.delete(name, &DeleteParams::default()).await;
-        match Api::<Node>::all(self.shared.client.clone())
-            .delete(name, &DeleteParams::default())
-            .await
-        {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(e) => return Err(e).with_context(|| format!("deleting node {name}")),
-        }
-        tracing::info!(node = name, "node removed");
-        Ok(())
-    }
-
-    /// Replaces the node's labels (the agent's own `kubernetes.io/*` labels stay).
-    pub async fn set_labels(
-        &self,
-        name: &str,
-        labels: BTreeMap<String, String>,
-    ) -> anyhow::Result<()> {
-        let spec = {
-            let mut nodes = write_lock(&self.shared.nodes);
-            let entry = nodes.get_mut(name).context("unknown node")?;
-            entry.spec.labels = labels;
-            entry.spec.clone()
-        };
-        apply_node(&self.shared.client, &spec).await
-    }
-
-    /// Replaces the node's taints (`spec.taints`).
-    pub async fn set_taints(&self, name: &str, taints: Vec<Taint>) -> anyhow::Result<()> {
-        let spec = {
-            let mut nodes = write_lock(&self.shared.nodes);
-            let entry = nodes.get_mut(name).context("unknown node")?;
-            entry.spec.taints = taints;
-            entry.spec.clone()
-        };
-        apply_node(&self.shared.client, &spec).await
-    }
-
-    /// Changes the node's addresses (status.addresses; running Pods' hostIP/podIP follow).
-    pub async fn set_addresses(
-        &self,
-        name: &str,
-        ipv4: Ipv4Addr,
-        ipv6: Option<Ipv6Addr>,
-    ) -> anyhow::Result<()> {
-        let entry = {
-            let mut nodes = write_lock(&self.shared.nodes);
-            let entry = nodes.get_mut(name).context("unknown node")?;
-            entry.spec.ipv4 = ipv4;
-            entry.spec.ipv6 = ipv6;
-            entry.clone()
-        };
-        patch_node_status(&self.shared.client, &entry, true).await?;
-        self.shared.resync.send_modify(|n| *n += 1);
-        Ok(())
-    }
-
     async fn register(&self, node: NodeSpec) -> anyhow::Result<()> {
         if read_lock(&self.shared.nodes).contains_key(&node.name) {
             bail!("node {} is already registered", node.name);
@@ -912,7 +703,6 @@ async fn apply_node(client: &kube::Client, spec: &NodeSpec) -> anyhow::Result<()
         "apiVersion": "v1",
         "kind": "Node",
         "metadata": {"name": spec.name, "labels": node_labels(spec)},
-        "spec": {"taints": spec.taints},
     });
     Api::<Node>::all(client.clone())
         .patch(
@@ -925,18 +715,14 @@ async fn apply_node(client: &kube::Client, spec: &NodeSpec) -> anyhow::Result<()
     Ok(())
 }
 
-/// Writes the node's status (JSON merge patch, so address lists are replaced whole).
+/// Writes the node's status (JSON merge patch).
 async fn patch_node_status(
     client: &kube::Client,
     entry: &NodeEntry,
     ready: bool,
 ) -> anyhow::Result<()> {
     let spec = &entry.spec;
-    let addresses: Vec<Value> = spec
-        .ips()
-        .iter()
-        .map(|ip| json!({"type": spec.address_type.as_str(), "address": ip.to_string()}))
-        .collect();
+    let addresses = [json!({"type": "InternalIP", "address": spec.ipv4.to_string()})];
     // No `Hostname` address: kube-apiserver prefers it for reaching the kubelet
     // (`--kubelet-preferred-address-types`), and our node names do not resolve.
     let now = Time(Timestamp::now());
@@ -1237,18 +1023,22 @@ async fn pod_loop(shared: Arc<Shared>) {
 }
 
 fn reconcile_pods(shared: &Arc<Shared>) {
-    let nodes: BTreeSet<String> = read_lock(&shared.nodes).keys().cloned().collect();
+    let nodes: BTreeMap<String, NodeSpec> = read_lock(&shared.nodes)
+        .iter()
+        .map(|(name, n)| (name.clone(), n.spec.clone()))
+        .collect();
     let pods = shared.pods.state();
     let mut workers = lock(&shared.workers);
     workers.retain(|_, w| !w.task.is_finished());
     let mut live = BTreeSet::new();
     for pod in pods {
-        let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else {
+        let Some(node) = pod
+            .spec
+            .as_ref()
+            .and_then(|s| nodes.get(s.node_name.as_deref()?))
+        else {
             continue;
         };
-        if !nodes.contains(&node) {
-            continue;
-        }
         let Some(uid) = pod.metadata.uid.clone() else {
             continue;
         };
@@ -1271,7 +1061,7 @@ fn reconcile_pods(shared: &Arc<Shared>) {
             None => {
                 let (tx, rx) = watch::channel(PodUpdate::Pod(pod.clone()));
                 let task = tokio::spawn(run_pod(shared.clone(), pod.clone(), node.clone(), rx));
-                workers.insert(uid, WorkerHandle { node, tx, task });
+                workers.insert(uid, WorkerHandle { tx, task });
             }
         }
     }
@@ -1340,12 +1130,9 @@ const CONTAINER_FIELDS: &[&str] = &[
     "command",
     "args",
     "env",
-    "envFrom",
-    "workingDir",
     "ports",
     "volumeMounts",
     "readinessProbe",
-    "livenessProbe",
     "resources",
     "resizePolicy",
     "securityContext",
@@ -1357,17 +1144,19 @@ const CONTAINER_FIELDS: &[&str] = &[
     "tty",
 ];
 
+/// Readiness probe fields that are honoured.
 const PROBE_FIELDS: &[&str] = &[
     "httpGet",
     "tcpSocket",
-    "exec",
     "initialDelaySeconds",
     "periodSeconds",
     "timeoutSeconds",
     "successThreshold",
     "failureThreshold",
-    "terminationGracePeriodSeconds",
 ];
+
+/// `httpGet` fields that are honoured (the host is always the node IP, no extra headers).
+const HTTP_GET_FIELDS: &[&str] = &["path", "port", "scheme"];
 
 fn unknown_keys(v: &Value, allowed: &[&str]) -> Vec<String> {
     v.as_object()
@@ -1412,8 +1201,10 @@ fn validate(pod: &Pod) -> Result<(), Refusal> {
         return refuse("spec.ephemeralContainers: not supported");
     }
     let restart = spec.restart_policy.as_deref().unwrap_or("Always");
-    if !matches!(restart, "Always" | "OnFailure" | "Never") {
-        return refuse(format!("spec.restartPolicy: unknown value {restart:?}"));
+    if restart != "Always" {
+        return refuse(format!(
+            "spec.restartPolicy: {restart:?} not supported (only Always)"
+        ));
     }
     let volumes = spec.volumes.as_deref().unwrap_or_default();
     for (i, v) in volumes.iter().enumerate() {
@@ -1433,55 +1224,14 @@ fn validate_volume(i: usize, v: &Volume) -> Result<(), Refusal> {
     let kinds = unknown_keys(&json, &["name"]);
     let field = format!("spec.volumes[{i}]");
     match kinds.as_slice() {
-        [k] if ["secret", "configMap", "downwardAPI", "emptyDir"].contains(&k.as_str()) => {}
-        [k] if k == "projected" => {
-            let sources = v
-                .projected
-                .as_ref()
-                .and_then(|p| p.sources.clone())
-                .unwrap_or_default();
-            for (j, s) in sources.iter().enumerate() {
-                let sj = serde_json::to_value(s).unwrap_or(Value::Null);
-                if let Some(k) = unknown_keys(&sj, &["secret", "configMap", "downwardAPI"]).first()
-                {
-                    return refuse(format!(
-                        "{field}.projected.sources[{j}].{k}: only secret, configMap and \
-                         downwardAPI projections are supported"
-                    ));
-                }
-            }
-        }
-        [k] => {
-            return refuse(format!(
-                "{field}.{k}: volume type not supported (volume {:?}); supported: secret, \
-                 configMap, downwardAPI, projected, emptyDir",
-                v.name
-            ));
-        }
-        _ => return refuse(format!("{field}: expected exactly one volume source")),
+        [k] if ["secret", "configMap", "emptyDir"].contains(&k.as_str()) => Ok(()),
+        [k] => refuse(format!(
+            "{field}.{k}: volume type not supported (volume {:?}); supported: secret, \
+             configMap, emptyDir",
+            v.name
+        )),
+        _ => refuse(format!("{field}: expected exactly one volume source")),
     }
-    let downward = v
-        .downward_api
-        .as_ref()
-        .and_then(|d| d.items.clone())
-        .into_iter()
-        .flatten()
-        .chain(
-            v.projected
-                .iter()
-                .flat_map(|p| p.sources.clone().unwrap_or_default())
-                .filter_map(|s| s.downward_api.and_then(|d| d.items))
-                .flatten(),
-        );
-    for item in downward {
-        if item.resource_field_ref.is_some() {
-            return refuse(format!(
-                "{field}: downwardAPI resourceFieldRef ({}) is not supported",
-                item.path
-            ));
-        }
-    }
-    Ok(())
 }
 
 fn validate_container(i: usize, c: &Container, volumes: &[Volume]) -> Result<(), Refusal> {
@@ -1508,9 +1258,7 @@ fn validate_container(i: usize, c: &Container, volumes: &[Volume]) -> Result<(),
     for (j, e) in c.env.iter().flatten().enumerate() {
         if let Some(from) = &e.value_from {
             let fj = serde_json::to_value(from).unwrap_or(Value::Null);
-            if let Some(k) =
-                unknown_keys(&fj, &["fieldRef", "secretKeyRef", "configMapKeyRef"]).first()
-            {
+            if let Some(k) = unknown_keys(&fj, &["fieldRef"]).first() {
                 return refuse(format!(
                     "{field}.env[{j}].valueFrom.{k}: not supported (env {:?})",
                     e.name
@@ -1540,55 +1288,40 @@ fn validate_container(i: usize, c: &Container, volumes: &[Volume]) -> Result<(),
         if m.sub_path_expr.is_some() {
             return refuse(format!("{mf}.subPathExpr: not supported"));
         }
-        if let Some(sp) = &m.sub_path
-            && !sp.is_empty()
-            && !is_clean_relative(sp)
-        {
-            return refuse(format!(
-                "{mf}.subPath: {sp:?} must be a relative path without .."
-            ));
+        if m.sub_path.as_deref().is_some_and(|sp| !sp.is_empty()) {
+            return refuse(format!("{mf}.subPath: not supported"));
         }
         if m.mount_propagation.as_deref().is_some_and(|p| p != "None") {
             return refuse(format!("{mf}.mountPropagation: not supported"));
         }
     }
-    if let Some(wd) = &c.working_dir {
-        let under_mount = c.volume_mounts.iter().flatten().any(|m| {
-            let mp = m.mount_path.trim_end_matches('/');
-            wd == mp || wd.starts_with(&format!("{mp}/"))
-        });
-        if !under_mount {
-            return refuse(format!(
-                "{field}.workingDir: {wd:?} is not under a volumeMount, so it has no local \
-                 directory"
-            ));
+    if let Some(p) = &c.readiness_probe {
+        let name = "readinessProbe";
+        let pj = serde_json::to_value(p).unwrap_or(Value::Null);
+        if let Some(k) = unknown_keys(&pj, PROBE_FIELDS).first() {
+            return refuse(format!("{field}.{name}.{k}: not supported"));
         }
-    }
-    for (name, probe) in [
-        ("readinessProbe", &c.readiness_probe),
-        ("livenessProbe", &c.liveness_probe),
-    ] {
-        if let Some(p) = probe {
-            let pj = serde_json::to_value(p).unwrap_or(Value::Null);
-            if let Some(k) = unknown_keys(&pj, PROBE_FIELDS).first() {
-                return refuse(format!("{field}.{name}.{k}: not supported"));
+        if let Some(h) = &p.http_get {
+            if let Some(k) = unknown_keys(&pj["httpGet"], HTTP_GET_FIELDS).first() {
+                return refuse(format!("{field}.{name}.httpGet.{k}: not supported"));
             }
-            if let Some(h) = &p.http_get {
-                if h.scheme.as_deref().is_some_and(|s| s != "HTTP") {
-                    return refuse(format!(
-                        "{field}.{name}.httpGet.scheme: only HTTP is supported"
-                    ));
-                }
-                resolve_port(&h.port, c)
-                    .map_err(|m| Refusal(format!("{field}.{name}.httpGet.port: {m}")))?;
+            if h.scheme.as_deref().is_some_and(|s| s != "HTTP") {
+                return refuse(format!(
+                    "{field}.{name}.httpGet.scheme: only HTTP is supported"
+                ));
             }
-            if let Some(t) = &p.tcp_socket {
-                resolve_port(&t.port, c)
-                    .map_err(|m| Refusal(format!("{field}.{name}.tcpSocket.port: {m}")))?;
+            resolve_port(&h.port)
+                .map_err(|m| Refusal(format!("{field}.{name}.httpGet.port: {m}")))?;
+        }
+        if let Some(t) = &p.tcp_socket {
+            if let Some(k) = unknown_keys(&pj["tcpSocket"], &["port"]).first() {
+                return refuse(format!("{field}.{name}.tcpSocket.{k}: not supported"));
             }
-            if p.http_get.is_none() && p.tcp_socket.is_none() && p.exec.is_none() {
-                return refuse(format!("{field}.{name}: no handler"));
-            }
+            resolve_port(&t.port)
+                .map_err(|m| Refusal(format!("{field}.{name}.tcpSocket.port: {m}")))?;
+        }
+        if p.http_get.is_none() && p.tcp_socket.is_none() {
+            return refuse(format!("{field}.{name}: no handler"));
         }
     }
     Ok(())
@@ -1600,48 +1333,14 @@ fn is_clean_relative(p: &str) -> bool {
 }
 
 fn field_supported(path: &str) -> bool {
-    matches!(
-        path,
-        "metadata.name"
-            | "metadata.namespace"
-            | "metadata.uid"
-            | "metadata.labels"
-            | "metadata.annotations"
-            | "spec.nodeName"
-            | "spec.serviceAccountName"
-            | "status.hostIP"
-            | "status.hostIPs"
-            | "status.podIP"
-            | "status.podIPs"
-    ) || parse_subscript(path).is_some()
+    matches!(path, "status.hostIP" | "status.podIP")
 }
 
-/// `metadata.labels['k']` → ("labels", "k").
-fn parse_subscript(path: &str) -> Option<(&str, &str)> {
-    let (map, rest) = if let Some(r) = path.strip_prefix("metadata.labels[") {
-        ("labels", r)
-    } else {
-        ("annotations", path.strip_prefix("metadata.annotations[")?)
-    };
-    let key = rest
-        .strip_suffix(']')?
-        .trim_matches(|c| c == '\'' || c == '"');
-    Some((map, key))
-}
-
-fn resolve_port(port: &IntOrString, c: &Container) -> Result<u16, String> {
+/// A probe's port; only numbers (the operator's probes name no ports).
+fn resolve_port(port: &IntOrString) -> Result<u16, String> {
     match port {
         IntOrString::Int(p) => u16::try_from(*p).map_err(|_| format!("{p} out of range")),
-        IntOrString::String(name) => {
-            let found: Option<&ContainerPort> = c
-                .ports
-                .iter()
-                .flatten()
-                .find(|p| p.name.as_deref() == Some(name));
-            found
-                .and_then(|p| u16::try_from(p.container_port).ok())
-                .ok_or_else(|| format!("no container port named {name:?}"))
-        }
+        IntOrString::String(name) => Err(format!("named port {name:?} not supported")),
     }
 }
 
@@ -1649,47 +1348,12 @@ fn resolve_port(port: &IntOrString, c: &Container) -> Result<u16, String> {
 // Downward API, env and volumes
 // ------------------------------------------------------------------------------------------
 
-/// The value of a downward-API field. With host networking the Pod IPs are the node IPs.
-fn field_value(path: &str, pod: &Pod, node: &NodeSpec) -> Option<String> {
-    let meta = &pod.metadata;
-    let ips = || {
-        node.ips()
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(",")
-    };
-    let map_text = |m: &Option<BTreeMap<String, String>>| {
-        m.iter()
-            .flatten()
-            .map(|(k, v)| format!("{k}={}", Value::String(v.clone())))
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
-    Some(match path {
-        "metadata.name" => meta.name.clone()?,
-        "metadata.namespace" => meta.namespace.clone()?,
-        "metadata.uid" => meta.uid.clone()?,
-        "metadata.labels" => map_text(&meta.labels),
-        "metadata.annotations" => map_text(&meta.annotations),
-        "spec.nodeName" => node.name.clone(),
-        "spec.serviceAccountName" => pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.service_account_name.clone())
-            .unwrap_or_default(),
-        "status.hostIP" | "status.podIP" => node.ipv4.to_string(),
-        "status.hostIPs" | "status.podIPs" => ips(),
-        other => {
-            let (map, key) = parse_subscript(other)?;
-            let m = if map == "labels" {
-                &meta.labels
-            } else {
-                &meta.annotations
-            };
-            m.as_ref()?.get(key).cloned().unwrap_or_default()
-        }
-    })
+/// The value of a downward-API field. With host networking the Pod IP is the node IP.
+fn field_value(path: &str, node: &NodeSpec) -> Option<String> {
+    match path {
+        "status.hostIP" | "status.podIP" => Some(node.ipv4.to_string()),
+        _ => None,
+    }
 }
 
 /// Files of one volume: relative path → (content, mode).
@@ -1705,16 +1369,13 @@ fn ns_ref<K: kube::Resource<DynamicType = ()>>(ns: &str, name: &str) -> ObjectRe
 
 fn secret_data(shared: &Shared, ns: &str, name: &str) -> Option<BTreeMap<String, Vec<u8>>> {
     let s = shared.secrets.get(&ns_ref(ns, name))?;
-    let mut out: BTreeMap<String, Vec<u8>> = s
-        .data
-        .iter()
-        .flatten()
-        .map(|(k, v)| (k.clone(), v.0.clone()))
-        .collect();
-    for (k, v) in s.string_data.iter().flatten() {
-        out.insert(k.clone(), v.clone().into_bytes());
-    }
-    Some(out)
+    Some(
+        s.data
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), v.0.clone()))
+            .collect(),
+    )
 }
 
 fn config_map_data(shared: &Shared, ns: &str, name: &str) -> Option<BTreeMap<String, Vec<u8>>> {
@@ -1782,8 +1443,8 @@ fn mode_bits(mode: i32) -> u32 {
 /// Default mode of projected files (Kubernetes: 0644).
 const DEFAULT_FILE_MODE: u32 = 0o644;
 
-/// Computes the files of a projected volume (not emptyDir).
-fn volume_files(shared: &Shared, pod: &Pod, node: &NodeSpec, v: &Volume) -> Result<Files, Missing> {
+/// Computes the files of a Secret or ConfigMap volume.
+fn volume_files(shared: &Shared, pod: &Pod, v: &Volume) -> Result<Files, Missing> {
     let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
     let mut files = Files::new();
     if let Some(s) = &v.secret {
@@ -1808,56 +1469,6 @@ fn volume_files(shared: &Shared, pod: &Pod, node: &NodeSpec, v: &Volume) -> Resu
             c.default_mode.map_or(DEFAULT_FILE_MODE, mode_bits),
             c.optional == Some(true),
         )?;
-    }
-    if let Some(d) = &v.downward_api {
-        let mode = d.default_mode.map_or(DEFAULT_FILE_MODE, mode_bits);
-        for item in d.items.iter().flatten() {
-            if let Some(f) = &item.field_ref {
-                let value = field_value(&f.field_path, pod, node).unwrap_or_default();
-                files.insert(
-                    item.path.clone(),
-                    (value.into_bytes(), item.mode.map_or(mode, mode_bits)),
-                );
-            }
-        }
-    }
-    if let Some(p) = &v.projected {
-        let mode = p.default_mode.map_or(DEFAULT_FILE_MODE, mode_bits);
-        for src in p.sources.iter().flatten() {
-            if let Some(s) = &src.secret {
-                project_keys(
-                    &mut files,
-                    "secret",
-                    &s.name,
-                    secret_data(shared, ns, &s.name),
-                    s.items.as_ref(),
-                    mode,
-                    s.optional == Some(true),
-                )?;
-            }
-            if let Some(c) = &src.config_map {
-                project_keys(
-                    &mut files,
-                    "configmap",
-                    &c.name,
-                    config_map_data(shared, ns, &c.name),
-                    c.items.as_ref(),
-                    mode,
-                    c.optional == Some(true),
-                )?;
-            }
-            if let Some(d) = &src.downward_api {
-                for item in d.items.iter().flatten() {
-                    if let Some(f) = &item.field_ref {
-                        let value = field_value(&f.field_path, pod, node).unwrap_or_default();
-                        files.insert(
-                            item.path.clone(),
-                            (value.into_bytes(), item.mode.map_or(mode, mode_bits)),
-                        );
-                    }
-                }
-            }
-        }
     }
     Ok(files)
 }
@@ -1915,110 +1526,38 @@ fn write_atomic(dir: &Path, files: &Files) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Resolves a container's env in order (`envFrom` first, then `env`), with `$(VAR)` expansion
-/// against earlier variables and mountPath rewriting of each value.
+/// Resolves a container's env in order, with `$(VAR)` expansion against earlier variables and
+/// mountPath rewriting of each value. A `fieldRef` the agent does not know leaves the variable
+/// unset (validation refuses such Pods before they get here).
 fn container_env(
-    shared: &Shared,
-    pod: &Pod,
     node: &NodeSpec,
     c: &Container,
     mounts: &[(String, PathBuf)],
-) -> Result<Vec<(String, String)>, Missing> {
-    let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
+) -> Vec<(String, String)> {
     let mut vars: Vec<(String, String)> = Vec::new();
-    let set = |vars: &mut Vec<(String, String)>, k: String, v: String| {
-        if let Some(slot) = vars.iter_mut().find(|(name, _)| *name == k) {
-            slot.1 = v;
-        } else {
-            vars.push((k, v));
-        }
-    };
-    for from in c.env_from.iter().flatten() {
-        let prefix = from.prefix.clone().unwrap_or_default();
-        let data = if let Some(s) = &from.secret_ref {
-            match secret_data(shared, ns, &s.name) {
-                Some(d) => d,
-                None if s.optional == Some(true) => BTreeMap::new(),
-                None => return Err(Missing(format!("secret {:?} not found (envFrom)", s.name))),
-            }
-        } else if let Some(cm) = &from.config_map_ref {
-            match config_map_data(shared, ns, &cm.name) {
-                Some(d) => d,
-                None if cm.optional == Some(true) => BTreeMap::new(),
-                None => {
-                    return Err(Missing(format!(
-                        "configmap {:?} not found (envFrom)",
-                        cm.name
-                    )));
-                }
-            }
-        } else {
-            BTreeMap::new()
-        };
-        for (k, v) in data {
-            set(
-                &mut vars,
-                format!("{prefix}{k}"),
-                String::from_utf8_lossy(&v).into_owned(),
-            );
-        }
-    }
     for e in c.env.iter().flatten() {
-        let Some(value) = env_value(shared, pod, node, ns, e, &vars)? else {
-            continue;
+        let value = match &e.value_from {
+            Some(from) => match from
+                .field_ref
+                .as_ref()
+                .and_then(|f| field_value(&f.field_path, node))
+            {
+                Some(v) => v,
+                None => continue,
+            },
+            None => expand_vars(e.value.as_deref().unwrap_or_default(), |name| {
+                vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+            }),
         };
-        set(&mut vars, e.name.clone(), value);
+        if let Some(slot) = vars.iter_mut().find(|(name, _)| *name == e.name) {
+            slot.1 = value;
+        } else {
+            vars.push((e.name.clone(), value));
+        }
     }
-    Ok(vars
-        .into_iter()
+    vars.into_iter()
         .map(|(k, v)| (k, rewrite_mount_paths(&v, mounts)))
-        .collect())
-}
-
-fn env_value(
-    shared: &Shared,
-    pod: &Pod,
-    node: &NodeSpec,
-    ns: &str,
-    e: &EnvVar,
-    vars: &[(String, String)],
-) -> Result<Option<String>, Missing> {
-    let Some(from) = &e.value_from else {
-        let raw = e.value.clone().unwrap_or_default();
-        return Ok(Some(expand_vars(&raw, |name| {
-            vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
-        })));
-    };
-    if let Some(f) = &from.field_ref {
-        return Ok(field_value(&f.field_path, pod, node));
-    }
-    let (what, name, key, optional, data) = if let Some(s) = &from.secret_key_ref {
-        (
-            "secret",
-            &s.name,
-            &s.key,
-            s.optional,
-            secret_data(shared, ns, &s.name),
-        )
-    } else if let Some(c) = &from.config_map_key_ref {
-        (
-            "configmap",
-            &c.name,
-            &c.key,
-            c.optional,
-            config_map_data(shared, ns, &c.name),
-        )
-    } else {
-        return Ok(None);
-    };
-    match data.and_then(|d| d.get(key).cloned()) {
-        Some(v) => Ok(Some(String::from_utf8_lossy(&v).into_owned())),
-        None if optional == Some(true) => Ok(None),
-        None => Err(Missing(format!(
-            "{what} {name:?} key {key:?} not found (env {})",
-            e.name
-        ))),
-    }
+        .collect()
 }
 
 // ------------------------------------------------------------------------------------------
@@ -2034,9 +1573,6 @@ struct CState {
     ready: bool,
     started: bool,
     ever_started: bool,
-    /// The supervisor finished and will not restart it.
-    done: bool,
-    exit_code: Option<i32>,
     container_id: Option<String>,
 }
 
@@ -2047,20 +1583,15 @@ struct PodCtx {
     ns: String,
     name: String,
     uid: String,
-    node: String,
+    node: NodeSpec,
     dir: PathBuf,
-    /// Each container's executable and image; both change when the Pod's image does.
-    exes: Mutex<Vec<PathBuf>>,
-    images: Mutex<Vec<String>>,
-    /// Bumped when a container's image changed: its supervisor restarts it.
-    image_generation: Vec<watch::Sender<u64>>,
+    /// Each container's executable.
+    exes: Vec<PathBuf>,
     mounts: Vec<Vec<(String, PathBuf)>>,
     states: Mutex<Vec<CState>>,
     dirty: Notify,
     /// Grace period for stopping the containers, set before `stop` is cancelled.
     stop_grace: Mutex<Duration>,
-    /// The latest version of the Pod (labels and annotations feed the downward API).
-    latest: Mutex<Arc<Pod>>,
 }
 
 impl PodCtx {
@@ -2072,28 +1603,21 @@ impl PodCtx {
             .unwrap_or_default()
     }
 
-    fn node_spec(&self) -> Option<NodeSpec> {
-        read_lock(&self.shared.nodes)
-            .get(&self.node)
-            .map(|n| n.spec.clone())
-    }
-
     fn update(&self, idx: usize, f: impl FnOnce(&mut CState)) {
         if let Some(s) = lock(&self.states).get_mut(idx) {
             f(s);
         }
         self.dirty.notify_one();
     }
+}
 
+impl PodCtx {
     fn volume_dir(&self, name: &str) -> PathBuf {
         self.dir.join("volumes").join(name)
     }
 
     /// Re-projects every non-emptyDir volume; true when something changed on disk.
     fn project_volumes(&self, last: &mut HashMap<String, Files>) -> Result<bool, Missing> {
-        let Some(node) = self.node_spec() else {
-            return Ok(false);
-        };
         let mut changed = false;
         for v in self
             .pod
@@ -2109,8 +1633,7 @@ impl PodCtx {
                     .map_err(|e| Missing(format!("creating {}: {e}", dir.display())))?;
                 continue;
             }
-            let latest = lock(&self.latest).clone();
-            let files = volume_files(&self.shared, &latest, &node, v)?;
+            let files = volume_files(&self.shared, &self.pod, v)?;
             if last.get(&v.name) == Some(&files) {
                 continue;
             }
@@ -2122,16 +1645,15 @@ impl PodCtx {
         }
         Ok(changed)
     }
+}
 
+impl PodCtx {
     /// Executable, argv, env and working directory for container `idx`.
-    fn launch(&self, idx: usize) -> Result<Launch, Missing> {
+    fn launch(&self, idx: usize) -> Launch {
         let c = &self.spec_containers()[idx];
-        let node = self
-            .node_spec()
-            .ok_or_else(|| Missing("node removed".into()))?;
+        let node = &self.node;
         let mounts = &self.mounts[idx];
-        let latest = lock(&self.latest).clone();
-        let mut env = container_env(&self.shared, &latest, &node, c, mounts)?;
+        let mut env = container_env(node, c, mounts);
         if !env.iter().any(|(k, _)| k == "PATH") {
             env.push(("PATH".into(), DEFAULT_PATH.into()));
         }
@@ -2145,24 +1667,14 @@ impl PodCtx {
             .skip(1)
             .chain(c.args.iter().flatten())
             .map(|a| rewrite_mount_paths(&expand_vars(a, lookup), mounts))
-            .map(|a| {
-                if self.shared.config.bind_node_ip {
-                    bind_wildcard_listen(&a, node.ipv4)
-                } else {
-                    a
-                }
-            })
+            .map(|a| bind_wildcard_listen(&a, node.ipv4))
             .collect();
-        let cwd = match &c.working_dir {
-            Some(wd) => PathBuf::from(rewrite_mount_paths(wd, mounts)),
-            None => self.dir.clone(),
-        };
-        Ok(Launch {
-            exe: lock(&self.exes)[idx].clone(),
+        Launch {
+            exe: self.exes[idx].clone(),
             argv,
             env,
-            cwd,
-        })
+            cwd: self.dir.clone(),
+        }
     }
 }
 
@@ -2180,11 +1692,10 @@ fn container_mounts(dir: &Path, c: &Container) -> Vec<(String, PathBuf)> {
         .iter()
         .flatten()
         .map(|m| {
-            let mut local = dir.join("volumes").join(&m.name);
-            if let Some(sp) = m.sub_path.as_deref().filter(|s| !s.is_empty()) {
-                local = local.join(sp);
-            }
-            (m.mount_path.trim_end_matches('/').to_owned(), local)
+            (
+                m.mount_path.trim_end_matches('/').to_owned(),
+                dir.join("volumes").join(&m.name),
+            )
         })
         .collect();
     mounts.sort_by_key(|m| std::cmp::Reverse(m.0.len()));
@@ -2230,18 +1741,17 @@ async fn resolve_exes(shared: &Arc<Shared>, pod: &Pod) -> Result<Vec<PathBuf>, R
     .map_err(|e| Refusal(format!("resolving images: {e}")))?
 }
 
-/// Runs one Pod until it is deleted (then finalizes the deletion), its node is removed, or the
-/// agent stops.
+/// Runs one Pod until it is deleted (then finalizes the deletion) or the agent stops.
 async fn run_pod(
     shared: Arc<Shared>,
     pod: Arc<Pod>,
-    node: String,
+    node: NodeSpec,
     mut rx: watch::Receiver<PodUpdate>,
 ) {
     let ns = pod.metadata.namespace.clone().unwrap_or_default();
     let name = pod.metadata.name.clone().unwrap_or_default();
     let uid = pod.metadata.uid.clone().unwrap_or_default();
-    let span = tracing::info_span!("pod", namespace = %ns, pod = %name, node = %node);
+    let span = tracing::info_span!("pod", namespace = %ns, pod = %name, node = %node.name);
     let _ = tracing::Instrument::instrument(
         run_pod_inner(shared, pod, node, ns, name, uid, &mut rx),
         span,
@@ -2252,7 +1762,7 @@ async fn run_pod(
 async fn run_pod_inner(
     shared: Arc<Shared>,
     pod: Arc<Pod>,
-    node: String,
+    node: NodeSpec,
     ns: String,
     name: String,
     uid: String,
@@ -2338,24 +1848,17 @@ async fn run_pod_inner(
         ns: ns.clone(),
         name: name.clone(),
         uid: uid.clone(),
-        node: node.clone(),
+        node,
         dir,
-        exes: Mutex::new(exes),
-        images: Mutex::new(
-            containers
-                .iter()
-                .map(|c| c.image.clone().unwrap_or_default())
-                .collect(),
-        ),
-        image_generation: containers.iter().map(|_| watch::Sender::new(0)).collect(),
+        exes,
         dirty: Notify::new(),
         stop_grace: Mutex::new(Duration::from_secs(2)),
-        latest: Mutex::new(pod.clone()),
     });
     let mut reporter = StatusReporter::new(start_time);
     let mut resync_rx = shared.resync.subscribe();
     let mut last_files = HashMap::new();
     let mut resync_tick = tokio::time::interval(shared.config.resync);
+    let mut image_change_logged = false;
 
     // Volumes first: containers start only once every volume could be projected.
     loop {
@@ -2422,22 +1925,14 @@ async fn run_pod_inner(
                             .unwrap_or(30);
                         break StopReason::Deleted(Duration::from_secs(u64::try_from(grace).unwrap_or(0)));
                     }
-                    PodUpdate::Pod(p) => {
-                        apply_image_changes(&ctx, &p).await;
-                        *lock(&ctx.latest) = p;
-                        if let Err(Missing(m)) = ctx.project_volumes(&mut last_files) {
-                            tracing::debug!(msg = %m, "volume source missing; keeping the old content");
-                        }
-                    }
+                    PodUpdate::Pod(p) => log_image_change(&ctx, &p, &mut image_change_logged),
                     PodUpdate::Gone => break StopReason::Deleted(Duration::ZERO),
-                    PodUpdate::NodeRemoved => break StopReason::NodeRemoved,
                 }
             }
         }
     };
     let grace = match stop_reason {
         StopReason::Deleted(g) => g,
-        StopReason::NodeRemoved => Duration::from_secs(2),
         StopReason::AgentShutdown => {
             let g = pod
                 .spec
@@ -2465,14 +1960,38 @@ async fn run_pod_inner(
     tracing::info!("pod deleted");
 }
 
+/// A running container's image cannot change here: the operator replaces a relay Pod rather
+/// than changing it (a kubelet would restart the container). Logged once, as an error naming
+/// the field; the old process keeps running.
+fn log_image_change(ctx: &PodCtx, pod: &Pod, logged: &mut bool) {
+    if *logged {
+        return;
+    }
+    let running = ctx.spec_containers();
+    for (i, c) in pod
+        .spec
+        .iter()
+        .flat_map(|s| s.containers.iter())
+        .enumerate()
+    {
+        if running.get(i).is_some_and(|r| r.image != c.image) {
+            tracing::error!(
+                field = %format!("spec.containers[{i}].image"),
+                "changing a running container's image is not supported by the node agent; \
+                 the old process keeps running"
+            );
+            *logged = true;
+        }
+    }
+}
+
 #[derive(Debug)]
 enum StopReason {
     Deleted(Duration),
-    NodeRemoved,
     AgentShutdown,
 }
 
-/// Waits until the Pod is deleted (or gone, or its node removed, or the agent stops).
+/// Waits until the Pod is deleted (or gone, or the agent stops).
 async fn wait_for_end(shared: &Shared, rx: &mut watch::Receiver<PodUpdate>) {
     loop {
         if !matches!(&*rx.borrow(), PodUpdate::Pod(p) if p.metadata.deletion_timestamp.is_none()) {
@@ -2563,34 +2082,20 @@ impl StatusReporter {
     }
 
     async fn report(&mut self, ctx: &PodCtx, api: &Api<Pod>) {
-        let Some(node) = ctx.node_spec() else {
-            return;
-        };
+        let node = &ctx.node;
         let states = lock(&ctx.states).clone();
-        let images = lock(&ctx.images).clone();
         let containers = ctx.spec_containers();
         let all_ready = states.iter().all(|s| s.ready);
-        let all_done = states.iter().all(|s| s.done);
         let any_started = states.iter().any(|s| s.ever_started);
-        let phase = if all_done {
-            if states.iter().all(|s| s.exit_code == Some(0)) {
-                "Succeeded"
-            } else {
-                "Failed"
-            }
-        } else if any_started {
-            "Running"
-        } else {
-            "Pending"
-        };
+        // restartPolicy is always Always: a container never finishes for good.
+        let phase = if any_started { "Running" } else { "Pending" };
         let statuses: Vec<Value> = states
             .iter()
             .zip(containers)
-            .zip(images.iter())
-            .map(|((s, c), image)| {
+            .map(|(s, c)| {
                 let mut v = json!({
                     "name": c.name,
-                    "image": image,
+                    "image": c.image,
                     "imageID": "",
                     "ready": s.ready,
                     "started": s.started,
@@ -2606,17 +2111,13 @@ impl StatusReporter {
                 v
             })
             .collect();
-        let ips: Vec<Value> = node
-            .ips()
-            .iter()
-            .map(|ip| json!({"ip": ip.to_string()}))
-            .collect();
+        let ips = [json!({"ip": node.ipv4.to_string()})];
         let conditions = vec![
             self.condition("PodScheduled", true),
             self.condition("Initialized", true),
             self.condition("PodReadyToStartContainers", true),
-            self.condition("ContainersReady", all_ready && !all_done),
-            self.condition("Ready", all_ready && !all_done),
+            self.condition("ContainersReady", all_ready),
+            self.condition("Ready", all_ready),
         ];
         let status = json!({
             "phase": phase,
@@ -2732,18 +2233,12 @@ fn spawn_process(ctx: &PodCtx, idx: usize, launch: &Launch) -> anyhow::Result<Ru
     Ok(Running { pid, exit })
 }
 
-/// Runs container `idx`: start, watch, probe, restart with backoff, stop on `stop`.
+/// Runs container `idx`: start, watch, probe, restart with backoff (`restartPolicy: Always`,
+/// the only one accepted), stop on `stop`.
 async fn supervise(ctx: Arc<PodCtx>, idx: usize, stop: CancellationToken) {
     let c = ctx.spec_containers()[idx].clone();
-    let policy = ctx
-        .pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.restart_policy.clone())
-        .unwrap_or_else(|| "Always".into());
     let mut backoff = ctx.shared.config.restart_backoff;
     let mut first = true;
-    let mut image_rx = ctx.image_generation[idx].subscribe();
     loop {
         // The agent's own token too: after `Drop` the worker is gone but this task may not be.
         if stop.is_cancelled() || ctx.shared.cancel.is_cancelled() {
@@ -2753,16 +2248,11 @@ async fn supervise(ctx: Arc<PodCtx>, idx: usize, stop: CancellationToken) {
             ctx.update(idx, |s| s.restart_count += 1);
         }
         first = false;
-        image_rx.borrow_and_update();
-        let launched = ctx
-            .launch(idx)
-            .map_err(|Missing(m)| ("CreateContainerConfigError", m));
-        let running = launched.and_then(|l| {
-            spawn_process(&ctx, idx, &l).map_err(|e| ("RunContainerError", format!("{e:#}")))
-        });
-        let mut running = match running {
+        let launch = ctx.launch(idx);
+        let mut running = match spawn_process(&ctx, idx, &launch) {
             Ok(r) => r,
-            Err((reason, message)) => {
+            Err(e) => {
+                let (reason, message) = ("RunContainerError", format!("{e:#}"));
                 tracing::warn!(container = %c.name, reason, %message, "container not started");
                 ctx.update(idx, |s| {
                     s.state = json!({"waiting": {"reason": reason, "message": message}});
@@ -2787,63 +2277,18 @@ async fn supervise(ctx: Arc<PodCtx>, idx: usize, stop: CancellationToken) {
             s.container_id = Some(format!("kubederp-node-agent://{}", running.pid));
         });
         let probes_stop = stop.child_token();
-        let (liveness_tx, mut liveness_rx) = tokio::sync::mpsc::channel::<String>(1);
-        let probes = tokio::spawn(run_probes(
-            ctx.clone(),
-            idx,
-            probes_stop.clone(),
-            liveness_tx,
-        ));
-        enum Why {
-            Exited(std::io::Result<std::process::ExitStatus>),
-            Stop,
-            Liveness(String),
-            ImageChanged,
-        }
-        let why = tokio::select! {
-            r = &mut running.exit => Why::Exited(r.unwrap_or_else(|e| Err(std::io::Error::other(e)))),
-            () = stop.cancelled() => Why::Stop,
-            Some(msg) = liveness_rx.recv() => Why::Liveness(msg),
-            Ok(()) = image_rx.changed() => Why::ImageChanged,
+        let probes = tokio::spawn(run_readiness_probe(ctx.clone(), idx, probes_stop.clone()));
+        let exited = tokio::select! {
+            r = &mut running.exit => Some(r.unwrap_or_else(|e| Err(std::io::Error::other(e)))),
+            () = stop.cancelled() => None,
         };
         probes_stop.cancel();
         let _ = probes.await;
-        let by_image = matches!(why, Why::ImageChanged);
-        let (status, reason, message) = match why {
-            Why::Exited(s) => (s, None, None),
-            Why::Stop => {
+        let status = match exited {
+            Some(s) => s,
+            None => {
                 let grace = *lock(&ctx.stop_grace);
-                (terminate(&mut running, grace).await, None, None)
-            }
-            Why::ImageChanged => {
-                tracing::info!(container = %c.name, "image changed; restarting");
-                let grace = pod_grace(&ctx);
-                (
-                    terminate(&mut running, grace).await,
-                    Some("Completed"),
-                    Some("container image changed, restarted".to_owned()),
-                )
-            }
-            Why::Liveness(msg) => {
-                tracing::warn!(container = %c.name, %msg, "liveness probe failed; restarting");
-                // The probe's own grace period wins over the Pod's, as in the kubelet.
-                let grace = c
-                    .liveness_probe
-                    .as_ref()
-                    .and_then(|p| p.termination_grace_period_seconds)
-                    .or_else(|| {
-                        ctx.pod
-                            .spec
-                            .as_ref()
-                            .and_then(|s| s.termination_grace_period_seconds)
-                    })
-                    .and_then(|g| u64::try_from(g).ok())
-                    .unwrap_or(30);
-                (
-                    terminate(&mut running, Duration::from_secs(grace)).await,
-                    Some("Error"),
-                    Some(format!("liveness probe failed: {msg}")),
-                )
+                terminate(&mut running, grace).await
             }
         };
         let (code, signal) = match &status {
@@ -2856,7 +2301,7 @@ async fn supervise(ctx: Arc<PodCtx>, idx: usize, stop: CancellationToken) {
             }
             Err(_) => (-1, None),
         };
-        let reason = reason.unwrap_or(if code == 0 { "Completed" } else { "Error" });
+        let reason = if code == 0 { "Completed" } else { "Error" };
         let mut terminated = json!({
             "exitCode": code,
             "reason": reason,
@@ -2867,99 +2312,32 @@ async fn supervise(ctx: Arc<PodCtx>, idx: usize, stop: CancellationToken) {
         if let Some(sig) = signal {
             terminated["signal"] = json!(sig);
         }
-        if let Some(m) = &message {
-            terminated["message"] = json!(m);
-        }
         tracing::info!(container = %c.name, exit_code = code, "container exited");
         let stopping = stop.is_cancelled() || ctx.shared.cancel.is_cancelled();
-        // A changed image restarts the container whatever the restart policy, as the kubelet
-        // does when a container's spec changes; right away, without backoff.
-        let image_changed = by_image || image_rx.has_changed().unwrap_or(false);
-        let restart = !stopping
-            && (image_changed
-                || match policy.as_str() {
-                    "Always" => true,
-                    "OnFailure" => code != 0,
-                    _ => false,
-                });
         ctx.update(idx, |s| {
             s.started = false;
             s.ready = false;
-            s.exit_code = Some(code);
-            if restart {
+            if stopping {
+                s.state = json!({"terminated": terminated});
+            } else {
                 s.last_state = json!({"terminated": terminated});
                 s.state = json!({"waiting": {
                     "reason": "CrashLoopBackOff",
                     "message": format!("back-off {}s restarting failed container", backoff.as_secs_f32()),
                 }});
-            } else {
-                s.state = json!({"terminated": terminated});
-                s.done = !stopping;
             }
         });
-        if !restart {
+        if stopping {
             return;
         }
         // Kubelet resets the backoff after a container ran for a while (10 min there).
         if started_instant.elapsed() > Duration::from_secs(60) {
             backoff = ctx.shared.config.restart_backoff;
         }
-        if image_changed {
-            continue;
-        }
         if sleep_or_stop(&stop, backoff).await {
             return;
         }
         backoff = (backoff * 2).min(ctx.shared.config.max_restart_backoff);
-    }
-}
-
-fn pod_grace(ctx: &PodCtx) -> Duration {
-    Duration::from_secs(
-        ctx.pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.termination_grace_period_seconds)
-            .and_then(|g| u64::try_from(g).ok())
-            .unwrap_or(30),
-    )
-}
-
-/// Containers whose image changed in `pod` get the new executable and are restarted. An image
-/// with no local executable is logged as an error and the old process keeps running.
-async fn apply_image_changes(ctx: &Arc<PodCtx>, pod: &Pod) {
-    let wanted: Vec<String> = pod
-        .spec
-        .iter()
-        .flat_map(|s| s.containers.iter())
-        .map(|c| c.image.clone().unwrap_or_default())
-        .collect();
-    let current = lock(&ctx.images).clone();
-    for (idx, (new, old)) in wanted.iter().zip(current.iter()).enumerate() {
-        if new == old {
-            continue;
-        }
-        let config = ctx.shared.config.clone();
-        let image = new.clone();
-        let resolved = tokio::task::spawn_blocking(move || config.resolve_image(&image))
-            .await
-            .unwrap_or_else(|e| Err(e.to_string()));
-        if let Some(slot) = lock(&ctx.images).get_mut(idx) {
-            *slot = new.clone();
-        }
-        match resolved {
-            Ok(exe) => {
-                if let Some(slot) = lock(&ctx.exes).get_mut(idx) {
-                    *slot = exe;
-                }
-                ctx.image_generation[idx].send_modify(|g| *g += 1);
-            }
-            Err(m) => tracing::error!(
-                field = %format!("spec.containers[{idx}].image"),
-                message = %m,
-                "cannot honour the image change; the old process keeps running"
-            ),
-        }
     }
 }
 
@@ -2996,60 +2374,21 @@ fn secs(v: Option<i32>, default: u64) -> Duration {
     Duration::from_secs(v.and_then(|s| u64::try_from(s).ok()).unwrap_or(default))
 }
 
-async fn run_probes(
-    ctx: Arc<PodCtx>,
-    idx: usize,
-    stop: CancellationToken,
-    liveness: tokio::sync::mpsc::Sender<String>,
-) {
+/// Runs the container's readiness probe (if any) until `stop`, updating its `ready` state.
+async fn run_readiness_probe(ctx: Arc<PodCtx>, idx: usize, stop: CancellationToken) {
     let c = ctx.spec_containers()[idx].clone();
-    let mut tasks = Vec::new();
-    if let Some(p) = c.readiness_probe.clone() {
-        let ctx = ctx.clone();
-        let stop = stop.clone();
-        let c = c.clone();
-        tasks.push(tokio::spawn(async move {
-            probe_loop(&ctx, &c, &p, &stop, |ok| {
-                ctx.update(idx, |s| {
-                    if s.ready != ok {
-                        tracing::info!(container = %s_name(&ctx, idx), ready = ok, "readiness changed");
-                    }
-                    s.ready = ok;
-                });
-                true
-            })
-            .await;
-        }));
-    }
-    if let Some(p) = c.liveness_probe.clone() {
-        let ctx = ctx.clone();
-        let stop = stop.clone();
-        let c = c.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut failed = None;
-            probe_loop(&ctx, &c, &p, &stop, |ok| {
-                if !ok {
-                    failed = Some(());
-                    return false;
-                }
-                true
-            })
-            .await;
-            if failed.is_some() {
-                let _ = liveness
-                    .send(format!(
-                        "{} consecutive failures",
-                        p.failure_threshold.unwrap_or(3)
-                    ))
-                    .await;
+    let Some(p) = c.readiness_probe.clone() else {
+        return;
+    };
+    probe_loop(&ctx, &c, &p, &stop, |ok| {
+        ctx.update(idx, |s| {
+            if s.ready != ok {
+                tracing::info!(container = %s_name(&ctx, idx), ready = ok, "readiness changed");
             }
-        }));
-    }
-    stop.cancelled().await;
-    for t in tasks {
-        t.abort();
-        let _ = t.await;
-    }
+            s.ready = ok;
+        });
+    })
+    .await;
 }
 
 fn s_name(ctx: &PodCtx, idx: usize) -> String {
@@ -3059,14 +2398,14 @@ fn s_name(ctx: &PodCtx, idx: usize) -> String {
         .unwrap_or_default()
 }
 
-/// Runs a probe every period; `on_state(ok)` is called when the thresholded result is known and
-/// returns false to stop probing.
+/// Runs a probe every period until `stop`; `on_state(ok)` is called when the thresholded result
+/// is known.
 async fn probe_loop(
     ctx: &PodCtx,
     c: &Container,
     p: &Probe,
     stop: &CancellationToken,
-    mut on_state: impl FnMut(bool) -> bool,
+    mut on_state: impl FnMut(bool),
 ) {
     let period = secs(p.period_seconds, 10).max(Duration::from_millis(100));
     let timeout = secs(p.timeout_seconds, 1);
@@ -3077,21 +2416,21 @@ async fn probe_loop(
     }
     let (mut successes, mut failures) = (0, 0);
     loop {
-        let result = run_probe(ctx, c, p, timeout).await;
+        let result = run_probe(ctx, p, timeout).await;
         match result {
             Ok(()) => {
                 failures = 0;
                 successes += 1;
-                if successes >= success_threshold && !on_state(true) {
-                    return;
+                if successes >= success_threshold {
+                    on_state(true);
                 }
             }
             Err(e) => {
                 tracing::debug!(container = %c.name, error = %e, "probe failed");
                 successes = 0;
                 failures += 1;
-                if failures >= failure_threshold && !on_state(false) {
-                    return;
+                if failures >= failure_threshold {
+                    on_state(false);
                 }
             }
         }
@@ -3101,38 +2440,21 @@ async fn probe_loop(
     }
 }
 
-async fn run_probe(
-    ctx: &PodCtx,
-    c: &Container,
-    p: &Probe,
-    timeout: Duration,
-) -> Result<(), String> {
-    let node = ctx.node_spec().ok_or("node removed")?;
-    let host_of = |host: &Option<String>| -> Result<IpAddr, String> {
-        match host.as_deref().filter(|h| !h.is_empty()) {
-            Some(h) => h
-                .parse()
-                .map_err(|_| format!("probe host {h:?} is not an IP")),
-            None => Ok(IpAddr::V4(node.ipv4)),
-        }
-    };
+/// One probe run against the node IP (the only host a Pod with host networking has here).
+async fn run_probe(ctx: &PodCtx, p: &Probe, timeout: Duration) -> Result<(), String> {
+    let ip = IpAddr::V4(ctx.node.ipv4);
     let fut = async {
         if let Some(h) = &p.http_get {
-            let ip = host_of(&h.host)?;
-            let port = resolve_port(&h.port, c)?;
+            let port = resolve_port(&h.port)?;
             let path = h.path.clone().unwrap_or_else(|| "/".into());
-            return http_probe(SocketAddr::new(ip, port), &path, h.http_headers.as_deref()).await;
+            return http_probe(SocketAddr::new(ip, port), &path).await;
         }
         if let Some(t) = &p.tcp_socket {
-            let ip = host_of(&t.host)?;
-            let port = resolve_port(&t.port, c)?;
+            let port = resolve_port(&t.port)?;
             return tokio::net::TcpStream::connect(SocketAddr::new(ip, port))
                 .await
                 .map(drop)
                 .map_err(|e| format!("tcp connect {ip}:{port}: {e}"));
-        }
-        if let Some(e) = &p.exec {
-            return exec_probe(ctx, c, e.command.as_deref().unwrap_or_default()).await;
         }
         Err("no probe handler".to_owned())
     };
@@ -3141,21 +2463,13 @@ async fn run_probe(
         .map_err(|_| format!("timed out after {}s", timeout.as_secs_f32()))?
 }
 
-async fn http_probe(
-    addr: SocketAddr,
-    path: &str,
-    headers: Option<&[k8s_openapi::api::core::v1::HTTPHeader]>,
-) -> Result<(), String> {
+async fn http_probe(addr: SocketAddr, path: &str) -> Result<(), String> {
     let mut s = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connect {addr}: {e}"))?;
-    let mut req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: kube-probe/1.34\r\nAccept: */*\r\nConnection: close\r\n"
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: kube-probe/1.34\r\nAccept: */*\r\nConnection: close\r\n\r\n"
     );
-    for h in headers.unwrap_or_default() {
-        req.push_str(&format!("{}: {}\r\n", h.name, h.value));
-    }
-    req.push_str("\r\n");
     s.write_all(req.as_bytes())
         .await
         .map_err(|e| format!("write: {e}"))?;
@@ -3181,49 +2495,6 @@ async fn http_probe(
         Ok(())
     } else {
         Err(format!("HTTP {code}"))
-    }
-}
-
-async fn exec_probe(ctx: &PodCtx, c: &Container, command: &[String]) -> Result<(), String> {
-    let idx = ctx
-        .spec_containers()
-        .iter()
-        .position(|x| x.name == c.name)
-        .unwrap_or(0);
-    let launch = ctx.launch(idx).map_err(|Missing(m)| m)?;
-    let mounts = &ctx.mounts[idx];
-    let argv: Vec<String> = command
-        .iter()
-        .map(|a| rewrite_mount_paths(a, mounts))
-        .collect();
-    let Some((prog, rest)) = argv.split_first() else {
-        return Err("exec probe without a command".into());
-    };
-    // The image's own binary name runs the mapped executable; anything else comes from PATH.
-    let image = c.image.as_deref().unwrap_or_default();
-    let prog_path = if Path::new(prog).file_name().map(|s| s.to_string_lossy())
-        == Some(image_last_segment(image).into())
-    {
-        launch.exe.clone()
-    } else {
-        PathBuf::from(prog)
-    };
-    let out = tokio::process::Command::new(&prog_path)
-        .args(rest)
-        .env_clear()
-        .envs(launch.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(&launch.cwd)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .status()
-        .await
-        .map_err(|e| format!("exec {}: {e}", prog_path.display()))?;
-    if out.success() {
-        Ok(())
-    } else {
-        Err(format!("exec {} exited with {out}", prog_path.display()))
     }
 }
 
@@ -3312,18 +2583,5 @@ mod tests {
         assert_eq!(image_last_segment("ghcr.io/kubederp/derper:v1"), "derper");
         assert_eq!(image_last_segment("derper"), "derper");
         assert_eq!(image_last_segment("localhost:5000/a/b@sha256:abc"), "b");
-    }
-
-    #[test]
-    fn node_spec_parses_the_command_line_form() {
-        let n =
-            NodeSpec::parse("n1=127.0.0.2,ipv6=::1,type=ExternalIP,label=a=b,taint=k=v:NoSchedule")
-                .unwrap();
-        assert_eq!(n.name, "n1");
-        assert_eq!(n.ipv4, Ipv4Addr::new(127, 0, 0, 2));
-        assert_eq!(n.ipv6, Some(Ipv6Addr::LOCALHOST));
-        assert_eq!(n.address_type, AddressType::ExternalIP);
-        assert_eq!(n.labels.get("a").map(String::as_str), Some("b"));
-        assert_eq!(n.taints[0].effect, "NoSchedule");
     }
 }
