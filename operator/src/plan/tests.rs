@@ -1135,3 +1135,5 @@ fn relay_that_cannot_bind_its_admin_port_makes_a_port_in_use_condition() {
         .unwrap();
     assert_eq!(c.status, "True");
 }
+
+mod steps;
