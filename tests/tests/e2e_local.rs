@@ -131,6 +131,20 @@ async fn real_clients_cross_nodes_and_a_crashed_relay_comes_back_with_its_pin() 
     .await;
     let new_pid = agent.container_pid(&ns, pod, "derper").unwrap();
     assert_ne!(new_pid, pid, "a new process serves the node");
+    // While the relay was down its probe may have failed and the node been withdrawn; the
+    // operator republishes it after its next probe round, which can come after Pod Ready.
+    wait_for(
+        "the restarted node back in the published map",
+        Duration::from_secs(60),
+        || {
+            let (stack, dir, names) = (&stack, tmp.path(), &names);
+            async move {
+                let (_, _, now) = published_map(stack, dir).await;
+                (&now == names).then_some(())
+            }
+        },
+    )
+    .await;
     let (_, after, _) = published_map(&stack, tmp.path()).await;
     assert_eq!(
         pins(&after),
