@@ -1,8 +1,9 @@
-//! The relay's modules form a one-way graph: no module imports one that imports it back,
-//! directly or through others (issue 18).
+//! The relay's and the operator's modules form one-way graphs: no module imports one that
+//! imports it back, directly or through others (issue 18).
 //!
-//! The test reads `derper/src/**/*.rs`, builds the module dependency graph from the paths
-//! in the code and fails naming every cycle it finds, with the line that makes each edge.
+//! The test reads `derper/src/**/*.rs` and `operator/src/**/*.rs`, builds the module dependency
+//! graph of each crate from the paths in the code and fails naming every cycle it finds, with
+//! the line that makes each edge.
 //!
 //! What counts, kept simple on purpose:
 //! * a module is one file: `a.rs` and `a/mod.rs` are `a`, `a/b.rs` is `a::b`; `lib.rs` is
@@ -40,7 +41,8 @@ struct Source {
 /// Where an edge comes from: file and 1-based line of its first occurrence.
 type Edges = BTreeMap<String, BTreeMap<String, (String, usize)>>;
 
-fn collect(dir: &Path, root: &Path, out: &mut Vec<Source>) {
+/// Reads every `.rs` file below `dir` (the crate's `src` is `root`, named `krate` in reports).
+fn collect(krate: &str, dir: &Path, root: &Path, out: &mut Vec<Source>) {
     let mut entries: Vec<PathBuf> = fs::read_dir(dir)
         .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
         .map(|e| e.expect("dir entry").path())
@@ -52,7 +54,7 @@ fn collect(dir: &Path, root: &Path, out: &mut Vec<Source>) {
             if rel == Path::new("bin") {
                 continue;
             }
-            collect(&p, root, out);
+            collect(krate, &p, root, out);
             continue;
         }
         if p.extension().is_none_or(|e| e != "rs") {
@@ -65,7 +67,7 @@ fn collect(dir: &Path, root: &Path, out: &mut Vec<Source>) {
         let text = fs::read_to_string(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
         out.push(Source {
             module: module_of(&rel.to_string_lossy()),
-            file: format!("derper/src/{}", rel.to_string_lossy()),
+            file: format!("{krate}/src/{}", rel.to_string_lossy()),
             text,
         });
     }
@@ -528,23 +530,33 @@ fn report(edges: &Edges, cycles: &[Vec<String>]) -> String {
     s
 }
 
-#[test]
-fn relay_modules_have_no_import_cycles() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+/// Reads `<crate>/src` of the workspace and fails naming every import cycle.
+fn assert_no_cycles(krate: &str, expected_module: &str) {
+    let root = derp_tests::k8s::workspace_root().join(krate).join("src");
     let mut sources = Vec::new();
-    collect(&root, &root, &mut sources);
+    collect(krate, &root, &root, &mut sources);
     assert!(
-        sources.iter().any(|s| s.module == "server"),
-        "expected to read derper/src (found {} files)",
+        sources.iter().any(|s| s.module == expected_module),
+        "expected to read {krate}/src (found {} files)",
         sources.len()
     );
     let edges = graph(&sources);
     let found = cycles(&edges);
     assert!(
         found.is_empty(),
-        "derper/src has import cycles:\n{}",
+        "{krate}/src has import cycles:\n{}",
         report(&edges, &found)
     );
+}
+
+#[test]
+fn relay_modules_have_no_import_cycles() {
+    assert_no_cycles("derper", "server");
+}
+
+#[test]
+fn operator_modules_have_no_import_cycles() {
+    assert_no_cycles("operator", "plan");
 }
 
 fn src(module: &str, text: &str) -> Source {

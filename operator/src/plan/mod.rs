@@ -6,6 +6,7 @@
 //! controller observes, calls [`plan`], and executes the writes in order.
 
 pub mod children;
+pub mod conditions;
 pub mod derpmap;
 pub mod nodes;
 pub mod pod_failures;
@@ -15,8 +16,10 @@ use std::{collections::BTreeMap, time::Duration};
 
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
 use kube::{Resource, ResourceExt};
-use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+use time::OffsetDateTime;
 
+pub use self::conditions::PlannedEvent;
+use self::conditions::{condition, rfc3339};
 use self::{
     children::{
         RelayDefaults, derpmap_config_map, derpmap_name, host_port, mesh_peers_config_map,
@@ -127,17 +130,6 @@ pub enum Write {
     DeleteConfigMap(String),
 }
 
-/// An Event to publish on the region.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PlannedEvent {
-    /// Warning (true) or Normal.
-    pub warning: bool,
-    /// CamelCase reason.
-    pub reason: String,
-    /// Human-readable note.
-    pub note: String,
-}
-
 /// The outcome of planning one region.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -179,10 +171,6 @@ pub enum PlanError {
         /// Value.
         value: String,
     },
-}
-
-fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&Rfc3339).unwrap_or_default()
 }
 
 /// Why a node's certificate must be (re)issued, or `None` to reuse it.
@@ -290,17 +278,6 @@ fn published_nodes(have: Option<&ConfigMap>) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn condition(type_: &str, ok: bool, reason: &str, message: String) -> Condition {
-    Condition {
-        type_: type_.to_owned(),
-        status: if ok { "True" } else { "False" }.to_owned(),
-        reason: reason.to_owned(),
-        message,
-        last_transition_time: None,
-        observed_generation: None,
-    }
-}
-
 /// `why` with the detail a person needs: for changed addresses, the old and new IP SANs.
 fn reissue_detail(why: &str, have: Option<&Secret>, ips: &[std::net::IpAddr]) -> String {
     if why != "AddressesChanged" {
@@ -359,27 +336,6 @@ fn published_ports_events(prev: &[NodeStatus], now: &[NodeStatus]) -> Vec<Planne
             })
         })
         .collect()
-}
-
-/// Replace (or add) condition `c` in `status`, keeping its transition time when the status
-/// did not change since `prev`.
-fn set_condition(
-    status: &mut DerpRegionStatus,
-    prev: &DerpRegionStatus,
-    now: OffsetDateTime,
-    mut c: Condition,
-) {
-    c.observed_generation = status.conditions.iter().find_map(|x| x.observed_generation);
-    c.last_transition_time = prev
-        .conditions
-        .iter()
-        .find(|p| p.type_ == c.type_ && p.status == c.status)
-        .and_then(|p| p.last_transition_time.clone())
-        .or_else(|| Some(rfc3339(now)));
-    match status.conditions.iter_mut().find(|x| x.type_ == c.type_) {
-        Some(x) => *x = c,
-        None => status.conditions.push(c),
-    }
 }
 
 /// Plan one region, in seven steps: certificates, the mesh Secret and peers ConfigMap, relay
