@@ -43,14 +43,24 @@ pub(crate) fn set_condition(
     mut c: Condition,
 ) {
     c.observed_generation = status.conditions.iter().find_map(|x| x.observed_generation);
+    carry_transition_time(&mut c, prev, now);
+    match status.conditions.iter_mut().find(|x| x.type_ == c.type_) {
+        Some(x) => *x = c,
+        None => status.conditions.push(c),
+    }
+}
+
+/// Sets `c`'s transition time: the one of the same condition with the same status in `prev`,
+/// or `now` if its status changed (or it is new).
+pub(crate) fn carry_transition_time(
+    c: &mut Condition,
+    prev: &DerpRegionStatus,
+    now: OffsetDateTime,
+) {
     c.last_transition_time = prev
         .conditions
         .iter()
         .find(|p| p.type_ == c.type_ && p.status == c.status)
         .and_then(|p| p.last_transition_time.clone())
         .or_else(|| Some(rfc3339(now)));
-    match status.conditions.iter_mut().find(|x| x.type_ == c.type_) {
-        Some(x) => *x = c,
-        None => status.conditions.push(c),
-    }
 }

@@ -19,7 +19,7 @@ use kube::{Resource, ResourceExt};
 use time::OffsetDateTime;
 
 pub use self::conditions::PlannedEvent;
-use self::conditions::{condition, rfc3339};
+use self::conditions::{carry_transition_time, condition, rfc3339};
 use self::{
     children::{
         RelayDefaults, derpmap_config_map, derpmap_name, host_port, mesh_peers_config_map,
@@ -1164,12 +1164,7 @@ fn build_status(
     ];
     for c in &mut conds {
         c.observed_generation = generation;
-        c.last_transition_time = prev
-            .conditions
-            .iter()
-            .find(|p| p.type_ == c.type_ && p.status == c.status)
-            .and_then(|p| p.last_transition_time.clone())
-            .or_else(|| Some(rfc3339(now)));
+        carry_transition_time(c, prev, now);
     }
     DerpRegionStatus {
         observed_generation: generation,
