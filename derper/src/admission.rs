@@ -83,9 +83,9 @@ pub const VERIFY_URL_MAX_BODY: usize = 4096;
 
 impl VerifyUrl {
     /// Validates the URL. `https://` endpoints are verified against the system CA bundle
-    /// ([`crate::mesh::system_roots`]: `SSL_CERT_FILE` or the usual paths).
+    /// (`crate::roots::system_roots`: `SSL_CERT_FILE` or the usual paths).
     pub fn new(url: &str, fail_open: bool) -> Result<Self, String> {
-        Self::with_roots(url, fail_open, crate::mesh::system_roots)
+        Self::with_roots(url, fail_open, crate::roots::system_roots)
     }
 
     /// Like [`VerifyUrl::new`], with the CA certificates for `https://` URLs from `roots`

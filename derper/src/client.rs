@@ -14,7 +14,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
-use crate::http::find_head_end;
+use crate::http::head::find_head_end;
 use crate::key::{MeshKey, NodePrivateKey, NodePublicKey};
 use crate::pin::{Pin, PinnedVerifier, parse_metacert};
 use crate::proto::codec::{self, FrameReader, ReadError, ReadPolicy, ServerFrame};

@@ -17,8 +17,9 @@ use tracing::{error, info};
 use derper::args::{Args, MetacertFlag, normalize_go_flags};
 use derper::config::Config;
 use derper::key::NodePrivateKey;
+use derper::listeners::{ServeConfig, StunServeFn};
 use derper::metrics::Metrics;
-use derper::server::{ServeConfig, Server, StunServeFn};
+use derper::server::Server;
 
 fn main() -> ExitCode {
     // Go-style command lines (upstream unit files, container args) first, then clap.
@@ -135,7 +136,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         tcp: cfg.tcp,
         accept_limit: cfg.accept_limit,
     };
-    let running = derper::server::spawn(server, serve, Arc::new(registry), Some(stun)).await?;
+    let running = derper::listeners::spawn(server, serve, Arc::new(registry), Some(stun)).await?;
     info!(
         addr = %running.addr,
         tls = cfg.tls.is_some(),

@@ -15,7 +15,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use rustls::pki_types::CertificateDer;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -27,6 +26,7 @@ use crate::key::{MeshKey, NodePublicKey};
 use crate::pin::{PIN_PREFIX, Pin};
 use crate::proto::codec::ServerFrame;
 use crate::server::Server;
+use crate::server::forward::{Forwarder, Fwd};
 
 /// Packets queued per mesh peer before new ones are dropped.
 const FORWARD_QUEUE: usize = 4096;
@@ -171,49 +171,6 @@ pub fn parse_mesh_with(
         });
     }
     Ok(out)
-}
-
-/// Loads the system CA bundle (for `--mesh-with` peers with CA-issued certificates).
-pub fn system_roots() -> Vec<CertificateDer<'static>> {
-    const PATHS: &[&str] = &[
-        "/etc/ssl/certs/ca-certificates.crt",
-        "/etc/pki/tls/certs/ca-bundle.crt",
-        "/etc/ssl/cert.pem",
-    ];
-    let env = std::env::var("SSL_CERT_FILE").ok();
-    for p in env.as_deref().into_iter().chain(PATHS.iter().copied()) {
-        if let Ok(data) = std::fs::read(p) {
-            let certs: Vec<_> = rustls_pemfile::certs(&mut data.as_slice())
-                .filter_map(Result::ok)
-                .collect();
-            if !certs.is_empty() {
-                return certs;
-            }
-        }
-    }
-    Vec::new()
-}
-
-/// A packet waiting to be forwarded to a mesh peer.
-#[derive(Debug)]
-struct Fwd {
-    src: NodePublicKey,
-    dst: NodePublicKey,
-    data: Bytes,
-}
-
-/// The sending side of one outbound mesh connection, registered in the registry for every
-/// key the peer announced.
-#[derive(Debug)]
-pub(crate) struct Forwarder {
-    tx: mpsc::Sender<Fwd>,
-}
-
-impl Forwarder {
-    /// Queues a ForwardPacket; false if the queue is full or the connection is gone.
-    pub(crate) fn forward(&self, src: NodePublicKey, dst: NodePublicKey, data: Bytes) -> bool {
-        self.tx.try_send(Fwd { src, dst, data }).is_ok()
-    }
 }
 
 /// Handle of the running mesh (stops with the server's cancellation token too).
@@ -398,7 +355,7 @@ async fn connect_once(
     let m = server.metrics().clone();
     let registry = server.registry();
     let (tx, rx) = mpsc::channel(FORWARD_QUEUE);
-    let fwd = Arc::new(Forwarder { tx });
+    let fwd = Arc::new(Forwarder::new(tx));
     let conn_cancel = cancel.child_token();
     let writer_task = tokio::spawn(
         forward_writer(writer, rx, conn_cancel.clone()).instrument(tracing::Span::current()),

@@ -21,50 +21,17 @@
 //! own dialer does not expose the presented chain, which is needed to explain a pin mismatch
 //! and to notice a metacert.
 
-use std::time::Duration;
-
-use rustls::pki_types::CertificateDer;
-
 pub mod load;
 mod node;
+mod options;
 mod report;
 mod stun;
 mod tls;
 
 pub use node::{probe_map, probe_node, probe_region};
+pub use options::ProbeOptions;
 pub use report::{
     Check, FamilyChecks, MeshCheck, MetacertInfo, NodeChecks, NodeReport, REPORT_VERSION,
     RegionReport, Report, Status, TlsInfo,
 };
 pub use stun::{StunResponseError, parse_binding_response, stun_binding_request, stun_probe};
-
-// ---------------------------------------------------------------------------------------
-// Options
-
-/// Probe options.
-#[derive(Debug, Clone)]
-pub struct ProbeOptions {
-    /// Limit for each step (TCP, TLS, DERP handshake, one packet delivery).
-    pub timeout: Duration,
-    /// Limit for the STUN check (three requests spread over it).
-    pub stun_timeout: Duration,
-    /// Limit for each cross-node delivery.
-    pub mesh_timeout: Duration,
-    /// Run cross-node checks in regions with more than one DERP node.
-    pub mesh: bool,
-    /// Trust anchors for nodes without a `sha256-raw:` pin; when empty, such nodes' chains
-    /// are recorded but not verified (and the TLS message says so).
-    pub roots: Vec<CertificateDer<'static>>,
-}
-
-impl Default for ProbeOptions {
-    fn default() -> Self {
-        Self {
-            timeout: Duration::from_secs(5),
-            stun_timeout: Duration::from_secs(3),
-            mesh_timeout: Duration::from_secs(3),
-            mesh: true,
-            roots: Vec::new(),
-        }
-    }
-}

@@ -14,8 +14,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use crate::client::{Client, ClientConfig, ClientError, TlsMode, UpgradeMode};
 use crate::http::HttpOptions;
 use crate::key::{NodePrivateKey, NodePublicKey};
+use crate::listeners::{RunningServer, ServeConfig, TcpOptions};
 use crate::metrics::Metrics;
-use crate::server::{RunningServer, ServeConfig, Server, ServerOptions, TcpOptions};
+use crate::server::{Server, ServerOptions};
 
 /// Options for [`start`].
 #[derive(Debug, Clone)]
@@ -174,10 +175,10 @@ pub async fn start(opts: TestServerOptions) -> TestServer {
         accept_limit: opts.accept_limit,
     };
     let stun_metrics = crate::stun::StunMetrics::register(&mut reg);
-    let stun: crate::server::StunServeFn =
+    let stun: crate::listeners::StunServeFn =
         Box::new(move |sock, cancel| Box::pin(crate::stun::serve(sock, stun_metrics, cancel)));
     let registry = Arc::new(reg);
-    let running = crate::server::spawn(server, cfg, registry.clone(), Some(stun))
+    let running = crate::listeners::spawn(server, cfg, registry.clone(), Some(stun))
         .await
         .expect("binding the test listeners succeeds");
     TestServer {

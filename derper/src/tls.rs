@@ -376,7 +376,7 @@ impl Reloader {
 
 /// The rustls server config for the DERP listener (spec §1.2): ring provider, TLS 1.3 and
 /// 1.2, ALPN `http/1.1`, certificates from `resolver`, no client authentication, secret
-/// extraction on (for [`crate::tls_stream`]).
+/// extraction on (for `crate::tls_stream`).
 pub fn server_config(resolver: Arc<CertResolver>) -> Arc<rustls::ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)

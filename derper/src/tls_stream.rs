@@ -45,13 +45,13 @@ const MAX_FRAGMENT: usize = 16 * 1024;
 /// socket has taken them: a peer that sends and never reads must not make it grow. Our
 /// record layer needs one KeyUpdate and one alert record at most (51 bytes): it answers
 /// KeyUpdate requests only into an empty send buffer, coalescing the rest.
-pub const MAX_TX_FROM_READER: u16 = 1024;
+pub(crate) const MAX_TX_FROM_READER: u16 = 1024;
 
 /// A server TLS connection over a [`TcpStream`], after the handshake.
 ///
 /// Implements [`AsyncRead`] and [`AsyncWrite`]; split it with `tokio::io::split` for one
 /// reader and one writer task (all its state sits behind that split's lock).
-pub struct TlsServerStream {
+pub(crate) struct TlsServerStream {
     tcp: TcpStream,
     engine: Engine,
     /// Received TLS bytes rustls has not consumed yet (an incomplete record).
@@ -139,7 +139,10 @@ fn tls_err(e: rustls::Error) -> io::Error {
 /// # Errors
 /// I/O errors, a TLS error from rustls (`InvalidData`), or `UnexpectedEof` if the client
 /// goes away mid-handshake.
-pub async fn accept(config: Arc<ServerConfig>, mut tcp: TcpStream) -> io::Result<TlsServerStream> {
+pub(crate) async fn accept(
+    config: Arc<ServerConfig>,
+    mut tcp: TcpStream,
+) -> io::Result<TlsServerStream> {
     let extract = config.enable_secret_extraction;
     let mut conn = UnbufferedServerConnection::new(config).map_err(tls_err)?;
     let mut rx: Vec<u8> = Vec::new();
@@ -720,7 +723,7 @@ impl AsyncRead for TlsServerStream {
 /// our TLS 1.3 record layer ended a connection: `tls_key_update_limit`,
 /// `tls_record_overflow`, `tls_send_buffer_limit`, `tls_bad_record_mac`, `tls_peer_alert`
 /// or `tls_protocol_error`. `None` for any other error.
-pub fn error_reason(e: &io::Error) -> Option<&'static str> {
+pub(crate) fn error_reason(e: &io::Error) -> Option<&'static str> {
     records::RecordError::find(e).map(records::RecordError::reason)
 }
 

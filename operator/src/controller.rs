@@ -351,7 +351,7 @@ fn live_region_keys(ctx: &Context) -> Vec<String> {
         .state()
         .iter()
         .filter(|r| r.metadata.deletion_timestamp.is_none())
-        .map(|r| crate::health::region_key(r))
+        .map(|r| crate::crd::region_key(r))
         .collect()
 }
 

@@ -15,7 +15,7 @@ use derper::defaults;
 use k8s_openapi::api::core::v1::{
     LocalObjectReference, ResourceRequirements, Toleration, Volume, VolumeMount,
 };
-use kube::{CustomResource, KubeSchema};
+use kube::{CustomResource, KubeSchema, ResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -611,4 +611,13 @@ impl DerpRegionSpec {
             .clone()
             .unwrap_or_else(|| self.effective_code(name))
     }
+}
+
+/// `namespace/name` of a region (the key of the health tracker and of region-ID conflicts).
+pub fn region_key(region: &DerpRegion) -> String {
+    format!(
+        "{}/{}",
+        region.namespace().unwrap_or_default(),
+        region.name_any()
+    )
 }

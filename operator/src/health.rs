@@ -47,7 +47,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     certs::parse_duration,
-    crd::{DEFAULT_UNHEALTHY_AFTER, DerpRegion},
+    crd::{DEFAULT_UNHEALTHY_AFTER, DerpRegion, region_key},
     metrics::Metrics,
     outcome::{Outcome, summarize},
     plan::{PlannedEvent, ProbeView},
@@ -237,15 +237,6 @@ impl Tracker {
     pub fn retain_regions(&self, keep: &[String]) {
         self.lock().retain(|k, _| keep.contains(k));
     }
-}
-
-/// `namespace/name` of a region (the tracker key).
-pub fn region_key(region: &DerpRegion) -> String {
-    format!(
-        "{}/{}",
-        region.namespace().unwrap_or_default(),
-        region.name_any()
-    )
 }
 
 /// The derpMap region to probe: every node in the region's status (published or withheld),

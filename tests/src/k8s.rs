@@ -215,6 +215,7 @@ fn clean_stale_scratch(root: &Path) {
 pub struct ControlPlane {
     dir: PathBuf,
     kubeconfig: PathBuf,
+    ca_file: PathBuf,
     bin_dir: PathBuf,
     server: String,
     procs: Mutex<Vec<Proc>>,
@@ -268,6 +269,8 @@ impl ControlPlane {
 
         let mut cp = ControlPlane {
             kubeconfig: dir.join("kubeconfig"),
+            // the apiserver writes its self-signed serving cert (its own CA) on start
+            ca_file: dir.join("certs/apiserver.crt"),
             dir: dir.clone(),
             bin_dir: bin_dir.clone(),
             server: server.clone(),
@@ -315,10 +318,12 @@ impl ControlPlane {
                 "--endpoint-reconciler-type=none",
             ],
         )?;
-        // The apiserver writes its self-signed serving cert (with its CA) on start.
-        let ca = dir.join("certs/apiserver.crt");
+        let ca = cp.ca_file.clone();
         cp.wait_ready("kube-apiserver serving certificate", || ca.exists())?;
-        std::fs::write(&cp.kubeconfig, kubeconfig_yaml(&server, &ca, &token))?;
+        std::fs::write(
+            &cp.kubeconfig,
+            kubeconfig_yaml(&server, Some(&ca), Some(&token)),
+        )?;
 
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -400,6 +405,11 @@ impl ControlPlane {
     /// Path of an admin kubeconfig for this control plane.
     pub fn kubeconfig(&self) -> &Path {
         &self.kubeconfig
+    }
+
+    /// The CA file that verifies the apiserver's serving certificate.
+    pub fn ca_file(&self) -> &Path {
+        &self.ca_file
     }
 
     /// The apiserver URL (`https://127.0.0.1:<port>`).
@@ -498,14 +508,26 @@ impl Drop for ControlPlane {
     }
 }
 
-fn kubeconfig_yaml(server: &str, ca: &Path, token: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: kubederp-test\n  cluster:\n    \
-         server: {server}\n    certificate-authority: {ca}\nusers:\n- name: admin\n  user:\n    \
-         token: {token}\ncontexts:\n- name: kubederp-test\n  context:\n    cluster: \
-         kubederp-test\n    user: admin\ncurrent-context: kubederp-test\n",
-        ca = ca.display()
-    )
+/// A kubeconfig for `server`, verified with `ca` when given (none for plain HTTP), and
+/// authenticating with the bearer `token` when given.
+pub fn kubeconfig_yaml(server: &str, ca: Option<&Path>, token: Option<&str>) -> String {
+    let cluster = match ca {
+        Some(ca) => serde_json::json!({"server": server, "certificate-authority": ca}),
+        None => serde_json::json!({"server": server}),
+    };
+    let user = match token {
+        Some(t) => serde_json::json!({"token": t}),
+        None => serde_json::json!({}),
+    };
+    serde_yaml::to_string(&serde_json::json!({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": "kubederp-test", "cluster": cluster}],
+        "users": [{"name": "user", "user": user}],
+        "contexts": [{"name": "kubederp-test",
+                      "context": {"cluster": "kubederp-test", "user": "user"}}],
+        "current-context": "kubederp-test",
+    }))
+    .expect("kubeconfig yaml")
 }
 
 /// A client for the given kubeconfig file.
@@ -574,6 +596,31 @@ impl Drop for TestNamespace {
             .stderr(Stdio::null())
             .status();
     }
+}
+
+/// A random 6-hex-digit tag for the names and label values of one test's cluster-scoped
+/// objects (Nodes, releases), so tests sharing a control plane never see each other's.
+pub fn tag() -> String {
+    format!("{:06x}", rand::random::<u32>() & 0xff_ffff)
+}
+
+/// The usual start of a test on the shared control plane: tracing to the test's output
+/// (`RUST_LOG`, else `default_log`), the CRDs in `crds` installed, and a fresh namespace.
+pub async fn setup_namespace(
+    prefix: &str,
+    crds: &Path,
+    default_log: &str,
+) -> (kube::Client, TestNamespace) {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| default_log.to_owned()))
+        .try_init();
+    let client = ControlPlane::shared().client().await;
+    install_crds(&client, crds)
+        .await
+        .unwrap_or_else(|e| panic!("installing the CRDs of {}: {e:#}", crds.display()));
+    let ns = TestNamespace::create(&client, prefix).await;
+    (client, ns)
 }
 
 /// Server-side applies every `*.yaml` CustomResourceDefinition in `dir` and waits until each

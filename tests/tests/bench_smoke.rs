@@ -27,6 +27,7 @@ fn bench_smoke_runs_every_workload_against_ours_and_upstream() {
     for id in [
         "| T1 |", "| T2 |", "| T3 |", "| T4 |", "| T4c |", "| T5 |", "| T6 |", "| T7 |", "| T10 |",
         "| M1 |", "| R1 |", "| R1s |", "| R1x |", "| R1t |", "| R2 |", "| R2t |", "| R3 |",
+        "| R3p |",
     ] {
         assert!(
             stdout.contains(id),

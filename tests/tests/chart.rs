@@ -16,156 +16,37 @@
 //! registry, nothing fetched.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use derp_operator::crd::DerpRegion;
-use derp_tests::bins::workspace_bin;
+use derp_tests::admin_http;
+use derp_tests::command::{fails, ok, output};
+use derp_tests::helm::{chart_dir, find, helm, kinds, render};
 use derp_tests::k8s::{
-    ControlPlane, TestNamespace, free_port, install_crds, wait_until, workspace_root,
+    ControlPlane, TestNamespace, free_port, kubeconfig_yaml, setup_namespace, tag, wait_until,
+    workspace_root,
 };
-use http_body_util::BodyExt as _;
+use derp_tests::nodes::{TestNodes, fake_kubelet, label_node};
+use derp_tests::operator::{MANAGED, OperatorProcess};
+use derp_tests::rbac::{Access, RecordingProxy, Seen, granted};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 
 /// Bound for every wait in this file (each test must finish well within 60 s).
 const WAIT: Duration = Duration::from_secs(40);
-/// Label every operator-managed child carries.
-const MANAGED: &str = "app.kubernetes.io/managed-by=derp-operator";
 
-// ---------------------------------------------------------------------------------------------
-// helm / kubectl plumbing
-
-fn chart_dir() -> PathBuf {
-    workspace_root().join("charts/kubederp")
-}
-
-/// Empty helm home (config, cache, data) shared by the tests of this binary.
-fn helm_home() -> &'static Path {
-    static HOME: OnceLock<tempfile::TempDir> = OnceLock::new();
-    HOME.get_or_init(|| tempfile::tempdir().expect("helm home tempdir"))
-        .path()
-}
-
-/// `helm` pointed at the shared control plane, with no repositories or registries configured.
-fn helm(cp: &ControlPlane) -> Command {
-    let home = helm_home();
-    let mut cmd = Command::new(cp.bin_dir().join("helm"));
-    cmd.env("KUBECONFIG", cp.kubeconfig())
-        .env("HELM_CONFIG_HOME", home.join("config"))
-        .env("HELM_CACHE_HOME", home.join("cache"))
-        .env("HELM_DATA_HOME", home.join("data"))
-        .env("HELM_REGISTRY_CONFIG", home.join("registry.json"))
-        .env("HELM_REPOSITORY_CONFIG", home.join("repositories.yaml"))
-        .stdin(Stdio::null());
-    cmd
-}
-
-async fn output(cmd: Command) -> Output {
-    let desc = format!("{cmd:?}");
-    tokio::process::Command::from(cmd)
-        .output()
-        .await
-        .unwrap_or_else(|e| panic!("running {desc}: {e}"))
-}
-
-/// Runs `cmd`, panics with its stderr unless it succeeds, returns stdout.
-async fn ok(cmd: Command) -> String {
-    let desc = format!("{:?}", cmd.get_args().collect::<Vec<_>>());
-    let out = output(cmd).await;
-    assert!(
-        out.status.success(),
-        "{desc} failed ({}):\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Runs `cmd`, panics if it succeeds, returns stdout + stderr.
-async fn fails(cmd: Command) -> String {
-    let desc = format!("{:?}", cmd.get_args().collect::<Vec<_>>());
-    let out = output(cmd).await;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(!out.status.success(), "{desc} should have failed:\n{text}");
-    text
-}
-
-/// `helm template` with `sets`, parsed into one JSON value per document.
-async fn render(cp: &ControlPlane, release: &str, ns: &str, sets: &[&str]) -> Vec<Value> {
-    let mut cmd = helm(cp);
-    cmd.args(["template", release])
-        .arg(chart_dir())
-        .args(["--namespace", ns]);
-    for s in sets {
-        cmd.args(["--set", s]);
-    }
-    parse_docs(&ok(cmd).await)
-}
-
-fn parse_docs(yaml: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(yaml)
-        .filter_map(|d| {
-            let v = <Value as serde::Deserialize>::deserialize(d).expect("rendered YAML parses");
-            (!v.is_null()).then_some(v)
-        })
-        .collect()
-}
-
-fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
-    docs.iter()
-        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
-        .unwrap_or_else(|| panic!("no {kind} {name} rendered"))
-}
-
-fn kinds(docs: &[Value]) -> Vec<String> {
-    let mut k: Vec<String> = docs
-        .iter()
-        .map(|d| {
-            format!(
-                "{}/{}",
-                d["kind"].as_str().unwrap_or_default(),
-                d["metadata"]["name"].as_str().unwrap_or_default()
-            )
-        })
-        .collect();
-    k.sort();
-    k
-}
-
-fn tag() -> String {
-    format!("{:06x}", rand::random::<u32>() & 0xff_ffff)
-}
-
+/// The shared control plane, an admin client and a fresh namespace. Every chart test installs
+/// the chart's CRD itself first (idempotent server-side apply), so concurrent `helm install`s
+/// all find it present and skip it.
 async fn setup(prefix: &str) -> (&'static ControlPlane, Client, TestNamespace) {
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
-        .try_init();
-    let cp = ControlPlane::shared();
-    let client = cp.client().await;
-    // Every chart test installs the chart's CRD itself first (idempotent server-side apply), so
-    // concurrent `helm install`s all find it present and skip it.
-    install_crds(&client, &chart_dir().join("crds"))
-        .await
-        .expect("install the chart's CRD");
-    let ns = TestNamespace::create(&client, prefix).await;
-    (cp, client, ns)
+    let (client, ns) = setup_namespace(prefix, &chart_dir().join("crds"), "warn").await;
+    (ControlPlane::shared(), client, ns)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -773,357 +654,10 @@ async fn deploy_manifests_match_the_chart_and_apply_on_the_apiserver() {
 // ---------------------------------------------------------------------------------------------
 // end to end under the chart's ServiceAccount
 
-/// One request the operator made, as seen by the recording proxy.
-#[derive(Debug, Clone)]
-struct Seen {
-    method: String,
-    path: String,
-    query: String,
-    status: u16,
-}
-
-/// What RBAC checks for a request: API group, resource (with `/subresource`), verb, and the
-/// namespace (`None` for cluster-scoped or all-namespaces requests).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-struct Access {
-    group: String,
-    resource: String,
-    verb: String,
-    namespace: Option<String>,
-}
-
-impl Seen {
-    /// The RBAC checks this request passed: one, or two for a server-side apply that created
-    /// its object (201), which the apiserver authorizes as both `patch` and `create`.
-    fn accesses(&self) -> Vec<Access> {
-        let Some(a) = self.access() else {
-            return Vec::new();
-        };
-        if a.verb == "patch" && self.status == 201 {
-            let create = Access {
-                verb: "create".to_owned(),
-                ..a.clone()
-            };
-            return vec![a, create];
-        }
-        vec![a]
-    }
-
-    fn access(&self) -> Option<Access> {
-        let segs: Vec<&str> = self.path.trim_matches('/').split('/').collect();
-        let (group, rest) = match segs.as_slice() {
-            ["api", "v1", rest @ ..] => ("", rest),
-            ["apis", g, _version, rest @ ..] => (*g, rest),
-            _ => return None, // discovery and other non-resource URLs
-        };
-        let (namespace, rest) = match rest {
-            ["namespaces", ns, r @ ..] if !r.is_empty() => (Some((*ns).to_owned()), r),
-            r => (None, r),
-        };
-        let (resource, named) = match rest {
-            [r] => ((*r).to_owned(), false),
-            [r, _name] => ((*r).to_owned(), true),
-            [r, _name, sub] => (format!("{r}/{sub}"), true),
-            _ => return None,
-        };
-        let watch = self
-            .query
-            .split('&')
-            .any(|kv| kv == "watch=true" || kv == "watch=1");
-        let verb = match (self.method.as_str(), named) {
-            ("GET", _) if watch => "watch",
-            ("GET", true) => "get",
-            ("GET", false) => "list",
-            ("POST", _) => "create",
-            ("PUT", _) => "update",
-            ("PATCH", _) => "patch",
-            ("DELETE", true) => "delete",
-            ("DELETE", false) => "deletecollection",
-            (m, _) => m,
-        };
-        Some(Access {
-            group: group.to_owned(),
-            resource,
-            verb: verb.to_owned(),
-            namespace,
-        })
-    }
-}
-
-/// A loopback HTTP proxy that forwards every request (Authorization header included) to the
-/// apiserver and records it.
-struct RecordingProxy {
-    addr: SocketAddr,
-    seen: Arc<Mutex<Vec<Seen>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for RecordingProxy {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl RecordingProxy {
-    /// `upstream` must carry no credentials of its own: the caller's token is forwarded.
-    async fn start(upstream: Client) -> RecordingProxy {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind proxy");
-        let addr = listener.local_addr().expect("proxy addr");
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let log = seen.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let upstream = upstream.clone();
-                let log = log.clone();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| {
-                        forward(upstream.clone(), log.clone(), req)
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
-        RecordingProxy { addr, seen, task }
-    }
-
-    fn seen(&self) -> Vec<Seen> {
-        self.seen.lock().expect("proxy log").clone()
-    }
-}
-
-async fn forward(
-    upstream: Client,
-    log: Arc<Mutex<Vec<Seen>>>,
-    req: http::Request<hyper::body::Incoming>,
-) -> Result<http::Response<kube::client::Body>, Infallible> {
-    let (mut parts, body) = req.into_parts();
-    let bytes = body
-        .collect()
-        .await
-        .map(|b| b.to_bytes().to_vec())
-        .unwrap_or_default();
-    parts.headers.remove(http::header::HOST);
-    let method = parts.method.to_string();
-    let path = parts.uri.path().to_owned();
-    let query = parts.uri.query().unwrap_or_default().to_owned();
-    let resp = match upstream
-        .send(http::Request::from_parts(parts, bytes.into()))
-        .await
-    {
-        Ok(r) => r,
-        Err(e) => {
-            let mut r = http::Response::new(format!("proxy: {e}").into_bytes().into());
-            *r.status_mut() = http::StatusCode::BAD_GATEWAY;
-            r
-        }
-    };
-    log.lock().expect("proxy log").push(Seen {
-        method,
-        path,
-        query,
-        status: resp.status().as_u16(),
-    });
-    Ok(resp)
-}
-
-/// The apiserver's CA file, read from the admin kubeconfig the harness wrote.
-fn apiserver_ca(cp: &ControlPlane) -> String {
-    let kc: Value = serde_yaml::from_str(
-        &std::fs::read_to_string(cp.kubeconfig()).expect("read admin kubeconfig"),
-    )
-    .expect("kubeconfig yaml");
-    kc["clusters"][0]["cluster"]["certificate-authority"]
-        .as_str()
-        .expect("certificate-authority path")
-        .to_owned()
-}
-
-fn kubeconfig(server: &str, ca: Option<&str>, token: Option<&str>) -> String {
-    let cluster = match ca {
-        Some(ca) => json!({"server": server, "certificate-authority": ca}),
-        None => json!({"server": server}),
-    };
-    let user = match token {
-        Some(t) => json!({"token": t}),
-        None => json!({}),
-    };
-    serde_yaml::to_string(&json!({
-        "apiVersion": "v1", "kind": "Config",
-        "clusters": [{"name": "c", "cluster": cluster}],
-        "users": [{"name": "u", "user": user}],
-        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
-        "current-context": "c",
-    }))
-    .expect("kubeconfig yaml")
-}
-
-/// `GET http://127.0.0.1:{port}{path}` over HTTP/1.0: status and body.
-async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
-        .await
-        .ok()?
-        .ok()?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text.split(' ').nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
-    Some((status, body))
-}
-
-/// Cluster-scoped Nodes made by a test; deleted when dropped.
-struct TestNodes {
-    client: Client,
-    names: Vec<String>,
-}
-
-impl TestNodes {
-    async fn create(&mut self, name: &str, labels: Value, ip: &str) {
-        let api: Api<Node> = Api::all(self.client.clone());
-        let node: Node = serde_json::from_value(json!({
-            "apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels},
-        }))
-        .expect("node");
-        api.create(&PostParams::default(), &node)
-            .await
-            .expect("create node");
-        self.names.push(name.to_owned());
-        // no kubelet and no node-lifecycle controller: clear the not-ready taint ourselves
-        api.patch(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"taints": null}})),
-        )
-        .await
-        .expect("clear taints");
-        api.patch_status(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(
-                json!({"status": {"addresses": [{"type": "InternalIP", "address": ip}]}}),
-            ),
-        )
-        .await
-        .expect("node address");
-    }
-}
-
-impl Drop for TestNodes {
-    fn drop(&mut self) {
-        let api: Api<Node> = Api::all(self.client.clone());
-        let names = std::mem::take(&mut self.names);
-        if let Ok(h) = tokio::runtime::Handle::try_current() {
-            h.spawn(async move {
-                for n in names {
-                    let _ = api.delete(&n, &DeleteParams::default()).await;
-                }
-            });
-        }
-    }
-}
-
-/// Marks the operator's relay Pods Ready and finishes their graceful deletion, as a kubelet
-/// would (admin credentials: this is not the operator's traffic).
-fn fake_kubelet(client: &Client, ns: &str) -> tokio::task::JoinHandle<()> {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    tokio::spawn(async move {
-        loop {
-            if let Ok(list) = pods.list(&ListParams::default().labels(MANAGED)).await {
-                for p in list {
-                    let name = p.name_any();
-                    if p.metadata.deletion_timestamp.is_some() {
-                        let _ = pods
-                            .delete(&name, &DeleteParams::default().grace_period(0))
-                            .await;
-                    } else if p.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Running")
-                    {
-                        let _ = pods
-                            .patch_status(
-                                &name,
-                                &PatchParams::default(),
-                                &Patch::Merge(json!({"status": {
-                                    "phase": "Running",
-                                    "conditions": [{"type": "Ready", "status": "True"}],
-                                }})),
-                            )
-                            .await;
-                    }
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    })
-}
-
-/// The operator binary as a local process; killed on drop.
-struct OperatorProcess {
-    child: tokio::process::Child,
-    log: PathBuf,
-}
-
-impl OperatorProcess {
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    }
-
-    /// SIGTERM, then the exit status (it releases the Lease on the way out).
-    async fn terminate(mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().expect("operator pid").to_string();
-        let status = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill -TERM");
-        assert!(status.success());
-        match tokio::time::timeout(Duration::from_secs(15), self.child.wait()).await {
-            Ok(s) => s.expect("wait operator"),
-            Err(_) => panic!(
-                "operator did not stop within 15 s of SIGTERM\n{}",
-                self.log_tail()
-            ),
-        }
-    }
-}
-
-fn granted(docs: &[Value]) -> BTreeSet<(String, String, String)> {
-    let mut out = BTreeSet::new();
-    for d in docs
-        .iter()
-        .filter(|d| d["kind"] == "Role" || d["kind"] == "ClusterRole")
-    {
-        for rule in d["rules"].as_array().expect("rules") {
-            for g in rule["apiGroups"].as_array().expect("apiGroups") {
-                for r in rule["resources"].as_array().expect("resources") {
-                    for v in rule["verbs"].as_array().expect("verbs") {
-                        out.insert((
-                            g.as_str().expect("group").to_owned(),
-                            r.as_str().expect("resource").to_owned(),
-                            v.as_str().expect("verb").to_owned(),
-                        ));
-                    }
-                }
-            }
-        }
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_runs_under_the_chart_service_account_and_needs_every_rule() {
     let (cp, client, op_ns) = setup("chart-op").await;
     let regions_ns = TestNamespace::create(&client, "chart-regions").await;
-    let operator_bin = workspace_bin("derp-operator");
     let release = format!("e2e-{}", tag());
     let full = format!("{release}-kubederp");
     let watch = format!("watchNamespaces={{{}}}", regions_ns.name);
@@ -1168,9 +702,9 @@ async fn operator_runs_under_the_chart_service_account_and_needs_every_rule() {
     cmd.args(["create", "token", &sa, "-n", &op_ns.name, "--duration=1h"]);
     let token = ok(cmd).await.trim().to_owned();
     let dir = tempfile::tempdir().expect("tempdir");
-    let ca = apiserver_ca(cp);
+    let ca = Some(cp.ca_file());
     let direct = dir.path().join("sa-direct.kubeconfig");
-    std::fs::write(&direct, kubeconfig(cp.server(), Some(&ca), Some(&token))).expect("write");
+    std::fs::write(&direct, kubeconfig_yaml(cp.server(), ca, Some(&token))).expect("write");
     let mut cmd = cp.kubectl();
     cmd.env("KUBECONFIG", &direct).args([
         "auth",
@@ -1194,7 +728,7 @@ async fn operator_runs_under_the_chart_service_account_and_needs_every_rule() {
 
     // 3. the recording proxy, carrying the ServiceAccount token through
     let upstream_kc = dir.path().join("upstream.kubeconfig");
-    std::fs::write(&upstream_kc, kubeconfig(cp.server(), Some(&ca), None)).expect("write");
+    std::fs::write(&upstream_kc, kubeconfig_yaml(cp.server(), ca, None)).expect("write");
     let upstream = derp_tests::k8s::client_from(&upstream_kc)
         .await
         .expect("upstream client");
@@ -1202,20 +736,21 @@ async fn operator_runs_under_the_chart_service_account_and_needs_every_rule() {
     let via_proxy = dir.path().join("sa-proxy.kubeconfig");
     std::fs::write(
         &via_proxy,
-        kubeconfig(&format!("http://{}", proxy.addr), None, Some(&token)),
+        kubeconfig_yaml(&format!("http://{}", proxy.addr), None, Some(&token)),
     )
     .expect("write");
 
     // 4. two relay nodes and a region in the watched namespace
     let t = tag();
-    let mut nodes = TestNodes {
-        client: client.clone(),
-        names: Vec::new(),
-    };
+    let mut nodes = TestNodes::new(&client);
     let labels = json!({"kubederp.io/relay": "true", "chart-test": t});
     let (n1, n2) = (format!("chart-{t}-a"), format!("chart-{t}-b"));
-    nodes.create(&n1, labels.clone(), "127.0.0.61").await;
-    nodes.create(&n2, labels, "127.0.0.62").await;
+    nodes
+        .create(&n1, labels.clone(), &[("InternalIP", "127.0.0.61")])
+        .await;
+    nodes
+        .create(&n2, labels, &[("InternalIP", "127.0.0.62")])
+        .await;
     let regions: Api<DerpRegion> = Api::namespaced(client.clone(), &regions_ns.name);
     let region: DerpRegion = serde_json::from_value(json!({
         "apiVersion": "kubederp.io/v1alpha1", "kind": "DerpRegion",
@@ -1230,26 +765,21 @@ async fn operator_runs_under_the_chart_service_account_and_needs_every_rule() {
         .create(&PostParams::default(), &region)
         .await
         .expect("create region");
-    let _kubelet = AbortOnDropTask(fake_kubelet(&client, &regions_ns.name));
+    let _kubelet = fake_kubelet(&client, &regions_ns.name);
 
     // 5. the operator, with the chart's arguments and the ServiceAccount's kubeconfig
-    let log = dir.path().join("operator.log");
-    let logf = std::fs::File::create(&log).expect("log file");
-    let child = tokio::process::Command::new(&operator_bin)
-        .args(&args)
-        .env_clear()
-        .env("KUBECONFIG", &via_proxy)
-        .env("POD_NAME", format!("{full}-6d5f7c9b8-x2x4z"))
-        .stdin(Stdio::null())
-        .stdout(logf.try_clone().expect("dup"))
-        .stderr(logf)
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start derp-operator");
-    let op = OperatorProcess { child, log };
+    let op = OperatorProcess::start(
+        &args,
+        &via_proxy,
+        &format!("{full}-6d5f7c9b8-x2x4z"),
+        dir.path().join("operator.log"),
+    );
 
     let ready = wait_until(WAIT, || async {
-        (http_get(admin_port, "/readyz").await?.0 == 200).then_some(())
+        let (status, _) = admin_http::get(("127.0.0.1", admin_port), "/readyz")
+            .await
+            .ok()?;
+        (status == 200).then_some(())
     })
     .await;
     assert!(
@@ -1344,24 +874,19 @@ async fn operator_runs_under_the_chart_service_account_and_needs_every_rule() {
         .and_then(|d| d.get("policy.hujson"))
         .expect("policy.hujson");
     assert!(policy.contains("sha256-raw:"), "{policy}");
-    let (code, body) = http_get(admin_port, "/derpmap.json")
+    let (code, body) = admin_http::get(("127.0.0.1", admin_port), "/derpmap.json")
         .await
         .expect("GET /derpmap.json");
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("\"950\""), "{body}");
-    let (code, metrics) = http_get(admin_port, "/metrics").await.expect("metrics");
+    let (code, metrics) = admin_http::get(("127.0.0.1", admin_port), "/metrics")
+        .await
+        .expect("metrics");
     assert_eq!(code, 200);
     assert!(metrics.contains("derp_operator_"), "{metrics}");
 
     // 6. a node leaves: its Pod and Secret are pruned, and the mesh objects go with one node
-    Api::<Node>::all(client.clone())
-        .patch(
-            &n2,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"labels": {"kubederp.io/relay": null}}})),
-        )
-        .await
-        .expect("unlabel node");
+    label_node(&client, &n2, "kubederp.io/relay", None).await;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &regions_ns.name);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &regions_ns.name);
     let pruned = wait_until(WAIT, || async {
@@ -1449,15 +974,6 @@ async fn operator_runs_under_the_chart_service_account_and_needs_every_rule() {
         }
     }
     drop(nodes);
-}
-
-/// Aborts a spawned task when dropped.
-struct AbortOnDropTask(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDropTask {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

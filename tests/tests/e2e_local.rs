@@ -11,8 +11,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use derp_tests::admin_http;
 use derp_tests::interop::{CLIENT_VERSIONS, run_derpinterop};
 use derp_tests::k8s::{wait_for, wait_until, workspace_root};
+use derp_tests::regions::events;
 use derp_tests::stack::{LocalStack, RELAY_LABEL, StackOptions, tail};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
@@ -129,6 +131,20 @@ async fn real_clients_cross_nodes_and_a_crashed_relay_comes_back_with_its_pin() 
     .await;
     let new_pid = agent.container_pid(&ns, pod, "derper").unwrap();
     assert_ne!(new_pid, pid, "a new process serves the node");
+    // While the relay was down its probe may have failed and the node been withdrawn; the
+    // operator republishes it after its next probe round, which can come after Pod Ready.
+    wait_for(
+        "the restarted node back in the published map",
+        Duration::from_secs(60),
+        || {
+            let (stack, dir, names) = (&stack, tmp.path(), &names);
+            async move {
+                let (_, _, now) = published_map(stack, dir).await;
+                (&now == names).then_some(())
+            }
+        },
+    )
+    .await;
     let (_, after, _) = published_map(&stack, tmp.path()).await;
     assert_eq!(
         pins(&after),
@@ -293,25 +309,10 @@ async fn published_nodes(stack: &LocalStack) -> Option<Vec<String>> {
 
 /// The body of `GET <path>` on the operator's admin listener.
 async fn admin_get(stack: &LocalStack, path: &str) -> String {
-    let addr = stack.operator_admin;
-    let path = path.to_owned();
-    tokio::task::spawn_blocking(move || {
-        use std::io::{Read as _, Write as _};
-        let mut s = std::net::TcpStream::connect(addr).expect("connect operator admin");
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut buf = String::new();
-        s.read_to_string(&mut buf).unwrap();
-        buf.split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap()
-    })
-    .await
-    .unwrap()
+    admin_http::get(stack.operator_admin, path)
+        .await
+        .unwrap_or_else(|e| panic!("GET {path} on the operator's admin listener: {e:#}"))
+        .1
 }
 
 /// `derp_operator_probe_timestamp_seconds` of `node` in region derp/home: when the operator last
@@ -341,14 +342,9 @@ async fn admin_nodes(stack: &LocalStack) -> Vec<String> {
 
 /// Notes of the Events with `reason` that name `node`.
 async fn events_about(stack: &LocalStack, reason: &str, node: &str) -> Vec<String> {
-    let api: Api<k8s_openapi::api::events::v1::Event> =
-        Api::namespaced(stack.client().await, &stack.namespace);
-    api.list(&ListParams::default())
+    events(&stack.client().await, &stack.namespace, reason)
         .await
-        .unwrap()
         .into_iter()
-        .filter(|e| e.reason.as_deref() == Some(reason))
-        .filter_map(|e| e.note)
         .filter(|n| n.contains(&format!("node {node} ")))
         .collect()
 }

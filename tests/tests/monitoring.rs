@@ -13,10 +13,11 @@ use std::collections::BTreeSet;
 use std::process::Stdio;
 use std::time::Duration;
 
+use derp_tests::admin_http;
 use derp_tests::bins::workspace_bin;
 use derp_tests::k8s::workspace_root;
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::io::{AsyncBufReadExt as _, BufReader};
 
 /// Metrics the rules or the dashboard take from outside kubederp.
 const EXTERNAL: &[&str] = &["kube_pod_container_status_restarts_total"];
@@ -109,16 +110,10 @@ async fn scrape_derper() -> String {
     .await
     .expect("derper logs its admin address");
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    let mut s = tokio::net::TcpStream::connect(&admin).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).await.unwrap();
-    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let (status, body) = admin_http::get(admin.as_str(), "/metrics").await.unwrap();
+    assert_eq!(status, 200, "{body}");
     drop(child);
-    let (_headers, body) = resp.split_once("\r\n\r\n").expect("HTTP body");
-    body.to_owned()
+    body
 }
 
 fn encode(registry: &prometheus_client::registry::Registry) -> String {

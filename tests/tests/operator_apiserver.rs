@@ -9,13 +9,17 @@
 //! There is no kubelet: a small "fake kubelet" task marks relay Pods Running/Ready and
 //! finishes graceful deletions (what a kubelet does once containers stopped).
 
-#[path = "operator_support.rs"]
-mod support;
-
 use std::time::Duration;
 
 use derp_operator::{certs::parse_cert_pem, crd::DerpRegion};
-use derp_tests::k8s::wait_for;
+use derp_tests::admin_http;
+use derp_tests::k8s::{tag, wait_for};
+use derp_tests::nodes::{TestNodes, fake_kubelet, label_node, set_addresses};
+use derp_tests::operator::{Operator, WAIT, setup};
+use derp_tests::regions::{
+    cond, create_region, derpmap_json, events, is_ready_with, names, pins, resource_versions,
+    wait_region,
+};
 use k8s_openapi::api::{
     core::v1::{ConfigMap, Node, Pod, Secret},
     policy::v1::PodDisruptionBudget,
@@ -25,7 +29,6 @@ use kube::{
     api::{DeleteParams, EvictParams, Patch, PatchParams, PostParams},
 };
 use serde_json::{Value, json};
-use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn region_lifecycle_nodes_join_leave_change_ip_restart_and_gc() {
@@ -739,37 +742,18 @@ async fn published_derpmap_is_read_back_by_real_tailcfg_and_headscale_yaml() {
     )
     .await
     .expect("admin server");
-    let get = |path: &'static str| {
-        tokio::task::spawn_blocking(move || {
-            use std::io::{Read as _, Write as _};
-            let mut s = std::net::TcpStream::connect(addr).expect("connect admin");
-            s.set_read_timeout(Some(Duration::from_secs(5)))
-                .expect("timeout");
-            write!(
-                s,
-                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-            )
-            .expect("write");
-            let mut buf = String::new();
-            s.read_to_string(&mut buf).expect("read");
-            let (head, body) = buf.split_once("\r\n\r\n").expect("http response");
-            (
-                head.lines().next().unwrap_or_default().to_owned(),
-                body.to_owned(),
-            )
-        })
-    };
+    let get = |path: &'static str| admin_http::get(addr, path);
     let (status, body) = get("/derpmap.json").await.expect("get");
-    assert!(status.contains("200"), "{status}");
+    assert_eq!(status, 200, "{body}");
     let merged: Value = serde_json::from_str(&body).expect("merged derpmap json");
     assert_eq!(merged["Regions"]["930"], ours["Regions"]["930"]);
     let (status, body) = get("/metrics").await.expect("get");
-    assert!(status.contains("200"), "{status}");
+    assert_eq!(status, 200, "{body}");
     assert!(body.contains("derp_operator_reconciles_total"), "{body}");
     assert!(body.contains("derp_operator_writes_total"), "{body}");
-    assert!(get("/readyz").await.expect("get").0.contains("200"));
-    assert!(get("/healthz").await.expect("get").0.contains("200"));
-    assert!(get("/nope").await.expect("get").0.contains("404"));
+    assert_eq!(get("/readyz").await.expect("get").0, 200);
+    assert_eq!(get("/healthz").await.expect("get").0, 200);
+    assert_eq!(get("/nope").await.expect("get").0, 404);
     let _ = tx.send(());
     admin.await.expect("admin task");
     op.stop().await;

@@ -7,13 +7,15 @@
 //! test's namespace, test Nodes with a per-test label, and (where relays must look Ready) the
 //! fake kubelet.
 
-#[path = "operator_support.rs"]
-mod support;
-
 use derp_operator::{
     certs::parse_cert_pem, controller::Settings, crd::DerpRegion, metrics::RegionLabels,
 };
-use derp_tests::k8s::wait_for;
+use derp_tests::k8s::{tag, wait_for};
+use derp_tests::nodes::{TestNodes, annotate_node, fake_kubelet};
+use derp_tests::operator::{Operator, WAIT, setup};
+use derp_tests::regions::{
+    cond, create_region, derpmap_json, events, is_ready_with, names, pins, wait_region,
+};
 use k8s_openapi::api::{
     core::v1::{ConfigMap, Pod, Secret},
     scheduling::v1::PriorityClass,
@@ -23,7 +25,6 @@ use kube::{
     api::{DeleteParams, Patch, PatchParams, PostParams},
 };
 use serde_json::json;
-use support::*;
 
 /// Wait until the ConfigMap `name` does not exist.
 async fn wait_gone(cms: &Api<ConfigMap>, name: &str, what: &str) {

@@ -2,19 +2,18 @@
 //! them plus 50 regions of 10 nodes each, in one namespace. A test binary of its own, so its
 //! apiserver load never slows the functional tests in `operator_apiserver.rs`.
 
-#[path = "operator_support.rs"]
-mod support;
-
 use std::time::Duration;
 
 use derp_operator::crd::DerpRegion;
-use derp_tests::k8s::wait_for;
+use derp_tests::k8s::{tag, wait_for};
+use derp_tests::nodes::{TestNodes, fake_kubelet};
+use derp_tests::operator::{Operator, setup};
+use derp_tests::regions::{cond, create_region, resource_versions};
 use kube::{
     Api, ResourceExt,
     api::{ListParams, Patch, PatchParams},
 };
 use serde_json::json;
-use support::*;
 
 /// Scale: 500 Nodes, one region over all of them plus 50 regions of 10 nodes each (other
 /// ports), in one namespace. Prints time to Ready and the writes of idle reconciles (must be
@@ -50,10 +49,8 @@ async fn scale_500_nodes_51_regions_reach_ready_and_idle_reconciles_write_nothin
     while let Some(r) = set.join_next().await {
         r.expect("node created");
     }
-    let nodes = TestNodes {
-        client: client.clone(),
-        names,
-    };
+    let mut nodes = TestNodes::new(&client);
+    nodes.names = names;
     eprintln!("scale: {NODES} nodes created in {:?}", started.elapsed());
 
     let _kubelet = fake_kubelet(&client, &ns);

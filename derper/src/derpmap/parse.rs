@@ -11,7 +11,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::{DerpMap, DerpNode, DerpRegion};
+use super::model::{DerpMap, DerpNode, DerpRegion};
 use crate::pin::{PIN_PREFIX, Pin};
 
 /// The three published renderings of a derpMap (design §4).

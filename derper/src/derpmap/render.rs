@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 
-use super::{DerpMap, DerpRegion, is_false, is_zero};
+use super::model::{DerpMap, DerpRegion, is_false, is_zero};
 
 /// `derpmap.json`: the tailcfg JSON, pretty-printed, newline-terminated.
 pub fn render_json(map: &DerpMap) -> String {

@@ -8,11 +8,13 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::tls::tls_connect;
-use super::{
-    Check, FamilyChecks, MeshCheck, NodeChecks, NodeReport, ProbeOptions, REPORT_VERSION,
-    RegionReport, Report, Status, TlsInfo, stun_probe,
+use super::options::ProbeOptions;
+use super::report::{
+    Check, FamilyChecks, MeshCheck, NodeChecks, NodeReport, REPORT_VERSION, RegionReport, Report,
+    Status, TlsInfo,
 };
+use super::stun::stun_probe;
+use super::tls::tls_connect;
 use crate::client::{Client, ClientConfig, TlsMode, UpgradeMode};
 use crate::derpmap::{DerpMap, DerpNode, DerpRegion, NoStunPort};
 use crate::duration::fmt_duration;

@@ -17,17 +17,9 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::{
     DecodeError, FRAME_HEADER_LEN, FrameType, MAX_CLIENT_INFO_LEN, MAX_FRAME_FROM_SERVER,
-    MAX_PACKET_SIZE, MAX_PING_LEN, MIN_PING_LEN, PeerGoneReason,
+    MAX_PACKET_SIZE, MAX_PING_LEN, MIN_PING_LEN, PeerGoneReason, write_header,
 };
 use crate::key::{KEY_LEN, NodePublicKey};
-
-/// Writes a frame header.
-pub fn write_header(buf: &mut BytesMut, typ: FrameType, len: usize) {
-    buf.reserve(FRAME_HEADER_LEN + len);
-    buf.put_u8(typ as u8);
-    // Every caller passes a length bounded by the protocol limits (< 4 GiB).
-    buf.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
-}
 
 /// Appends a frame with an arbitrary type byte and payload (tests, unknown frames).
 pub fn write_raw_frame(buf: &mut BytesMut, typ: u8, payload: &[u8]) {

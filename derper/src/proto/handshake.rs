@@ -8,8 +8,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 use crypto_box::aead::Aead as _;
 use serde::Deserialize;
 
-use super::codec::write_header;
-use super::{DecodeError, FrameType, MAGIC, MIN_CLIENT_INFO_LEN, NONCE_LEN, PROTOCOL_VERSION};
+use super::{
+    DecodeError, FrameType, MAGIC, MIN_CLIENT_INFO_LEN, NONCE_LEN, PROTOCOL_VERSION, write_header,
+};
 use crate::key::{KEY_LEN, NodePrivateKey, NodePublicKey};
 
 /// Length of the ServerKey payload Go sends: magic + key (spec §5.2).

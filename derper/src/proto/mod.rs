@@ -6,6 +6,8 @@
 pub mod codec;
 pub mod handshake;
 
+use bytes::{BufMut, BytesMut};
+
 /// Frame header length: type (1) + big-endian length (4) (spec §4.1).
 pub const FRAME_HEADER_LEN: usize = 5;
 /// Protocol version sent in ServerInfo / ClientInfo and the 101 response (spec §4.2).
@@ -34,6 +36,14 @@ pub const MAX_INFO_LEN: usize = 1 << 20;
 pub const DISCO_MAGIC: [u8; 6] = [0x54, 0x53, 0xf0, 0x9f, 0x92, 0xac];
 /// Minimum length of a disco-looking packet: magic + key + nonce (spec §6.3).
 pub const DISCO_MIN_LEN: usize = 6 + 32 + 24;
+
+/// Writes a frame header.
+pub fn write_header(buf: &mut BytesMut, typ: FrameType, len: usize) {
+    buf.reserve(FRAME_HEADER_LEN + len);
+    buf.put_u8(typ as u8);
+    // Every caller passes a length bounded by the protocol limits (< 4 GiB).
+    buf.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+}
 
 /// DERP frame types (spec §4.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -1,15 +1,15 @@
 //! One DERP connection: handshake, the reader (this task) and the writer (a spawned task
 //! that solely owns the write half) — spec §5.1, §6.4, §6.7.
 //!
-//! Other connections hand packets to this one through [`ConnShared`]: two bounded queues
-//! (disco and data, head-drop when full), a control queue (PeerGone, PeerPresent, Health),
-//! and a one-slot pong. The writer drains everything that is queued, encodes it into one
-//! buffer and flushes once per batch under the write timeout.
+//! Other connections hand packets to this one through its
+//! [`ConnShared`](super::queue::ConnShared): two bounded queues (disco and data, head-drop
+//! when full), a control queue (PeerGone, PeerPresent, Health), and a one-slot pong. The
+//! writer drains everything that is queued, encodes it into one buffer and flushes once per
+//! batch under the write timeout.
 
 use std::collections::{HashSet, VecDeque};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -19,8 +19,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, Span, debug, trace, warn};
 
-use super::Server;
+use super::queue::{ConnShared, Ctrl, Enqueued, SendState, lock};
 use super::registry::Lookup;
+use super::{ConnInfo, Server};
 use crate::key::NodePublicKey;
 use crate::metrics::{DropReason, Metrics};
 use crate::proto::codec::{self, ClientFrame, FrameReader, ReadError, ReadPolicy};
@@ -31,127 +32,6 @@ use crate::proto::{
 };
 
 static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
-
-/// A queued packet.
-#[derive(Debug)]
-pub(crate) struct Pkt {
-    src: NodePublicKey,
-    data: Bytes,
-}
-
-/// Queued control messages.
-#[derive(Debug)]
-pub(crate) enum Ctrl {
-    PeerGone(NodePublicKey, PeerGoneReason),
-    PeerPresent {
-        key: NodePublicKey,
-        addr: Option<SocketAddr>,
-        flags: u8,
-    },
-    Health(String),
-}
-
-#[derive(Debug, Default)]
-struct SendState {
-    data: VecDeque<Pkt>,
-    disco: VecDeque<Pkt>,
-    ctrl: VecDeque<Ctrl>,
-    pong: Option<[u8; 8]>,
-    closed: bool,
-}
-
-/// State of a registered connection shared with the registry and other connections.
-#[derive(Debug)]
-pub(crate) struct ConnShared {
-    pub(crate) id: u64,
-    pub(crate) key: NodePublicKey,
-    pub(crate) remote: Option<SocketAddr>,
-    pub(crate) present_flags: u8,
-    pub(crate) cancel: CancellationToken,
-    /// True while the key has ≥ 2 connections (spec §6.2).
-    pub(crate) dup: AtomicBool,
-    state: Mutex<SendState>,
-    notify: Notify,
-    data_depth: usize,
-    disco_depth: usize,
-}
-
-fn lock(m: &Mutex<SendState>) -> MutexGuard<'_, SendState> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Outcome of queueing a packet.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Enqueued {
-    Queued,
-    /// Queued after dropping the oldest packet (its length).
-    QueuedHeadDrop(usize),
-    Gone,
-}
-
-impl ConnShared {
-    /// Queues a packet (spec §6.4: head-drop when full). Never blocks.
-    pub(crate) fn enqueue(&self, src: NodePublicKey, data: Bytes, disco: bool) -> Enqueued {
-        let mut st = lock(&self.state);
-        if st.closed {
-            return Enqueued::Gone;
-        }
-        let (q, depth) = if disco {
-            (&mut st.disco, self.disco_depth)
-        } else {
-            (&mut st.data, self.data_depth)
-        };
-        let mut res = Enqueued::Queued;
-        if q.len() >= depth
-            && let Some(old) = q.pop_front()
-        {
-            res = Enqueued::QueuedHeadDrop(old.data.len());
-        }
-        q.push_back(Pkt { src, data });
-        // The writer waits only after finding every queue empty (under this lock), so only
-        // the push that ends "all empty" needs to wake it; later pushes ride along.
-        let wake = st.data.len() + st.disco.len() == 1 && st.ctrl.is_empty() && st.pong.is_none();
-        drop(st);
-        if wake {
-            self.notify.notify_one();
-        }
-        res
-    }
-
-    pub(crate) fn push_ctrl(&self, c: Ctrl) {
-        let mut st = lock(&self.state);
-        if st.closed {
-            return;
-        }
-        st.ctrl.push_back(c);
-        drop(st);
-        self.notify.notify_one();
-    }
-
-    fn set_pong(&self, data: [u8; 8]) -> bool {
-        let mut st = lock(&self.state);
-        if st.closed || st.pong.is_some() {
-            return false;
-        }
-        st.pong = Some(data);
-        drop(st);
-        self.notify.notify_one();
-        true
-    }
-}
-
-/// Per-connection information from the HTTP layer.
-#[derive(Debug, Clone, Default)]
-pub struct ConnInfo {
-    /// TCP peer address, if known.
-    pub remote: Option<SocketAddr>,
-    /// The request carried a non-empty `Ideal-Node` header.
-    pub not_ideal: bool,
-    /// Bytes to write before the ServerKey frame (e.g. the exact 101 response).
-    pub prelude: Bytes,
-    /// The connection's place under the handshake caps, released once it is admitted.
-    pub(crate) handshake_slot: super::handshaking::SlotHolder,
-}
 
 /// Local (per-connection) counters flushed to the shared metrics in batches.
 #[derive(Debug, Default)]
@@ -236,6 +116,30 @@ async fn write_with_timeout<W: AsyncWrite + Unpin>(
             Err(_) => Err("write_timeout"),
         },
         None => fut.await.map_err(|_| "write_error"),
+    }
+}
+
+/// Where a DERP connection starts for the layers above (the HTTP surface, tests): the
+/// connection code extends the core's [`Server`] here, so the core does not depend on it.
+impl Server {
+    /// Runs a DERP connection on an already-upgraded stream (after the HTTP layer, or on a
+    /// `tokio::io::duplex` pipe in tests). `initial` holds bytes already read past the
+    /// request head. Returns when the connection ends.
+    pub async fn handle_derp<S>(&self, stream: S, initial: BytesMut, info: ConnInfo)
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        serve(self.clone(), stream, initial, info).await;
+    }
+
+    /// Like [`handle_derp`](Self::handle_derp), but returns once the client is admitted:
+    /// the connection goes on in a tracked task of its own, so the caller's task (and all
+    /// of its state) ends.
+    pub(crate) async fn handle_derp_detached<S>(&self, stream: S, initial: BytesMut, info: ConnInfo)
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        serve_detached(self.clone(), stream, initial, info).await;
     }
 }
 

@@ -9,9 +9,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::conn::{ConnShared, Ctrl};
+use super::forward::Forwarder;
+use super::queue::{ConnShared, Ctrl};
 use crate::key::NodePublicKey;
-use crate::mesh::Forwarder;
 use crate::metrics::Metrics;
 use crate::proto::PeerGoneReason;
 

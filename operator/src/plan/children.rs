@@ -25,7 +25,8 @@ use crate::{
     certs::cert_file_stem,
     crd::{
         ANNOTATION_NOT_AFTER, ANNOTATION_PIN, ANNOTATION_SPEC_HASH, APP_NAME, DerpRegion,
-        FIELD_MANAGER, LABEL_NODE, LABEL_REGION, Ports, VerificationMode,
+        DerpRegionSpec, FIELD_MANAGER, LABEL_NODE, LABEL_REGION, Ports, TailscaledVerification,
+        VerificationMode,
     },
 };
 
@@ -384,10 +385,61 @@ pub fn relay_pod(
     let spec = &region.spec;
     let rname = region.name_any();
     let hostname = node.hostname();
-    let stem = cert_file_stem(&hostname);
-    let ports = &spec.ports;
 
-    // upstream-compatible command line (design.md §4, derp-protocol.md §3.2)
+    let (mut mounts, mut volumes) = relay_storage(&rname, &node.name, &hostname, mesh);
+    mounts.extend(spec.relay.extra_volume_mounts.iter().cloned());
+    volumes.extend(spec.relay.extra_volumes.iter().cloned());
+    let sidecar = match (
+        &spec.client_verification.mode,
+        &spec.client_verification.tailscaled,
+    ) {
+        (VerificationMode::Tailscaled, Some(ts)) => {
+            let (sidecar, socket_dir, volume) = tailscaled_sidecar(ts);
+            mounts.push(socket_dir);
+            volumes.push(volume);
+            Some(sidecar)
+        }
+        _ => None,
+    };
+    let relay = Container {
+        name: "derper".into(),
+        image: Some(
+            spec.relay
+                .image
+                .clone()
+                .unwrap_or_else(|| defaults.image.to_owned()),
+        ),
+        // a relay that exits (e.g. a port already taken on the node) leaves the end of its
+        // log in the container status, where the operator reads it (`PortInUse`)
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        image_pull_policy: spec.relay.image_pull_policy.clone(),
+        args: Some(relay_args(spec, &hostname, mesh)),
+        env: Some(relay_env(
+            &spec.ports,
+            mesh,
+            spec.relay.log_level.as_deref(),
+        )),
+        ports: Some(relay_container_ports(&spec.ports)),
+        readiness_probe: Some(relay_readiness_probe(&spec.ports)),
+        resources: spec.relay.resources.clone(),
+        security_context: Some(relay_security_context(&spec.ports)),
+        volume_mounts: Some(mounts),
+        ..Default::default()
+    };
+
+    let pod_spec = PodSpec {
+        containers: std::iter::once(relay).chain(sidecar).collect(),
+        volumes: Some(volumes),
+        ..relay_pod_scheduling(spec, &node.name, defaults)
+    };
+    relay_pod_object(region, &node.name, pin, pod_spec)
+}
+
+/// The relay's command line, upstream-compatible (design.md §4, derp-protocol.md §3.2):
+/// listeners (`-a`, `--http-port`, STUN), the manually managed certificate for `hostname`,
+/// the server key, the mesh PSK, client verification, then the region's extra arguments.
+pub fn relay_args(spec: &DerpRegionSpec, hostname: &str, mesh: bool) -> Vec<String> {
+    let ports = &spec.ports;
     let mut args = vec![
         format!("--hostname={hostname}"),
         "--certmode=manual".to_owned(),
@@ -425,8 +477,11 @@ pub fn relay_pod(
         }
     }
     args.extend(spec.relay.extra_args.iter().cloned());
+    args
+}
 
-    // extensions only our derper reads go through env, which upstream ignores
+/// The relay's environment: extensions only our derper reads (upstream ignores them).
+fn relay_env(ports: &Ports, mesh: bool, log_level: Option<&str>) -> Vec<EnvVar> {
     let mut envs = vec![EnvVar {
         name: "HOST_IP".into(),
         value_from: Some(EnvVarSource {
@@ -454,10 +509,14 @@ pub fn relay_pod(
             &format!("{MESH_PEERS_DIR}/{MESH_PEERS_KEY}"),
         ));
     }
-    if let Some(level) = &spec.relay.log_level {
+    if let Some(level) = log_level {
         envs.push(env("RUST_LOG", level));
     }
+    envs
+}
 
+/// The relay container's ports: DERP, and HTTP, STUN and admin when enabled.
+fn relay_container_ports(ports: &Ports) -> Vec<ContainerPort> {
     let mut container_ports = vec![port("derp", ports.derp, "TCP")];
     if ports.http > 0 {
         container_ports.push(port("http", ports.http, "TCP"));
@@ -468,11 +527,15 @@ pub fn relay_pod(
     if ports.admin > 0 {
         container_ports.push(port("admin", ports.admin, "TCP"));
     }
+    container_ports
+}
 
+/// Readiness: `/generate_204` on the plain-HTTP port, else a TCP connect to the DERP port.
+fn relay_readiness_probe(ports: &Ports) -> Probe {
     // `/generate_204` answers on the plain-HTTP port itself; any other path there is a 302 to
     // https://<Host header><path>, which a real kubelet follows (same host) to the HTTP port
     // with TLS and times out (seen on real nodes: scripts/real-nodes)
-    let readiness = if ports.http > 0 {
+    if ports.http > 0 {
         Probe {
             http_get: Some(HTTPGetAction {
                 path: Some("/generate_204".into()),
@@ -492,8 +555,19 @@ pub fn relay_pod(
             period_seconds: Some(10),
             ..Default::default()
         }
-    };
+    }
+}
 
+/// The relay's own mounts and volumes: the node's certificate (file names from `hostname`,
+/// as upstream derper looks them up), the writable state directory, and the mesh PSK and
+/// peers when meshed.
+fn relay_storage(
+    rname: &str,
+    node: &str,
+    hostname: &str,
+    mesh: bool,
+) -> (Vec<VolumeMount>, Vec<Volume>) {
+    let stem = cert_file_stem(hostname);
     let mut mounts = vec![
         mount("certs", CERT_DIR),
         VolumeMount {
@@ -506,7 +580,7 @@ pub fn relay_pod(
         Volume {
             name: "certs".into(),
             secret: Some(SecretVolumeSource {
-                secret_name: Some(tls_secret_name(&rname, &node.name)),
+                secret_name: Some(tls_secret_name(rname, node)),
                 items: Some(vec![
                     KeyToPath {
                         key: "tls.crt".into(),
@@ -536,7 +610,7 @@ pub fn relay_pod(
         volumes.push(Volume {
             name: "mesh-psk".into(),
             secret: Some(SecretVolumeSource {
-                secret_name: Some(mesh_secret_name(&rname)),
+                secret_name: Some(mesh_secret_name(rname)),
                 default_mode: Some(0o440),
                 ..Default::default()
             }),
@@ -545,92 +619,72 @@ pub fn relay_pod(
         volumes.push(Volume {
             name: "mesh-peers".into(),
             config_map: Some(ConfigMapVolumeSource {
-                name: mesh_peers_name(&rname),
+                name: mesh_peers_name(rname),
                 ..Default::default()
             }),
             ..Default::default()
         });
     }
+    (mounts, volumes)
+}
 
-    mounts.extend(spec.relay.extra_volume_mounts.iter().cloned());
-    volumes.extend(spec.relay.extra_volumes.iter().cloned());
-
-    let mut containers = vec![Container {
-        name: "derper".into(),
-        image: Some(
-            spec.relay
-                .image
-                .clone()
-                .unwrap_or_else(|| defaults.image.to_owned()),
-        ),
-        // a relay that exits (e.g. a port already taken on the node) leaves the end of its
-        // log in the container status, where the operator reads it (`PortInUse`)
-        termination_message_policy: Some("FallbackToLogsOnError".into()),
-        image_pull_policy: spec.relay.image_pull_policy.clone(),
-        args: Some(args),
-        env: Some(envs),
-        ports: Some(container_ports),
-        readiness_probe: Some(readiness),
-        resources: spec.relay.resources.clone(),
-        security_context: Some(relay_security_context(ports)),
-        volume_mounts: Some(mounts),
+/// The `tailscaled` sidecar for client verification, the mount of its LocalAPI socket
+/// directory for the relay, and the volume they share.
+fn tailscaled_sidecar(ts: &TailscaledVerification) -> (Container, VolumeMount, Volume) {
+    let socket_dir = || VolumeMount {
+        name: "tailscaled".into(),
+        mount_path: TAILSCALED_DIR.into(),
         ..Default::default()
-    }];
-
-    if spec.client_verification.mode == VerificationMode::Tailscaled
-        && let Some(ts) = &spec.client_verification.tailscaled
-    {
-        let mut ts_env = vec![
-            EnvVar {
-                name: "TS_AUTHKEY".into(),
-                value_from: Some(EnvVarSource {
-                    secret_key_ref: Some(SecretKeySelector {
-                        name: ts.auth_key_secret_ref.name.clone(),
-                        key: ts.auth_key_secret_ref.key.clone(),
-                        optional: Some(false),
-                    }),
-                    ..Default::default()
+    };
+    let mut ts_env = vec![
+        EnvVar {
+            name: "TS_AUTHKEY".into(),
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: ts.auth_key_secret_ref.name.clone(),
+                    key: ts.auth_key_secret_ref.key.clone(),
+                    optional: Some(false),
                 }),
                 ..Default::default()
-            },
-            env("TS_SOCKET", &format!("{TAILSCALED_DIR}/tailscaled.sock")),
-            env("TS_USERSPACE", "true"),
-            env("TS_STATE_DIR", &format!("{TAILSCALED_DIR}/state")),
-        ];
-        if let Some(login) = &ts.login_server {
-            ts_env.push(env("TS_EXTRA_ARGS", &format!("--login-server={login}")));
-        }
-        containers.push(Container {
-            name: "tailscaled".into(),
-            image: Some(
-                ts.image
-                    .clone()
-                    .unwrap_or_else(|| DEFAULT_TAILSCALED_IMAGE.to_owned()),
-            ),
-            env: Some(ts_env),
-            volume_mounts: Some(vec![VolumeMount {
-                name: "tailscaled".into(),
-                mount_path: TAILSCALED_DIR.into(),
-                ..Default::default()
-            }]),
+            }),
             ..Default::default()
-        });
-        if let Some(m) = containers[0].volume_mounts.as_mut() {
-            m.push(VolumeMount {
-                name: "tailscaled".into(),
-                mount_path: TAILSCALED_DIR.into(),
-                ..Default::default()
-            });
-        }
-        volumes.push(Volume {
-            name: "tailscaled".into(),
-            empty_dir: Some(EmptyDirVolumeSource::default()),
-            ..Default::default()
-        });
+        },
+        env("TS_SOCKET", &format!("{TAILSCALED_DIR}/tailscaled.sock")),
+        env("TS_USERSPACE", "true"),
+        env("TS_STATE_DIR", &format!("{TAILSCALED_DIR}/state")),
+    ];
+    if let Some(login) = &ts.login_server {
+        ts_env.push(env("TS_EXTRA_ARGS", &format!("--login-server={login}")));
     }
+    let sidecar = Container {
+        name: "tailscaled".into(),
+        image: Some(
+            ts.image
+                .clone()
+                .unwrap_or_else(|| DEFAULT_TAILSCALED_IMAGE.to_owned()),
+        ),
+        env: Some(ts_env),
+        volume_mounts: Some(vec![socket_dir()]),
+        ..Default::default()
+    };
+    let volume = Volume {
+        name: "tailscaled".into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Default::default()
+    };
+    (sidecar, socket_dir(), volume)
+}
 
-    let pod_spec = PodSpec {
-        node_name: Some(node.name.clone()),
+/// Where and how the relay Pod runs, without its containers and volumes: on `node` in the
+/// host network, with the region's tolerations, priority and pull secrets (the operator's
+/// when the region sets none), non-root with the runtime's seccomp profile.
+fn relay_pod_scheduling(
+    spec: &DerpRegionSpec,
+    node: &str,
+    defaults: &RelayDefaults<'_>,
+) -> PodSpec {
+    PodSpec {
+        node_name: Some(node.to_owned()),
         host_network: Some(true),
         dns_policy: Some("ClusterFirstWithHostNet".into()),
         restart_policy: Some("Always".into()),
@@ -660,13 +714,16 @@ pub fn relay_pod(
             }),
             ..Default::default()
         }),
-        containers,
-        volumes: Some(volumes),
         ..Default::default()
-    };
-    // the region's extra labels and annotations, under the operator's own (which win)
+    }
+}
+
+/// The Pod around `pod_spec`: the region's extra labels and annotations under the
+/// operator's own (which win), the pin, and the hash of all of them.
+fn relay_pod_object(region: &DerpRegion, node: &str, pin: &str, pod_spec: PodSpec) -> Pod {
+    let spec = &region.spec;
     let mut labels = spec.relay.pod_labels.clone();
-    labels.extend(self::labels(region, "relay", Some(&node.name)));
+    labels.extend(self::labels(region, "relay", Some(node)));
     let mut annotations = spec.relay.pod_annotations.clone();
     let hash_input = serde_json::to_string(&(&pod_spec, &labels, &annotations, pin))
         .expect("pod spec always serializes");
@@ -675,9 +732,9 @@ pub fn relay_pod(
     annotations.insert(ANNOTATION_PIN.to_owned(), pin.to_owned());
     let mut metadata = meta(
         region,
-        pod_name(&rname, &node.name),
+        pod_name(&region.name_any(), node),
         "relay",
-        Some(&node.name),
+        Some(node),
         annotations,
     );
     metadata.labels = Some(labels);
@@ -1041,6 +1098,169 @@ mod tests {
         r.spec.relay.pod_labels = BTreeMap::from([("kubederp.io/region".into(), "x".into())]);
         let pod = relay_pod(&r, &n, false, "p", &defaults);
         assert_eq!(pod.metadata.labels.unwrap()["kubederp.io/region"], "home");
+    }
+
+    #[test]
+    fn relay_args_are_upstream_flags_for_the_nodes_published_address() {
+        let r = region();
+        assert_eq!(
+            relay_args(&r.spec, "203.0.113.7", false),
+            [
+                "--hostname=203.0.113.7",
+                "--certmode=manual",
+                "--certdir=/certs",
+                "-a",
+                ":443",
+                "--http-port=80",
+                "-c=/var/lib/derper/derper.key",
+                "--stun-port=3478",
+            ]
+        );
+        let meshed = relay_args(&r.spec, "203.0.113.7", true);
+        assert_eq!(
+            meshed.last().map(String::as_str),
+            Some("--mesh-psk-file=/etc/derp/mesh-psk/psk")
+        );
+    }
+
+    #[test]
+    fn relay_args_turn_disabled_http_and_stun_off_the_upstream_way() {
+        let mut r = region();
+        r.spec.ports.derp = 8443;
+        r.spec.ports.http = 0;
+        r.spec.ports.stun = -1;
+        let args = relay_args(&r.spec, "h", false);
+        assert!(args.contains(&":8443".to_owned()), "{args:?}");
+        assert!(args.contains(&"--http-port=-1".to_owned()), "{args:?}");
+        assert!(args.contains(&"--stun=false".to_owned()), "{args:?}");
+        assert!(!args.iter().any(|a| a.starts_with("--stun-port")));
+    }
+
+    #[test]
+    fn relay_args_carry_client_verification_then_the_extra_args() {
+        let mut r = region();
+        r.spec.client_verification = serde_json::from_value(serde_json::json!({
+            "mode": "url", "verifyClientURL": "https://v.example/admit", "failOpen": true,
+        }))
+        .unwrap();
+        r.spec.relay.extra_args = vec!["--rate-config=/etc/rate.json".into()];
+        let args = relay_args(&r.spec, "h", true);
+        assert_eq!(
+            args[args.len() - 4..],
+            [
+                "--mesh-psk-file=/etc/derp/mesh-psk/psk",
+                "--verify-client-url=https://v.example/admit",
+                "--verify-client-url-fail-open=true",
+                "--rate-config=/etc/rate.json",
+            ]
+        );
+        r.spec.client_verification = serde_json::from_value(serde_json::json!({
+            "mode": "tailscaled",
+            "tailscaled": {"authKeySecretRef": {"name": "ts", "key": "authkey"}},
+        }))
+        .unwrap();
+        r.spec.relay.extra_args.clear();
+        let args = relay_args(&r.spec, "h", false);
+        assert_eq!(
+            args[args.len() - 2..],
+            [
+                "--verify-clients",
+                "--socket=/var/run/tailscale/tailscaled.sock"
+            ]
+        );
+    }
+
+    #[test]
+    fn tailscaled_verification_adds_a_sidecar_sharing_the_socket_directory() {
+        let mut r = region();
+        r.spec.client_verification = serde_json::from_value(serde_json::json!({
+            "mode": "tailscaled",
+            "tailscaled": {
+                "authKeySecretRef": {"name": "ts", "key": "authkey"},
+                "loginServer": "https://hs.example",
+            },
+        }))
+        .unwrap();
+        let pod = relay_pod(
+            &r,
+            &sel(Some("10.0.0.1"), None),
+            false,
+            "p",
+            &RelayDefaults::BUILTIN,
+        );
+        let spec = pod.spec.unwrap();
+        let names: Vec<&str> = spec.containers.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["derper", "tailscaled"]);
+        let sidecar = &spec.containers[1];
+        assert_eq!(sidecar.image.as_deref(), Some(DEFAULT_TAILSCALED_IMAGE));
+        let env: Vec<(&str, Option<&str>)> = sidecar
+            .env
+            .iter()
+            .flatten()
+            .map(|e| (e.name.as_str(), e.value.as_deref()))
+            .collect();
+        assert!(env.contains(&("TS_EXTRA_ARGS", Some("--login-server=https://hs.example"))));
+        let key = sidecar.env.as_ref().unwrap()[0]
+            .value_from
+            .as_ref()
+            .and_then(|v| v.secret_key_ref.as_ref())
+            .unwrap();
+        assert_eq!((key.name.as_str(), key.key.as_str()), ("ts", "authkey"));
+        for c in &spec.containers {
+            assert!(
+                c.volume_mounts
+                    .iter()
+                    .flatten()
+                    .any(|m| m.name == "tailscaled" && m.mount_path == TAILSCALED_DIR),
+                "{} mounts the socket directory",
+                c.name
+            );
+        }
+        assert!(
+            spec.volumes
+                .unwrap()
+                .iter()
+                .any(|v| v.name == "tailscaled" && v.empty_dir.is_some())
+        );
+    }
+
+    #[test]
+    fn meshed_relay_mounts_the_psk_and_the_peer_list() {
+        let r = region();
+        let (mounts, volumes) = relay_storage("home", "n1", "10.0.0.1", true);
+        let mounted: Vec<(&str, &str)> = mounts
+            .iter()
+            .map(|m| (m.name.as_str(), m.mount_path.as_str()))
+            .collect();
+        assert_eq!(
+            mounted,
+            [
+                ("certs", CERT_DIR),
+                ("state", STATE_DIR),
+                ("mesh-psk", MESH_PSK_DIR),
+                ("mesh-peers", MESH_PEERS_DIR)
+            ]
+        );
+        assert_eq!(
+            volumes[2].secret.as_ref().unwrap().secret_name,
+            Some(mesh_secret_name("home"))
+        );
+        assert_eq!(
+            volumes[3].config_map.as_ref().unwrap().name,
+            mesh_peers_name("home")
+        );
+        let env = relay_env(&r.spec.ports, true, Some("debug"));
+        let names: Vec<&str> = env.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "HOST_IP",
+                "DERPER_ADMIN_ADDR",
+                "DERPER_MESH_PEERS_FILE",
+                "RUST_LOG"
+            ]
+        );
+        assert_eq!(relay_storage("home", "n1", "10.0.0.1", false).0.len(), 2);
     }
 
     const DEFAULT_IMAGE_FOR_TEST: &str = "registry.local/derper:1";

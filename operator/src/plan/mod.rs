@@ -6,6 +6,7 @@
 //! controller observes, calls [`plan`], and executes the writes in order.
 
 pub mod children;
+pub mod conditions;
 pub mod derpmap;
 pub mod nodes;
 pub mod pod_failures;
@@ -15,8 +16,10 @@ use std::{collections::BTreeMap, time::Duration};
 
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
 use kube::{Resource, ResourceExt};
-use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+use time::OffsetDateTime;
 
+pub use self::conditions::PlannedEvent;
+use self::conditions::{carry_transition_time, condition, rfc3339};
 use self::{
     children::{
         RelayDefaults, derpmap_config_map, derpmap_name, host_port, mesh_peers_config_map,
@@ -29,8 +32,8 @@ use self::{
 use crate::{
     certs::{CertIssuer, key_matches, parse_cert_pem, parse_duration},
     crd::{
-        ANNOTATION_PIN, Condition, DerpMapStatus, DerpRegion, DerpRegionStatus, NodeStatus,
-        SkippedNode,
+        ANNOTATION_PIN, CertificatePolicy, Condition, DerpMapStatus, DerpRegion, DerpRegionStatus,
+        NodeStatus, SkippedNode,
     },
 };
 
@@ -131,17 +134,6 @@ pub enum Write {
     DeleteConfigMap(String),
 }
 
-/// An Event to publish on the region.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PlannedEvent {
-    /// Warning (true) or Normal.
-    pub warning: bool,
-    /// CamelCase reason.
-    pub reason: String,
-    /// Human-readable note.
-    pub note: String,
-}
-
 /// The outcome of planning one region.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -183,10 +175,6 @@ pub enum PlanError {
         /// Value.
         value: String,
     },
-}
-
-fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&Rfc3339).unwrap_or_default()
 }
 
 /// Why a node's certificate must be (re)issued, or `None` to reuse it.
@@ -294,17 +282,6 @@ fn published_nodes(have: Option<&ConfigMap>) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn condition(type_: &str, ok: bool, reason: &str, message: String) -> Condition {
-    Condition {
-        type_: type_.to_owned(),
-        status: if ok { "True" } else { "False" }.to_owned(),
-        reason: reason.to_owned(),
-        message,
-        last_transition_time: None,
-        observed_generation: None,
-    }
-}
-
 /// `why` with the detail a person needs: for changed addresses, the old and new IP SANs.
 fn reissue_detail(why: &str, have: Option<&Secret>, ips: &[std::net::IpAddr]) -> String {
     if why != "AddressesChanged" {
@@ -365,136 +342,206 @@ fn published_ports_events(prev: &[NodeStatus], now: &[NodeStatus]) -> Vec<Planne
         .collect()
 }
 
-/// Replace (or add) condition `c` in `status`, keeping its transition time when the status
-/// did not change since `prev`.
-fn set_condition(
-    status: &mut DerpRegionStatus,
-    prev: &DerpRegionStatus,
-    now: OffsetDateTime,
-    mut c: Condition,
-) {
-    c.observed_generation = status.conditions.iter().find_map(|x| x.observed_generation);
-    c.last_transition_time = prev
-        .conditions
-        .iter()
-        .find(|p| p.type_ == c.type_ && p.status == c.status)
-        .and_then(|p| p.last_transition_time.clone())
-        .or_else(|| Some(rfc3339(now)));
-    match status.conditions.iter_mut().find(|x| x.type_ == c.type_) {
-        Some(x) => *x = c,
-        None => status.conditions.push(c),
-    }
-}
-
-/// Plan one region.
+/// Plan one region, in seven steps: certificates, the mesh Secret and peers ConfigMap, relay
+/// Pods, the derpMap, pruning, membership Events, the status. Writes and Events keep the
+/// order of the steps that plan them.
 pub fn plan(inp: &Inputs<'_>) -> Result<Plan, PlanError> {
     let region = inp.region;
     let spec = &region.spec;
-    let rname = region.name_any();
-    let ns = region.namespace().unwrap_or_default();
     let prev = region.status.clone().unwrap_or_default();
-    let rotate_before = parse_duration(&spec.certificate.rotate_before).ok_or_else(|| {
-        PlanError::InvalidDuration {
-            field: "rotateBefore",
-            value: spec.certificate.rotate_before.clone(),
-        }
-    })?;
-    let validity =
-        parse_duration(&spec.certificate.validity).ok_or_else(|| PlanError::InvalidDuration {
-            field: "validity",
-            value: spec.certificate.validity.clone(),
-        })?;
-
+    let lifetime = CertLifetime::from_policy(&spec.certificate)?;
     let Selection { selected, skipped } = select_nodes(spec, inp.nodes, inp.claims);
     let mesh = spec.mesh.enabled.unwrap_or(selected.len() > 1);
 
-    let mut writes = Vec::new();
-    let mut events = Vec::new();
-    let mut wanted_secrets = Vec::new();
-    let mut wanted_cms = Vec::new();
-    let mut certs_issued = 0;
-    let mut pin_changes = 0;
-    let defaults = RelayDefaults {
-        image: inp.relay_image,
-        image_pull_secrets: inp.relay_image_pull_secrets,
-    };
-    let mut next_renewal: Option<OffsetDateTime> = None;
-
     // 1. certificates: reuse or issue, one Secret per node
-    struct NodeCert {
-        node: SelectedNode,
-        pin: String,
-        not_after: OffsetDateTime,
+    let certs = certificates(inp, &prev, &selected, &skipped, lifetime)?;
+    // 2. mesh Secret + peers ConfigMap
+    let mesh_children = if mesh {
+        mesh_children(inp, &certs.nodes)
+    } else {
+        MeshChildren::default()
+    };
+    // 3. relay Pods: create missing ones; replace changed ones, ready ones one at a time
+    let relays = relay_pods(inp, &certs.nodes, mesh);
+    // 4. derpMap
+    let nodes_status = node_statuses(inp, &certs.nodes, &relays.replacing);
+    let health = probe_health(spec.derp_map.publish_unhealthy, &nodes_status, inp.probes);
+    let map = derp_map(region, &certs.nodes, &nodes_status, &health);
+    let published = publish_derp_map(inp, &prev, map);
+    // 5. prune: owned children that are no longer wanted
+    let wanted = Wanted {
+        secrets: [certs.wanted_secrets, mesh_children.wanted_secrets].concat(),
+        config_maps: [
+            mesh_children.wanted_config_maps,
+            published.wanted_config_map.into_iter().collect(),
+        ]
+        .concat(),
+        pods: relays.wanted,
+    };
+    let pruned = prune(region, inp.existing, &wanted);
+    // 6. node membership and skip events
+    let membership = membership_events(&prev, &selected, &skipped, &nodes_status);
+    let region_id_warning = region_id_range_event(region, &prev);
+    // 7. status
+    let (status, status_events) =
+        region_status(inp, &prev, &health, nodes_status, skipped, published.status);
+
+    let requeue_after = requeue_after(
+        inp.now,
+        certs.next_renewal,
+        relays.rollout_pending || pruned.relays_kept,
+    );
+    Ok(Plan {
+        writes: [
+            certs.writes,
+            mesh_children.writes,
+            relays.writes,
+            published.writes,
+            pruned.writes,
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
+        events: [
+            certs.events,
+            relays.events,
+            published.events,
+            membership,
+            region_id_warning.into_iter().collect(),
+            status_events,
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
+        status,
+        derp_map: inp.region_id_winner.is_none().then_some(published.map),
+        requeue_after,
+        certs_issued: certs.issued,
+        pin_changes: certs.pin_changes,
+    })
+}
+
+/// How long certificates live and how long before expiry they are replaced
+/// (`spec.certificate`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct CertLifetime {
+    /// `spec.certificate.validity`.
+    validity: time::Duration,
+    /// `spec.certificate.rotateBefore`.
+    rotate_before: time::Duration,
+}
+
+impl CertLifetime {
+    /// Parse both durations (`rotateBefore` first: its error wins).
+    fn from_policy(policy: &CertificatePolicy) -> Result<Self, PlanError> {
+        let rotate_before =
+            parse_duration(&policy.rotate_before).ok_or_else(|| PlanError::InvalidDuration {
+                field: "rotateBefore",
+                value: policy.rotate_before.clone(),
+            })?;
+        let validity =
+            parse_duration(&policy.validity).ok_or_else(|| PlanError::InvalidDuration {
+                field: "validity",
+                value: policy.validity.clone(),
+            })?;
+        Ok(Self {
+            validity,
+            rotate_before,
+        })
     }
-    let mut certs = Vec::new();
-    for node in &selected {
+}
+
+/// A selected node with the certificate its relay serves.
+#[derive(Debug, Clone)]
+struct NodeCert {
+    node: SelectedNode,
+    pin: String,
+    not_after: OffsetDateTime,
+}
+
+/// Step 1: the certificate of every selected node and the TLS Secrets that hold them.
+#[derive(Debug, Default)]
+struct Certificates {
+    /// One per selected node, in selection order.
+    nodes: Vec<NodeCert>,
+    /// Secrets to apply.
+    writes: Vec<Write>,
+    /// `CertificateIssued` / `PinChanged`.
+    events: Vec<PlannedEvent>,
+    /// TLS Secrets to keep (also those of nodes left out for a malformed override).
+    wanted_secrets: Vec<String>,
+    /// Certificates issued.
+    issued: usize,
+    /// Issued certificates that replace a published pin.
+    pin_changes: usize,
+    /// When the first certificate is due for renewal.
+    next_renewal: Option<OffsetDateTime>,
+}
+
+/// Step 1: reuse each selected node's certificate while it is sound, else issue one.
+fn certificates(
+    inp: &Inputs<'_>,
+    prev: &DerpRegionStatus,
+    selected: &[SelectedNode],
+    skipped: &[SkippedNode],
+    lifetime: CertLifetime,
+) -> Result<Certificates, PlanError> {
+    let region = inp.region;
+    let rname = region.name_any();
+    let mut out = Certificates::default();
+    for node in selected {
         let name = tls_secret_name(&rname, &node.name);
         let have = inp.existing.secrets.get(&name);
         let ips = node.ips();
-        let (secret, pin, not_after) = match reissue_reason(have, &ips, inp.now, rotate_before) {
-            None => {
-                let have = have.expect("reuse implies an existing Secret");
-                let data = have.data.as_ref().expect("reuse implies data");
-                let crt = &data["tls.crt"].0;
-                let parsed = parse_cert_pem(crt).expect("reuse implies a parseable certificate");
-                let s = tls_secret(
-                    region,
-                    &node.name,
-                    crt,
-                    &data["tls.key"].0,
-                    &parsed.pin,
-                    &rfc3339(parsed.not_after),
-                );
-                (s, parsed.pin, parsed.not_after)
-            }
-            Some(why) => {
-                let issued = inp
-                    .issuer
-                    .issue(&node.hostname(), &ips, inp.now, validity)
-                    .map_err(|source| PlanError::IssueCertificate {
-                        node: node.name.clone(),
-                        source,
-                    })?;
-                certs_issued += 1;
-                let old_pin = prev
-                    .nodes
-                    .iter()
-                    .find(|n| n.name == node.name)
-                    .map(|n| n.cert_name.clone())
-                    .filter(|p| !p.is_empty());
-                let why = reissue_detail(why, have, &ips);
-                events.push(match &old_pin {
-                    Some(old) if *old != issued.pin => {
-                        pin_changes += 1;
-                        pin_changed_event(&node.name, &why, old, &issued.pin)
-                    }
-                    _ => PlannedEvent {
-                        warning: false,
-                        reason: "CertificateIssued".into(),
-                        note: format!(
-                            "node {}: new certificate ({why}), pin {}",
-                            node.name, issued.pin
-                        ),
-                    },
-                });
-                let s = tls_secret(
-                    region,
-                    &node.name,
-                    issued.cert_pem.as_bytes(),
-                    issued.key_pem.as_bytes(),
-                    &issued.pin,
-                    &rfc3339(issued.not_after),
-                );
-                (s, issued.pin.clone(), issued.not_after)
-            }
-        };
-        let renew_at = not_after - rotate_before;
-        next_renewal = Some(next_renewal.map_or(renew_at, |t| t.min(renew_at)));
+        let (secret, pin, not_after) =
+            match reissue_reason(have, &ips, inp.now, lifetime.rotate_before) {
+                None => {
+                    let have = have.expect("reuse implies an existing Secret");
+                    let data = have.data.as_ref().expect("reuse implies data");
+                    let crt = &data["tls.crt"].0;
+                    let parsed =
+                        parse_cert_pem(crt).expect("reuse implies a parseable certificate");
+                    let s = tls_secret(
+                        region,
+                        &node.name,
+                        crt,
+                        &data["tls.key"].0,
+                        &parsed.pin,
+                        &rfc3339(parsed.not_after),
+                    );
+                    (s, parsed.pin, parsed.not_after)
+                }
+                Some(why) => {
+                    let issued = inp
+                        .issuer
+                        .issue(&node.hostname(), &ips, inp.now, lifetime.validity)
+                        .map_err(|source| PlanError::IssueCertificate {
+                            node: node.name.clone(),
+                            source,
+                        })?;
+                    out.issued += 1;
+                    let why = reissue_detail(why, have, &ips);
+                    let (event, pin_changed) = issued_event(prev, &node.name, &why, &issued.pin);
+                    out.pin_changes += usize::from(pin_changed);
+                    out.events.push(event);
+                    let s = tls_secret(
+                        region,
+                        &node.name,
+                        issued.cert_pem.as_bytes(),
+                        issued.key_pem.as_bytes(),
+                        &issued.pin,
+                        &rfc3339(issued.not_after),
+                    );
+                    (s, issued.pin.clone(), issued.not_after)
+                }
+            };
+        let renew_at = not_after - lifetime.rotate_before;
+        out.next_renewal = Some(out.next_renewal.map_or(renew_at, |t| t.min(renew_at)));
         if !secret_unchanged(&secret, have) {
-            writes.push(Write::ApplySecret(secret));
+            out.writes.push(Write::ApplySecret(secret));
         }
-        wanted_secrets.push(name);
-        certs.push(NodeCert {
+        out.wanted_secrets.push(name);
+        out.nodes.push(NodeCert {
             node: node.clone(),
             pin,
             not_after,
@@ -509,56 +556,119 @@ pub fn plan(inp: &Inputs<'_>) -> Result<Plan, PlanError> {
     {
         let name = tls_secret_name(&rname, &s.name);
         if inp.existing.secrets.contains_key(&name) {
-            wanted_secrets.push(name);
+            out.wanted_secrets.push(name);
         }
     }
+    Ok(out)
+}
 
-    // 2. mesh Secret + peers ConfigMap
-    if mesh {
-        let name = mesh_secret_name(&rname);
-        let have = inp.existing.secrets.get(&name);
-        let existing_psk = have
-            .and_then(|s| s.data.as_ref())
-            .and_then(|d| d.get(children::MESH_PSK_KEY))
-            .and_then(|b| std::str::from_utf8(&b.0).ok())
-            .filter(|p| p.len() == 64 && p.bytes().all(|b| b.is_ascii_hexdigit()))
-            .map(str::to_owned);
-        let psk = existing_psk.unwrap_or_else(|| (inp.new_psk)());
-        let secret = mesh_secret(region, &psk);
-        if !secret_unchanged(&secret, have) {
-            writes.push(Write::ApplySecret(secret));
-        }
-        wanted_secrets.push(name);
-        let lines: Vec<String> = certs
-            .iter()
-            .map(|c| format!("{} {}", host_port(&c.node, spec.ports.derp), c.pin))
-            .collect();
-        let cm = mesh_peers_config_map(region, &lines);
-        let cm_name = mesh_peers_name(&rname);
-        if !config_map_unchanged(&cm, inp.existing.config_maps.get(&cm_name)) {
-            writes.push(Write::ApplyConfigMap(cm));
-        }
-        wanted_cms.push(cm_name);
+/// The Event for a certificate issued to `node`: `PinChanged` (and `true`) when it replaces
+/// a pin the previous status published, else `CertificateIssued`.
+fn issued_event(prev: &DerpRegionStatus, node: &str, why: &str, pin: &str) -> (PlannedEvent, bool) {
+    let old_pin = prev
+        .nodes
+        .iter()
+        .find(|n| n.name == node)
+        .map(|n| n.cert_name.as_str())
+        .filter(|p| !p.is_empty());
+    match old_pin {
+        Some(old) if old != pin => (pin_changed_event(node, why, old, pin), true),
+        _ => (
+            PlannedEvent {
+                warning: false,
+                reason: "CertificateIssued".into(),
+                note: format!("node {node}: new certificate ({why}), pin {pin}"),
+            },
+            false,
+        ),
     }
+}
 
-    // 3. relay Pods: create missing ones; replace changed ones, ready ones one at a time
-    let mut rollout_pending = false;
-    let mut wanted_pods = Vec::new();
+/// Step 2: the mesh PSK Secret and the peers ConfigMap of a meshed region.
+#[derive(Debug, Default)]
+struct MeshChildren {
+    /// The Secret and ConfigMap to apply.
+    writes: Vec<Write>,
+    /// The mesh Secret's name.
+    wanted_secrets: Vec<String>,
+    /// The peers ConfigMap's name.
+    wanted_config_maps: Vec<String>,
+}
+
+/// Step 2: keep a well-formed stored PSK (else take a fresh one) and list every relay's
+/// `host:port pin` for its peers.
+fn mesh_children(inp: &Inputs<'_>, certs: &[NodeCert]) -> MeshChildren {
+    let region = inp.region;
+    let rname = region.name_any();
+    let mut out = MeshChildren::default();
+    let name = mesh_secret_name(&rname);
+    let have = inp.existing.secrets.get(&name);
+    let existing_psk = have
+        .and_then(|s| s.data.as_ref())
+        .and_then(|d| d.get(children::MESH_PSK_KEY))
+        .and_then(|b| std::str::from_utf8(&b.0).ok())
+        .filter(|p| p.len() == 64 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+        .map(str::to_owned);
+    let psk = existing_psk.unwrap_or_else(|| (inp.new_psk)());
+    let secret = mesh_secret(region, &psk);
+    if !secret_unchanged(&secret, have) {
+        out.writes.push(Write::ApplySecret(secret));
+    }
+    out.wanted_secrets.push(name);
+    let lines: Vec<String> = certs
+        .iter()
+        .map(|c| format!("{} {}", host_port(&c.node, region.spec.ports.derp), c.pin))
+        .collect();
+    let cm = mesh_peers_config_map(region, &lines);
+    let cm_name = mesh_peers_name(&rname);
+    if !config_map_unchanged(&cm, inp.existing.config_maps.get(&cm_name)) {
+        out.writes.push(Write::ApplyConfigMap(cm));
+    }
+    out.wanted_config_maps.push(cm_name);
+    out
+}
+
+/// Step 3: the relay Pods.
+#[derive(Debug, Default)]
+struct RelayPods {
+    /// The relays' PodDisruptionBudget when it must be applied, Pods to create, then Pods to
+    /// delete for replacement.
+    writes: Vec<Write>,
+    /// `RelayReplaced`.
+    events: Vec<PlannedEvent>,
+    /// Names of the Pods this region wants, one per certificate.
+    wanted: Vec<String>,
+    /// Pods this plan deletes for replacement: left out of the map it publishes (which is
+    /// written before the delete).
+    replacing: Vec<String>,
+    /// A Pod is terminating, being replaced or waiting for its turn.
+    rollout_pending: bool,
+}
+
+/// Step 3: create missing relay Pods; replace those whose spec or certificate changed,
+/// unready ones at once and Ready ones one at a time, only while every current one is Ready.
+fn relay_pods(inp: &Inputs<'_>, certs: &[NodeCert], mesh: bool) -> RelayPods {
+    let defaults = RelayDefaults {
+        image: inp.relay_image,
+        image_pull_secrets: inp.relay_image_pull_secrets,
+    };
+    let mut out = RelayPods::default();
     let mut replace_unready = Vec::new();
     let mut replace_ready = Vec::new();
     let mut not_ready_current = 0usize;
-    writes.extend(children::relay_pdb_write(region, &inp.existing.pdbs));
-    for c in &certs {
-        let pod = relay_pod(region, &c.node, mesh, &c.pin, &defaults);
+    out.writes
+        .extend(children::relay_pdb_write(inp.region, &inp.existing.pdbs));
+    for c in certs {
+        let pod = relay_pod(inp.region, &c.node, mesh, &c.pin, &defaults);
         let name = pod.name_any();
-        wanted_pods.push(name.clone());
+        out.wanted.push(name.clone());
         match inp.existing.pods.get(&name) {
             None => {
-                writes.push(Write::CreatePod(Box::new(pod)));
+                out.writes.push(Write::CreatePod(Box::new(pod)));
                 not_ready_current += 1;
             }
             Some(have) if have.metadata.deletion_timestamp.is_some() => {
-                rollout_pending = true;
+                out.rollout_pending = true;
                 not_ready_current += 1;
             }
             Some(have) if spec_hash(have) != spec_hash(&pod) => {
@@ -575,40 +685,44 @@ pub fn plan(inp: &Inputs<'_>) -> Result<Plan, PlanError> {
             }
         }
     }
-    // Pods deleted by this plan: left out of the map it publishes (written before the delete)
-    let mut replacing: Vec<String> = replace_unready.clone();
+    out.replacing.clone_from(&replace_unready);
     for name in replace_unready {
-        rollout_pending = true;
-        events.push(PlannedEvent {
+        out.rollout_pending = true;
+        out.events.push(PlannedEvent {
             warning: false,
             reason: "RelayReplaced".into(),
             note: format!("relay Pod {name} is replaced because its spec or certificate changed"),
         });
-        writes.push(Write::DeletePod {
+        out.writes.push(Write::DeletePod {
             name,
             reason: "Replace",
         });
     }
     if let Some(name) = replace_ready.first() {
-        rollout_pending = true;
+        out.rollout_pending = true;
         if not_ready_current == 0 {
-            events.push(PlannedEvent {
+            out.events.push(PlannedEvent {
                 warning: false,
                 reason: "RelayReplaced".into(),
                 note: format!(
                     "relay Pod {name} is replaced because its spec or certificate changed (one node at a time)"
                 ),
             });
-            writes.push(Write::DeletePod {
+            out.writes.push(Write::DeletePod {
                 name: name.clone(),
                 reason: "Replace",
             });
-            replacing.push(name.clone());
+            out.replacing.push(name.clone());
         }
     }
+    out
+}
 
-    // 4. derpMap
-    let nodes_status: Vec<NodeStatus> = certs
+/// Step 4: each node's status: its certificate, its relay Pod's phase and readiness, the
+/// operator's probe view.
+fn node_statuses(inp: &Inputs<'_>, certs: &[NodeCert], replacing: &[String]) -> Vec<NodeStatus> {
+    let rname = inp.region.name_any();
+    certs
         .iter()
         .map(|c| {
             let pod = inp
@@ -645,18 +759,51 @@ pub fn plan(inp: &Inputs<'_>) -> Result<Plan, PlanError> {
                 probe_latency_ms: probe.and_then(|v| v.latency_ms),
             }
         })
+        .collect()
+}
+
+/// Step 4: which Ready nodes the probes keep out of the derpMap. Never an empty region
+/// because of probes: when every Ready node is withheld, all are kept (clients then at least
+/// try) and `kept_all` says so. Nothing is withheld when `publish_unhealthy`.
+fn probe_health(
+    publish_unhealthy: bool,
+    nodes: &[NodeStatus],
+    probes: &BTreeMap<String, ProbeView>,
+) -> ProbeHealth {
+    let withheld = |st: &NodeStatus| probes.get(&st.name).is_some_and(|v| v.withheld);
+    let all_withheld = nodes.iter().filter(|st| st.ready).all(withheld);
+    let withheld_nodes: Vec<String> = nodes
+        .iter()
+        .filter(|st| !publish_unhealthy && st.ready && withheld(st))
+        .map(|st| st.name.clone())
         .collect();
+    ProbeHealth {
+        kept_all: all_withheld && !withheld_nodes.is_empty(),
+        withheld: if all_withheld {
+            Vec::new()
+        } else {
+            withheld_nodes
+        },
+    }
+}
+
+/// Step 4: the region's derpMap: every Ready node the probes do not withhold (every node
+/// when `derpMap.publishUnhealthy`), with its published addresses, ports and pin.
+fn derp_map(
+    region: &DerpRegion,
+    certs: &[NodeCert],
+    nodes: &[NodeStatus],
+    health: &ProbeHealth,
+) -> DerpMap {
+    let spec = &region.spec;
+    let rname = region.name_any();
     let region_id = i64::from(spec.region_id);
-    let withheld = |st: &NodeStatus| inp.probes.get(&st.name).is_some_and(|v| v.withheld);
-    // never publish an empty region because of probes: when every Ready node is withheld,
-    // keep them all (clients then at least try) and say so in NodesHealthy
-    let all_withheld = nodes_status.iter().filter(|st| st.ready).all(withheld);
     let publish = |st: &NodeStatus| {
-        spec.derp_map.publish_unhealthy || (st.ready && (all_withheld || !withheld(st)))
+        spec.derp_map.publish_unhealthy || (st.ready && !health.withheld.contains(&st.name))
     };
     let map_nodes: Vec<DerpNode> = certs
         .iter()
-        .zip(&nodes_status)
+        .zip(nodes)
         .filter(|(_, st)| publish(st))
         .map(|(c, _)| DerpNode {
             name: c.node.name.clone(),
@@ -678,7 +825,7 @@ pub fn plan(inp: &Inputs<'_>) -> Result<Plan, PlanError> {
             ..DerpNode::default()
         })
         .collect();
-    let map = DerpMap {
+    DerpMap {
         regions: BTreeMap::from([(
             region_id,
             MapRegion {
@@ -691,7 +838,32 @@ pub fn plan(inp: &Inputs<'_>) -> Result<Plan, PlanError> {
             },
         )]),
         omit_default_regions: spec.derp_map.omit_default_regions,
-    };
+    }
+}
+
+/// Step 4: the derpMap ConfigMap.
+#[derive(Debug)]
+struct PublishedMap {
+    /// The map.
+    map: DerpMap,
+    /// Its ConfigMap's name and content hash.
+    status: DerpMapStatus,
+    /// The ConfigMap to apply.
+    writes: Vec<Write>,
+    /// `DerpMapPublished`.
+    events: Vec<PlannedEvent>,
+    /// The ConfigMap's name, unless another region holds this region's ID.
+    wanted_config_map: Option<String>,
+}
+
+/// Step 4: render `map` (JSON, policy snippet, headscale YAML) into its ConfigMap. A region
+/// whose ID another region holds publishes nothing: its ConfigMap is pruned, so nobody pastes
+/// a snippet that would overwrite the other region.
+fn publish_derp_map(inp: &Inputs<'_>, prev: &DerpRegionStatus, map: DerpMap) -> PublishedMap {
+    let region = inp.region;
+    let rname = region.name_any();
+    let ns = region.namespace().unwrap_or_default();
+    let region_id = i64::from(region.spec.region_id);
     let json = derpmap::render_json(&map);
     let hash = derpmap::content_hash(&json);
     let cm = derpmap_config_map(
@@ -701,17 +873,15 @@ pub fn plan(inp: &Inputs<'_>) -> Result<Plan, PlanError> {
         &derpmap::render_headscale(&map),
     );
     let dm_name = derpmap_name(region);
-    // a region whose ID another region holds publishes nothing: its ConfigMap is pruned, so
-    // nobody pastes a snippet that would overwrite the other region
-    if inp.region_id_winner.is_none()
-        && !config_map_unchanged(&cm, inp.existing.config_maps.get(&dm_name))
-    {
+    let mut writes = Vec::new();
+    let mut events = Vec::new();
+    let ours = inp.region_id_winner.is_none();
+    if ours && !config_map_unchanged(&cm, inp.existing.config_maps.get(&dm_name)) {
         writes.push(Write::ApplyConfigMap(cm));
         if prev
             .derp_map
             .as_ref()
-            .is_some_and(|d| d.content_hash != hash)
-            || prev.derp_map.is_none()
+            .is_none_or(|d| d.content_hash != hash)
         {
             events.push(PlannedEvent {
                 warning: false,
@@ -723,49 +893,87 @@ pub fn plan(inp: &Inputs<'_>) -> Result<Plan, PlanError> {
             });
         }
     }
-    if inp.region_id_winner.is_none() {
-        wanted_cms.push(dm_name.clone());
+    PublishedMap {
+        map,
+        writes,
+        events,
+        wanted_config_map: ours.then(|| dm_name.clone()),
+        status: DerpMapStatus {
+            config_map_name: dm_name,
+            content_hash: hash,
+        },
     }
+}
 
-    // 5. prune: owned children that are no longer wanted. A relay whose node the published
-    // map still lists stays until the map without it is stored (this plan writes it; the next
-    // one stops the relay): clients leave a node before its relay goes (cordon, drain, removal).
-    let still_published = published_nodes(inp.existing.config_maps.get(&dm_name));
-    for (name, pod) in &inp.existing.pods {
-        if !wanted_pods.contains(name)
+/// Names of the children a plan keeps; every other owned child is pruned.
+#[derive(Debug, Default)]
+struct Wanted {
+    secrets: Vec<String>,
+    config_maps: Vec<String>,
+    pods: Vec<String>,
+}
+
+/// Step 5: deletions.
+#[derive(Debug, Default)]
+struct Pruned {
+    /// Pods, Secrets and ConfigMaps to delete.
+    writes: Vec<Write>,
+    /// An unwanted relay stays until the published map no longer lists its node.
+    relays_kept: bool,
+}
+
+/// Step 5: delete owned children that are no longer wanted (objects already being deleted
+/// and objects of others are left alone). A relay whose node the published map still lists
+/// stays until the map without it is stored (this plan writes it; the next one stops the
+/// relay): clients leave a node before its relay goes (cordon, drain, removal).
+fn prune(region: &DerpRegion, existing: &Existing, wanted: &Wanted) -> Pruned {
+    let mut out = Pruned::default();
+    let still_published = published_nodes(existing.config_maps.get(&derpmap_name(region)));
+    for (name, pod) in &existing.pods {
+        if !wanted.pods.contains(name)
             && owned_by(pod, region)
             && pod.metadata.deletion_timestamp.is_none()
         {
             let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
             if node.is_some_and(|n| still_published.iter().any(|p| p == n)) {
-                rollout_pending = true;
+                out.relays_kept = true;
                 continue;
             }
-            writes.push(Write::DeletePod {
+            out.writes.push(Write::DeletePod {
                 name: name.clone(),
                 reason: "Prune",
             });
         }
     }
-    for (name, s) in &inp.existing.secrets {
-        if !wanted_secrets.contains(name)
+    for (name, s) in &existing.secrets {
+        if !wanted.secrets.contains(name)
             && owned_by(s, region)
             && s.metadata.deletion_timestamp.is_none()
         {
-            writes.push(Write::DeleteSecret(name.clone()));
+            out.writes.push(Write::DeleteSecret(name.clone()));
         }
     }
-    for (name, c) in &inp.existing.config_maps {
-        if !wanted_cms.contains(name)
+    for (name, c) in &existing.config_maps {
+        if !wanted.config_maps.contains(name)
             && owned_by(c, region)
             && c.metadata.deletion_timestamp.is_none()
         {
-            writes.push(Write::DeleteConfigMap(name.clone()));
+            out.writes.push(Write::DeleteConfigMap(name.clone()));
         }
     }
+    out
+}
 
-    // 6. node membership and skip events
-    for n in &selected {
+/// Step 6: Events for nodes that joined or left the region since `prev`, whose published
+/// ports changed, or that are newly skipped (except for `MaxNodes`).
+fn membership_events(
+    prev: &DerpRegionStatus,
+    selected: &[SelectedNode],
+    skipped: &[SkippedNode],
+    nodes: &[NodeStatus],
+) -> Vec<PlannedEvent> {
+    let mut events = Vec::new();
+    for n in selected {
         if !prev.nodes.iter().any(|p| p.name == n.name) {
             events.push(PlannedEvent {
                 warning: false,
@@ -783,8 +991,8 @@ pub fn plan(inp: &Inputs<'_>) -> Result<Plan, PlanError> {
             });
         }
     }
-    events.extend(published_ports_events(&prev.nodes, &nodes_status));
-    for s in &skipped {
+    events.extend(published_ports_events(&prev.nodes, nodes));
+    for s in skipped {
         if !prev.skipped_nodes.contains(s) && s.reason != "MaxNodes" {
             events.push(PlannedEvent {
                 warning: true,
@@ -793,78 +1001,68 @@ pub fn plan(inp: &Inputs<'_>) -> Result<Plan, PlanError> {
             });
         }
     }
+    events
+}
 
-    // a spec change outside Tailscale's custom range is worth a warning (design.md §3), once
-    // per generation
-    if !(900..=999).contains(&spec.region_id)
-        && prev.observed_generation != region.metadata.generation
-    {
-        events.push(PlannedEvent {
+/// Step 6: a region ID outside Tailscale's custom range is worth a warning (design.md §3),
+/// once per generation.
+fn region_id_range_event(region: &DerpRegion, prev: &DerpRegionStatus) -> Option<PlannedEvent> {
+    let id = region.spec.region_id;
+    (!(900..=999).contains(&id) && prev.observed_generation != region.metadata.generation).then(
+        || PlannedEvent {
             warning: true,
             reason: "RegionIDOutsideCustomRange".into(),
             note: format!(
-                "spec.regionID {} is outside 900-999, the range Tailscale reserves for custom \
-                 regions; it may collide with a Tailscale region",
-                spec.region_id
+                "spec.regionID {id} is outside 900-999, the range Tailscale reserves for custom \
+                 regions; it may collide with a Tailscale region"
             ),
-        });
-    }
-
-    // 7. status
-    let withheld_nodes: Vec<String> = nodes_status
-        .iter()
-        .filter(|st| !spec.derp_map.publish_unhealthy && st.ready && withheld(st))
-        .map(|st| st.name.clone())
-        .collect();
-    let health = ProbeHealth {
-        withheld: if all_withheld {
-            Vec::new()
-        } else {
-            withheld_nodes.clone()
         },
-        kept_all: all_withheld && !withheld_nodes.is_empty(),
-    };
-    let relay_failures = pod_failures::relay_failures(&inp.existing.pods, &rname, &nodes_status);
-    let mut status = build_status(
-        region,
-        &prev,
-        inp.now,
-        &health,
-        nodes_status,
-        skipped,
-        DerpMapStatus {
-            config_map_name: dm_name,
-            content_hash: hash,
-        },
-    );
+    )
+}
 
-    pod_failures::apply(&mut status, &prev, inp.now, &relay_failures, &mut events);
+/// Step 7: the status to publish (conditions, nodes, derpMap), with the relay-failure and
+/// region-ID conditions and the Events their changes make.
+fn region_status(
+    inp: &Inputs<'_>,
+    prev: &DerpRegionStatus,
+    health: &ProbeHealth,
+    nodes: Vec<NodeStatus>,
+    skipped: Vec<SkippedNode>,
+    derp_map: DerpMapStatus,
+) -> (DerpRegionStatus, Vec<PlannedEvent>) {
+    let region = inp.region;
+    let relay_failures =
+        pod_failures::relay_failures(&inp.existing.pods, &region.name_any(), &nodes);
+    let mut status = build_status(region, prev, inp.now, health, nodes, skipped, derp_map);
+    let mut events = Vec::new();
+    pod_failures::apply(&mut status, prev, inp.now, &relay_failures, &mut events);
     region_id::apply(
         &mut status,
-        &prev,
+        prev,
         inp.now,
-        spec.region_id,
+        region.spec.region_id,
         inp.region_id_winner,
         &mut events,
     );
+    (status, events)
+}
 
-    let mut requeue_after = MAX_REQUEUE;
+/// When to look again: at the first certificate renewal, soon while a rollout is in
+/// progress, and at least every [`MAX_REQUEUE`].
+fn requeue_after(
+    now: OffsetDateTime,
+    next_renewal: Option<OffsetDateTime>,
+    rollout_pending: bool,
+) -> Duration {
+    let mut after = MAX_REQUEUE;
     if let Some(t) = next_renewal {
-        let secs = (t - inp.now).whole_seconds().max(1);
-        requeue_after = requeue_after.min(Duration::from_secs(secs.unsigned_abs()));
+        let secs = (t - now).whole_seconds().max(1);
+        after = after.min(Duration::from_secs(secs.unsigned_abs()));
     }
     if rollout_pending {
-        requeue_after = requeue_after.min(ROLLOUT_REQUEUE);
+        after = after.min(ROLLOUT_REQUEUE);
     }
-    Ok(Plan {
-        writes,
-        status,
-        events,
-        derp_map: inp.region_id_winner.is_none().then_some(map),
-        requeue_after,
-        certs_issued,
-        pin_changes,
-    })
+    after
 }
 
 /// What the derpMap filtering did because of probes (for the `NodesHealthy` message).
@@ -958,60 +1156,11 @@ fn build_status(
     let desired = nodes.len();
     let ready = nodes.iter().filter(|n| n.ready).count();
     let problems: Vec<&SkippedNode> = skipped.iter().filter(|s| s.reason != "MaxNodes").collect();
-    let no_nodes = desired == 0;
-    let no_nodes_msg = if skipped.is_empty() {
-        "no Node matches spec.nodeSelector; label nodes or change the selector".to_owned()
-    } else {
-        format!(
-            "no usable Node: {}",
-            skipped
-                .iter()
-                .map(|s| format!("{} ({})", s.name, s.reason))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    };
-    let earliest = nodes
-        .iter()
-        .map(|n| n.not_after.as_str())
-        .min()
-        .unwrap_or("");
+    let no_nodes_msg = no_nodes_message(&skipped);
     let mut conds = vec![
-        if no_nodes {
-            condition("CertificatesReady", false, "NoNodes", no_nodes_msg.clone())
-        } else {
-            condition(
-                "CertificatesReady",
-                true,
-                "Issued",
-                format!("{desired} certificate(s) stored; earliest notAfter {earliest}"),
-            )
-        },
-        if no_nodes {
-            condition("RelaysReady", false, "NoNodes", no_nodes_msg.clone())
-        } else if ready == desired {
-            condition(
-                "RelaysReady",
-                true,
-                "AllReady",
-                format!("{ready}/{desired} relay Pods are Ready"),
-            )
-        } else {
-            let waiting: Vec<&str> = nodes
-                .iter()
-                .filter(|n| !n.ready)
-                .map(|n| n.name.as_str())
-                .collect();
-            condition(
-                "RelaysReady",
-                false,
-                "RelaysNotReady",
-                format!(
-                    "{ready}/{desired} relay Pods are Ready; waiting for {}",
-                    waiting.join(", ")
-                ),
-            )
-        },
+        region_ready(&nodes, &no_nodes_msg),
+        certificates_ready(&nodes, &no_nodes_msg),
+        relays_ready(&nodes, &no_nodes_msg),
         condition(
             "DerpMapPublished",
             true,
@@ -1023,8 +1172,45 @@ fn build_status(
         ),
         nodes_healthy(&nodes, &problems, health, &no_nodes_msg),
     ];
-    let ready_cond = if no_nodes {
-        condition("Ready", false, "NoNodes", no_nodes_msg)
+    for c in &mut conds {
+        c.observed_generation = generation;
+        carry_transition_time(c, prev, now);
+    }
+    DerpRegionStatus {
+        observed_generation: generation,
+        region_code: Some(region.spec.effective_code(&region.name_any())),
+        region_id: Some(region.spec.region_id),
+        nodes_ready: Some(format!("{ready}/{desired}")),
+        conditions: conds,
+        nodes,
+        skipped_nodes: skipped,
+        derp_map: Some(derp_map),
+    }
+}
+
+/// Why a region has no node: no Node matches the selector, or every match is skipped (each
+/// named with its reason).
+fn no_nodes_message(skipped: &[SkippedNode]) -> String {
+    if skipped.is_empty() {
+        "no Node matches spec.nodeSelector; label nodes or change the selector".to_owned()
+    } else {
+        format!(
+            "no usable Node: {}",
+            skipped
+                .iter()
+                .map(|s| format!("{} ({})", s.name, s.reason))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    }
+}
+
+/// The `Ready` condition: every relay Ready (the derpMap is published by then).
+fn region_ready(nodes: &[NodeStatus], no_nodes_msg: &str) -> Condition {
+    let desired = nodes.len();
+    let ready = nodes.iter().filter(|n| n.ready).count();
+    if desired == 0 {
+        condition("Ready", false, "NoNodes", no_nodes_msg.to_owned())
     } else if ready < desired {
         condition(
             "Ready",
@@ -1039,26 +1225,61 @@ fn build_status(
             "RegionReady",
             format!("{ready}/{desired} relays Ready and the derpMap is published"),
         )
-    };
-    conds.insert(0, ready_cond);
-    for c in &mut conds {
-        c.observed_generation = generation;
-        c.last_transition_time = prev
-            .conditions
-            .iter()
-            .find(|p| p.type_ == c.type_ && p.status == c.status)
-            .and_then(|p| p.last_transition_time.clone())
-            .or_else(|| Some(rfc3339(now)));
     }
-    DerpRegionStatus {
-        observed_generation: generation,
-        region_code: Some(region.spec.effective_code(&region.name_any())),
-        region_id: Some(region.spec.region_id),
-        nodes_ready: Some(format!("{ready}/{desired}")),
-        conditions: conds,
-        nodes,
-        skipped_nodes: skipped,
-        derp_map: Some(derp_map),
+}
+
+/// The `CertificatesReady` condition, naming the earliest expiry.
+fn certificates_ready(nodes: &[NodeStatus], no_nodes_msg: &str) -> Condition {
+    let desired = nodes.len();
+    if desired == 0 {
+        return condition(
+            "CertificatesReady",
+            false,
+            "NoNodes",
+            no_nodes_msg.to_owned(),
+        );
+    }
+    let earliest = nodes
+        .iter()
+        .map(|n| n.not_after.as_str())
+        .min()
+        .unwrap_or("");
+    condition(
+        "CertificatesReady",
+        true,
+        "Issued",
+        format!("{desired} certificate(s) stored; earliest notAfter {earliest}"),
+    )
+}
+
+/// The `RelaysReady` condition, naming the relays it waits for.
+fn relays_ready(nodes: &[NodeStatus], no_nodes_msg: &str) -> Condition {
+    let desired = nodes.len();
+    let ready = nodes.iter().filter(|n| n.ready).count();
+    if desired == 0 {
+        condition("RelaysReady", false, "NoNodes", no_nodes_msg.to_owned())
+    } else if ready == desired {
+        condition(
+            "RelaysReady",
+            true,
+            "AllReady",
+            format!("{ready}/{desired} relay Pods are Ready"),
+        )
+    } else {
+        let waiting: Vec<&str> = nodes
+            .iter()
+            .filter(|n| !n.ready)
+            .map(|n| n.name.as_str())
+            .collect();
+        condition(
+            "RelaysReady",
+            false,
+            "RelaysNotReady",
+            format!(
+                "{ready}/{desired} relay Pods are Ready; waiting for {}",
+                waiting.join(", ")
+            ),
+        )
     }
 }
 

@@ -15,7 +15,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::Pod;
 use time::OffsetDateTime;
 
-use super::{PlannedEvent, children::pod_name, condition, set_condition};
+use super::children::pod_name;
+use super::conditions::{PlannedEvent, condition, set_condition};
 use crate::crd::{DerpRegionStatus, NodeStatus};
 
 /// Reason when a relay cannot bind a port that is taken on its node.

@@ -10,11 +10,8 @@
 
 use time::OffsetDateTime;
 
-use super::{PlannedEvent, condition, set_condition};
-use crate::{
-    crd::{DerpRegion, DerpRegionStatus},
-    health::region_key,
-};
+use super::conditions::{PlannedEvent, condition, set_condition};
+use crate::crd::{DerpRegion, DerpRegionStatus, region_key};
 
 /// Reason of the conditions and the Event of a region whose ID another region holds.
 pub const REGION_ID_CONFLICT: &str = "RegionIDConflict";

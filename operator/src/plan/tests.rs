@@ -1303,3 +1303,5 @@ fn a_deleted_or_edited_disruption_budget_is_applied_again_and_an_intact_one_is_l
     let p3 = run(&r, &nodes, &existing, &RcgenIssuer);
     assert_eq!(pdb_writes(&p3).len(), 1, "{:?}", p3.writes);
 }
+
+mod steps;

@@ -17,13 +17,16 @@ use derp_tests::stack::{LocalStack, StackOptions};
 const REGION: &str = "home";
 const EXAMPLE: &str = "deploy/examples/derpregion-three-nodes.yaml";
 const READY_TIMEOUT: Duration = Duration::from_secs(180);
+/// Default log filter. Directives match target *prefixes*, so the kube crates are named one by
+/// one: a `kube=warn` directive would also silence this binary's own `kubederp_local` lines.
+const LOG_FILTER: &str = "info,kube_client::client::builder=off,kube_client=warn,kube_runtime=warn";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,kube_client::client::builder=off,kube=warn".into()),
+                .unwrap_or_else(|_| LOG_FILTER.into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -130,4 +133,25 @@ async fn main() -> anyhow::Result<()> {
     stack.shutdown().await;
     let _ = std::fs::remove_dir_all(&workdir);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    #[test]
+    fn the_demo_progress_lines_pass_the_default_log_filter() {
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_subscriber::EnvFilter::new(super::LOG_FILTER));
+        tracing::subscriber::with_default(subscriber, || {
+            assert!(
+                tracing::enabled!(tracing::Level::INFO),
+                "kubederp_local info lines"
+            );
+            assert!(
+                !tracing::enabled!(target: "kube_runtime::watcher", tracing::Level::INFO),
+                "kube info lines stay quiet"
+            );
+        });
+    }
 }

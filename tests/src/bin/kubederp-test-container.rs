@@ -1,7 +1,6 @@
 //! `kubederp-test-container`: a tiny program the node-agent tests run as a "container".
 //!
-//! Usage: `kubederp-test-container [--listen ADDR:PORT] [--ready-file PATH] [--exit-after-ms N
-//! --exit-code C] [ARG...]`
+//! Usage: `kubederp-test-container [--listen ADDR:PORT] [--ready-file PATH] [ARG...]`
 //!
 //! At start it prints `kubederp-test-container started pid=<pid>` and its arguments to stdout,
 //! then, with `--listen`, serves plain HTTP/1.0:
@@ -23,8 +22,6 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut listen = None;
     let mut ready_file = None;
-    let mut exit_after = None;
-    let mut exit_code = 0;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let (flag, inline) = match a.split_once('=') {
@@ -35,8 +32,6 @@ fn main() {
         match flag {
             "--listen" => listen = value(),
             "--ready-file" => ready_file = value(),
-            "--exit-after-ms" => exit_after = value().and_then(|v| v.parse::<u64>().ok()),
-            "--exit-code" => exit_code = value().and_then(|v| v.parse().ok()).unwrap_or(1),
             _ => {}
         }
     }
@@ -51,13 +46,6 @@ fn main() {
     }
     let _ = out.flush();
     drop(out);
-    if let Some(ms) = exit_after {
-        std::thread::spawn(move || {
-            std::thread::park_timeout(Duration::from_millis(ms));
-            eprintln!("kubederp-test-container exiting with {exit_code}");
-            std::process::exit(exit_code);
-        });
-    }
     let Some(addr) = listen else {
         loop {
             std::thread::park();

@@ -7,6 +7,8 @@
 //! §1.4) and to hand bytes pipelined after the head to the DERP frame reader. Everything
 //! that is not a DERP upgrade is replayed into hyper's HTTP/1.1 server.
 
+pub(crate) mod head;
+
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -18,6 +20,8 @@ use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tracing::debug;
+
+pub use head::{RequestHead, find_head_end, parse_head};
 
 use crate::defaults;
 use crate::server::handshaking::{HandshakeSlot, SlotHolder};
@@ -63,66 +67,6 @@ pub enum ListenerKind {
     Main,
     /// The plain HTTP port (`--http-port`, spec §1.7).
     Port80,
-}
-
-/// A parsed HTTP/1.x request head.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RequestHead {
-    /// Method.
-    pub method: String,
-    /// Request target.
-    pub target: String,
-    /// Headers in order.
-    pub headers: Vec<(String, String)>,
-}
-
-impl RequestHead {
-    /// First header with this name (case-insensitive).
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    /// Path without the query.
-    pub fn path(&self) -> &str {
-        self.target.split('?').next().unwrap_or("")
-    }
-}
-
-/// Index just past the `\r\n\r\n` ending the head, if present.
-pub fn find_head_end(buf: &[u8]) -> Option<usize> {
-    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
-}
-
-/// Parses a request head (everything up to and including the blank line). Never panics.
-pub fn parse_head(buf: &[u8]) -> Option<RequestHead> {
-    let text = std::str::from_utf8(buf).ok()?;
-    let mut lines = text.split("\r\n");
-    let mut first = lines.next()?.split(' ');
-    let method = first.next()?.to_owned();
-    let target = first.next()?.to_owned();
-    let version = first.next()?;
-    if !version.starts_with("HTTP/1.") || first.next().is_some() || method.is_empty() {
-        return None;
-    }
-    let mut headers = Vec::new();
-    for l in lines {
-        if l.is_empty() {
-            continue;
-        }
-        let (k, v) = l.split_once(':')?;
-        if k.is_empty() || k.contains(' ') {
-            return None;
-        }
-        headers.push((k.to_owned(), v.trim().to_owned()));
-    }
-    Some(RequestHead {
-        method,
-        target,
-        headers,
-    })
 }
 
 /// The exact 101 response of spec §1.3.
@@ -419,7 +363,10 @@ fn generate_204<B>(req: &Request<B>) -> Resp {
 
 const HOME_PAGE: &str = "<html><body>\n<h1>DERP</h1>\n<p>\n  This is a <a href=\"https://tailscale.com/\">Tailscale</a> DERP server (kubederp).\n</p>\n<p>\n  It provides STUN, interactive connectivity establishment, and relaying of end-to-end encrypted traffic\n  for Tailscale clients.\n</p>\n<p>\n  Documentation:\n</p>\n<ul>\n<li><a href=\"https://tailscale.com/kb/1232/derp-servers\">About DERP</a></li>\n<li><a href=\"https://pkg.go.dev/tailscale.com/derp\">Protocol &amp; Go docs</a></li>\n<li><a href=\"https://github.com/tailscale/tailscale/tree/main/cmd/derper#derp\">How to run a DERP server</a></li>\n</ul>\n</body>\n</html>\n";
 
-/// Handles a request that is not served by the hand-written DERP upgrade path.
+/// Answers a request that hyper parsed, in named steps: CONNECT is refused on the main
+/// port, the captive-portal check answers on every port, the plain-HTTP port redirects
+/// everything else to HTTPS, and the main port routes by path (each route counted once).
+///
 /// `slot` is the connection's handshake slot, handed to a DERP upgrade.
 fn handle_request(
     server: &Server,
@@ -441,127 +388,163 @@ fn handle_request(
         return generate_204(&req);
     }
     if kind == ListenerKind::Port80 {
-        // spec §1.7
         m.http_request("port80");
-        if req.method() != Method::GET && req.method() != Method::HEAD {
-            return resp(StatusCode::BAD_REQUEST, "Use HTTPS\n");
-        }
-        let host = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        let uri = req
-            .uri()
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_owned();
-        let target = format!("https://{host}{uri}");
-        // The Host header and path are the client's: escaped, they cannot add markup.
-        let mut r = resp(
-            StatusCode::FOUND,
-            format!("<a href=\"{}\">Found</a>.\n\n", html_escape(&target)),
-        );
-        set(&mut r, header::LOCATION, &target);
-        set(&mut r, header::CONTENT_TYPE, "text/html; charset=utf-8");
-        return r;
+        return redirect_to_https(&req);
     }
     match path.as_str() {
         "/derp" => {
             m.http_request("derp");
-            if !http.derp_enabled {
-                return resp(StatusCode::NOT_FOUND, "derp server disabled\n");
-            }
-            let up = req
-                .headers()
-                .get(header::UPGRADE)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_ascii_lowercase();
-            if up != "derp" && up != "websocket" {
-                return resp(
-                    StatusCode::UPGRADE_REQUIRED,
-                    "DERP requires connection upgrade\n",
-                );
-            }
-            // A DERP upgrade on a kept-alive connection (not the first request): hyper
-            // writes the 101, so fast start cannot be honoured here; Go clients always send
-            // `/derp` as the first request on a fresh connection.
-            let not_ideal = req
-                .headers()
-                .get("ideal-node")
-                .is_some_and(|v| !v.is_empty());
-            let on_upgrade = hyper::upgrade::on(&mut req);
-            let s = server.clone();
-            server.spawn_tracked(async move {
-                if let Ok(up) = on_upgrade.await {
-                    let info = ConnInfo {
-                        remote,
-                        not_ideal,
-                        prelude: Bytes::new(),
-                        handshake_slot: slot,
-                    };
-                    s.handle_derp(TokioIo::new(up), BytesMut::new(), info).await;
-                }
-            });
-            let mut r = resp(StatusCode::SWITCHING_PROTOCOLS, Bytes::new());
-            set(&mut r, header::UPGRADE, "DERP");
-            set(&mut r, header::CONNECTION, "Upgrade");
-            set(&mut r, header::HeaderName::from_static("derp-version"), "2");
-            set(
-                &mut r,
-                header::HeaderName::from_static("derp-public-key"),
-                &server.public_key().to_hex(),
-            );
-            r
+            derp_upgrade(server, http, &mut req, remote, slot)
         }
         "/derp/probe" | "/derp/latency-check" => {
             m.http_request("probe");
-            if req.method() != Method::GET && req.method() != Method::HEAD {
-                return resp(StatusCode::METHOD_NOT_ALLOWED, "bogus probe method\n");
-            }
-            let mut r = resp(StatusCode::OK, Bytes::new());
-            set(&mut r, header::ACCESS_CONTROL_ALLOW_ORIGIN, "*");
-            r
+            latency_probe(&req)
         }
         "/bootstrap-dns" => {
             m.http_request("bootstrap_dns");
-            // No names are configured (spec §1.8): an empty JSON object.
-            let mut r = resp(StatusCode::OK, "{}");
-            set(&mut r, header::CONTENT_TYPE, "application/json");
-            set(&mut r, header::CONNECTION, "close");
-            browser_headers(&mut r);
-            r
+            bootstrap_dns()
         }
         "/robots.txt" => {
             m.http_request("robots");
-            let mut r = resp(StatusCode::OK, "User-agent: *\nDisallow: /\n");
-            browser_headers(&mut r);
-            r
+            robots_txt()
         }
         _ => {
             m.http_request("home");
-            let mut r = match &http.home {
-                HomePage::Default => {
-                    let mut r = resp(StatusCode::OK, HOME_PAGE);
-                    set(&mut r, header::CONTENT_TYPE, "text/html; charset=utf-8");
-                    r
-                }
-                HomePage::Blank => {
-                    let mut r = resp(StatusCode::OK, Bytes::new());
-                    set(&mut r, header::CONTENT_TYPE, "text/html; charset=utf-8");
-                    r
-                }
-                HomePage::Redirect(u) => {
-                    let mut r = resp(StatusCode::FOUND, Bytes::new());
-                    set(&mut r, header::LOCATION, u);
-                    r
-                }
-            };
-            browser_headers(&mut r);
-            r
+            home_page(&http.home)
         }
     }
+}
+
+/// The plain-HTTP port (spec §1.7): GET and HEAD are redirected to the same URL over
+/// HTTPS, anything else is refused.
+fn redirect_to_https<B>(req: &Request<B>) -> Resp {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return resp(StatusCode::BAD_REQUEST, "Use HTTPS\n");
+    }
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let uri = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let target = format!("https://{host}{uri}");
+    // The Host header and path are the client's: escaped, they cannot add markup.
+    let mut r = resp(
+        StatusCode::FOUND,
+        format!("<a href=\"{}\">Found</a>.\n\n", html_escape(&target)),
+    );
+    set(&mut r, header::LOCATION, &target);
+    set(&mut r, header::CONTENT_TYPE, "text/html; charset=utf-8");
+    r
+}
+
+/// `/derp` on a request hyper parsed: answers 101 and runs the DERP connection on the
+/// upgraded stream in a tracked task (spec §1.3).
+fn derp_upgrade(
+    server: &Server,
+    http: &HttpOptions,
+    req: &mut Request<hyper::body::Incoming>,
+    remote: Option<SocketAddr>,
+    slot: SlotHolder,
+) -> Resp {
+    if !http.derp_enabled {
+        return resp(StatusCode::NOT_FOUND, "derp server disabled\n");
+    }
+    let up = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if up != "derp" && up != "websocket" {
+        return resp(
+            StatusCode::UPGRADE_REQUIRED,
+            "DERP requires connection upgrade\n",
+        );
+    }
+    // A DERP upgrade on a kept-alive connection (not the first request): hyper
+    // writes the 101, so fast start cannot be honoured here; Go clients always send
+    // `/derp` as the first request on a fresh connection.
+    let not_ideal = req
+        .headers()
+        .get("ideal-node")
+        .is_some_and(|v| !v.is_empty());
+    let on_upgrade = hyper::upgrade::on(req);
+    let s = server.clone();
+    server.spawn_tracked(async move {
+        if let Ok(up) = on_upgrade.await {
+            let info = ConnInfo {
+                remote,
+                not_ideal,
+                prelude: Bytes::new(),
+                handshake_slot: slot,
+            };
+            s.handle_derp(TokioIo::new(up), BytesMut::new(), info).await;
+        }
+    });
+    let mut r = resp(StatusCode::SWITCHING_PROTOCOLS, Bytes::new());
+    set(&mut r, header::UPGRADE, "DERP");
+    set(&mut r, header::CONNECTION, "Upgrade");
+    set(&mut r, header::HeaderName::from_static("derp-version"), "2");
+    set(
+        &mut r,
+        header::HeaderName::from_static("derp-public-key"),
+        &server.public_key().to_hex(),
+    );
+    r
+}
+
+/// `/derp/probe` and `/derp/latency-check`: an empty 200 for GET and HEAD.
+fn latency_probe<B>(req: &Request<B>) -> Resp {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return resp(StatusCode::METHOD_NOT_ALLOWED, "bogus probe method\n");
+    }
+    let mut r = resp(StatusCode::OK, Bytes::new());
+    set(&mut r, header::ACCESS_CONTROL_ALLOW_ORIGIN, "*");
+    r
+}
+
+/// `/bootstrap-dns`: no names are configured (spec §1.8), so an empty JSON object.
+fn bootstrap_dns() -> Resp {
+    let mut r = resp(StatusCode::OK, "{}");
+    set(&mut r, header::CONTENT_TYPE, "application/json");
+    set(&mut r, header::CONNECTION, "close");
+    browser_headers(&mut r);
+    r
+}
+
+/// `/robots.txt`: nothing to crawl.
+fn robots_txt() -> Resp {
+    let mut r = resp(StatusCode::OK, "User-agent: *\nDisallow: /\n");
+    browser_headers(&mut r);
+    r
+}
+
+/// Every other path: the configured home page (spec §8.1 `-home`).
+fn home_page(home: &HomePage) -> Resp {
+    let mut r = match home {
+        HomePage::Default => {
+            let mut r = resp(StatusCode::OK, HOME_PAGE);
+            set(&mut r, header::CONTENT_TYPE, "text/html; charset=utf-8");
+            r
+        }
+        HomePage::Blank => {
+            let mut r = resp(StatusCode::OK, Bytes::new());
+            set(&mut r, header::CONTENT_TYPE, "text/html; charset=utf-8");
+            r
+        }
+        HomePage::Redirect(u) => {
+            let mut r = resp(StatusCode::FOUND, Bytes::new());
+            set(&mut r, header::LOCATION, u);
+            r
+        }
+    };
+    browser_headers(&mut r);
+    r
 }
 
 #[cfg(test)]
