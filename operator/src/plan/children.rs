@@ -275,21 +275,6 @@ pub fn relay_pdb(region: &DerpRegion) -> PodDisruptionBudget {
     }
 }
 
-/// The write that creates or updates the region's PodDisruptionBudget, or `None` when the
-/// existing one (in `have`, by name) already matches.
-pub fn relay_pdb_write(
-    region: &DerpRegion,
-    have: &BTreeMap<String, PodDisruptionBudget>,
-) -> Option<super::Write> {
-    let want = relay_pdb(region);
-    let unchanged = have.get(&want.name_any()).is_some_and(|h| {
-        h.metadata.deletion_timestamp.is_none()
-            && h.spec == want.spec
-            && super::meta_matches(&want.metadata, &h.metadata)
-    });
-    (!unchanged).then(|| super::Write::ApplyPdb(Box::new(want)))
-}
-
 fn env(name: &str, value: &str) -> EnvVar {
     EnvVar {
         name: name.into(),

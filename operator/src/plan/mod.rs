@@ -15,6 +15,7 @@ pub mod region_id;
 use std::{collections::BTreeMap, time::Duration};
 
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::{Resource, ResourceExt};
 use time::OffsetDateTime;
 
@@ -52,7 +53,7 @@ pub struct Existing {
     /// Pods.
     pub pods: BTreeMap<String, Pod>,
     /// PodDisruptionBudgets.
-    pub pdbs: BTreeMap<String, k8s_openapi::api::policy::v1::PodDisruptionBudget>,
+    pub pdbs: BTreeMap<String, PodDisruptionBudget>,
 }
 
 /// Everything [`plan`] needs.
@@ -120,7 +121,7 @@ pub enum Write {
     /// Create (server-side apply) a relay Pod.
     CreatePod(Box<Pod>),
     /// Server-side apply the relay PodDisruptionBudget ([`children::relay_pdb`]).
-    ApplyPdb(Box<k8s_openapi::api::policy::v1::PodDisruptionBudget>),
+    ApplyPdb(Box<PodDisruptionBudget>),
     /// Delete a relay Pod (replacement or prune).
     DeletePod {
         /// Pod name.
@@ -340,6 +341,21 @@ fn published_ports_events(prev: &[NodeStatus], now: &[NodeStatus]) -> Vec<Planne
             })
         })
         .collect()
+}
+
+/// The write that creates or updates the region's PodDisruptionBudget, or `None` when the
+/// existing one (in `have`, by name) already matches.
+fn relay_pdb_write(
+    region: &DerpRegion,
+    have: &BTreeMap<String, PodDisruptionBudget>,
+) -> Option<Write> {
+    let want = children::relay_pdb(region);
+    let unchanged = have.get(&want.name_any()).is_some_and(|h| {
+        h.metadata.deletion_timestamp.is_none()
+            && h.spec == want.spec
+            && meta_matches(&want.metadata, &h.metadata)
+    });
+    (!unchanged).then(|| Write::ApplyPdb(Box::new(want)))
 }
 
 /// Plan one region, in seven steps: certificates, the mesh Secret and peers ConfigMap, relay
@@ -657,7 +673,7 @@ fn relay_pods(inp: &Inputs<'_>, certs: &[NodeCert], mesh: bool) -> RelayPods {
     let mut replace_ready = Vec::new();
     let mut not_ready_current = 0usize;
     out.writes
-        .extend(children::relay_pdb_write(inp.region, &inp.existing.pdbs));
+        .extend(relay_pdb_write(inp.region, &inp.existing.pdbs));
     for c in certs {
         let pod = relay_pod(inp.region, &c.node, mesh, &c.pin, &defaults);
         let name = pod.name_any();

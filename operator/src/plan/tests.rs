@@ -1214,7 +1214,7 @@ fn relay_that_cannot_bind_its_admin_port_makes_a_port_in_use_condition() {
     assert_eq!(c.status, "True");
 }
 
-fn pdb_writes(p: &Plan) -> Vec<&k8s_openapi::api::policy::v1::PodDisruptionBudget> {
+fn pdb_writes(p: &Plan) -> Vec<&PodDisruptionBudget> {
     p.writes
         .iter()
         .filter_map(|w| match w {
