@@ -583,7 +583,9 @@ pub struct SkippedNode {
     /// Node name.
     pub name: String,
     /// CamelCase reason (`NoUsableAddress`, `Untolerated`, `MaxNodes`, `PortConflict`,
-    /// `InvalidNodeOverride`).
+    /// `InvalidNodeOverride`, `Cordoned`, `NodeNotReady`, `NodeDeleting`). A node left out
+    /// as `InvalidNodeOverride`, `Cordoned` or `NodeNotReady` keeps its certificate (it comes
+    /// back with the same pin); the others release it.
     pub reason: String,
     /// Details.
     pub message: String,

@@ -181,6 +181,8 @@ case_operator_restart() {
 }
 
 case_kubelet_stopped() {
+  local pin
+  pin=$(pins | grep '^rn-3=')
   node_kubelet_stop 3
   wait_for 90 "rn-3 NotReady" sh -c \
     "kubectl get node rn-3 -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}' | grep -qv True"
@@ -189,7 +191,9 @@ case_kubelet_stopped() {
   node_kubelet_up 3
   kubectl wait node rn-3 --for=condition=Ready --timeout=90s >/dev/null || fail "rn-3 not Ready again"
   wait_map 120 "rn-1 rn-2 rn-3"
-  log "lifecycle: kubelet of rn-3 back -> Ready -> back in the map"
+  [ "$(pins | grep '^rn-3=')" = "$pin" ] ||
+    fail "kubelet stopped: rn-3 came back with pin $(pins | grep '^rn-3='), was $pin"
+  log "lifecycle: kubelet of rn-3 back -> Ready -> back in the map with the same pin"
 }
 
 # Cordon: the node must leave the published map before its relay is told to stop. Each poll

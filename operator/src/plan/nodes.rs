@@ -24,11 +24,15 @@ use crate::crd::{
 pub const INVALID_NODE_OVERRIDE: &str = "InvalidNodeOverride";
 /// Reason of a node left out because it is cordoned (`spec.unschedulable`, e.g. `kubectl drain`).
 pub const CORDONED: &str = "Cordoned";
+/// Reason of a node left out because the node lifecycle controller marked it not ready or
+/// unreachable (its kubelet stopped reporting) and the region does not tolerate that.
+pub const NODE_NOT_READY: &str = "NodeNotReady";
 
 /// Whether a node skipped for `reason` keeps its certificate, so it comes back with the same
-/// pin: a cordon (maintenance) or a typo in an override annotation is temporary.
+/// pin: a cordon (maintenance), a node that stopped reporting for a while, or a typo in an
+/// override annotation is temporary.
 pub fn keeps_certificate(reason: &str) -> bool {
-    reason == INVALID_NODE_OVERRIDE || reason == CORDONED
+    reason == INVALID_NODE_OVERRIDE || reason == CORDONED || reason == NODE_NOT_READY
 }
 
 /// A node chosen as a relay node, with the addresses to publish.
@@ -249,6 +253,13 @@ fn tolerates(t: &Toleration, taint: &Taint) -> bool {
 /// moment after `kubectl uncordon`.
 const UNSCHEDULABLE_TAINT: &str = "node.kubernetes.io/unschedulable";
 
+/// Taints the node lifecycle controller puts on a node whose kubelet stopped reporting (Ready
+/// False or Unknown); it removes them when the node reports Ready again.
+const NOT_READY_TAINTS: [&str; 2] = [
+    "node.kubernetes.io/not-ready",
+    "node.kubernetes.io/unreachable",
+];
+
 /// Cordoned, or just uncordoned and still carrying the cordon's taint (which would otherwise
 /// make it `Untolerated` for a moment, and lose its certificate).
 fn is_cordoned(node: &Node) -> bool {
@@ -340,6 +351,17 @@ pub fn select_nodes(spec: &DerpRegionSpec, nodes: &[&Node], claims: &[PortClaim]
             continue;
         }
         if let Some(taint) = untolerated_taint(node, &spec.tolerations) {
+            if NOT_READY_TAINTS.contains(&taint.key.as_str()) {
+                out.skipped.push(skip(
+                    NODE_NOT_READY,
+                    format!(
+                        "the Node is not ready (taint {}:{}): withdrawn from the derpMap until it \
+                         reports Ready again; its certificate is kept",
+                        taint.key, taint.effect
+                    ),
+                ));
+                continue;
+            }
             out.skipped.push(skip(
                 "Untolerated",
                 format!(

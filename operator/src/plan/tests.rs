@@ -438,6 +438,65 @@ fn a_cordoned_node_keeps_its_certificate_and_comes_back_with_the_same_pin() {
 }
 
 #[test]
+fn a_node_whose_kubelet_stopped_is_withdrawn_and_keeps_its_certificate() {
+    let issuer = CountingIssuer::default();
+    let mut nodes = three_nodes();
+    let r = region();
+    let mut existing = Existing::default();
+    let p1 = run(&r, &nodes, &existing, &issuer);
+    apply_all(&mut existing, &p1, true);
+    let pin = |p: &Plan| {
+        p.status
+            .nodes
+            .iter()
+            .find(|n| n.name == "n2")
+            .map(|n| n.cert_name.clone())
+    };
+    let before = pin(&p1).unwrap();
+    let mut r = with_status(r, &p1);
+    // The node lifecycle controller taints a node whose kubelet stopped reporting: first
+    // unreachable:NoSchedule, then NoExecute as well.
+    for effects in [&["NoSchedule"][..], &["NoSchedule", "NoExecute"]] {
+        nodes[1].spec.get_or_insert_with(Default::default).taints = Some(
+            effects
+                .iter()
+                .map(|e| k8s_openapi::api::core::v1::Taint {
+                    key: "node.kubernetes.io/unreachable".into(),
+                    effect: (*e).into(),
+                    ..Default::default()
+                })
+                .collect(),
+        );
+        let p = run(&r, &nodes, &existing, &issuer);
+        assert!(
+            !p.writes
+                .contains(&Write::DeleteSecret("home-n2-tls".into())),
+            "a node that stopped reporting keeps its certificate: {:?}",
+            p.writes
+        );
+        let skipped = p.status.skipped_nodes.iter().find(|s| s.name == "n2");
+        assert_eq!(
+            skipped.map(|s| s.reason.as_str()),
+            Some(nodes::NODE_NOT_READY),
+            "{:?}",
+            p.status.skipped_nodes
+        );
+        apply_all(&mut existing, &p, true);
+        r = with_status(r, &p);
+    }
+    // It reports Ready again: the taints go, and it comes back with the same pin.
+    nodes[1].spec.get_or_insert_with(Default::default).taints = None;
+    let p = run(&r, &nodes, &existing, &issuer);
+    assert_eq!(pin(&p).unwrap(), before);
+    assert_eq!(
+        issuer.0.load(Ordering::SeqCst),
+        3,
+        "no certificate issued again"
+    );
+    assert!(!p.events.iter().any(|e| e.reason == "PinChanged"));
+}
+
+#[test]
 fn a_relay_rollout_withdraws_one_node_at_a_time_and_never_empties_the_map() {
     let issuer = CountingIssuer::default();
     let nodes = three_nodes();
