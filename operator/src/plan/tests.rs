@@ -368,6 +368,15 @@ fn cordoned_node_leaves_the_published_map_before_its_relay_is_stopped() {
     );
 }
 
+/// The pin (`CertName`) the plan's status gives `node`, if it lists the node.
+fn published_pin(p: &Plan, node: &str) -> Option<String> {
+    p.status
+        .nodes
+        .iter()
+        .find(|n| n.name == node)
+        .map(|n| n.cert_name.clone())
+}
+
 #[test]
 fn a_cordoned_node_keeps_its_certificate_and_comes_back_with_the_same_pin() {
     let issuer = CountingIssuer::default();
@@ -376,13 +385,7 @@ fn a_cordoned_node_keeps_its_certificate_and_comes_back_with_the_same_pin() {
     let mut existing = Existing::default();
     let p1 = run(&r, &nodes, &existing, &issuer);
     apply_all(&mut existing, &p1, true);
-    let pin = |p: &Plan| {
-        p.status
-            .nodes
-            .iter()
-            .find(|n| n.name == "n2")
-            .map(|n| n.cert_name.clone())
-    };
+    let pin = |p: &Plan| published_pin(p, "n2");
     let before = pin(&p1).unwrap();
     let cordon = |nodes: &mut Vec<Node>, on: Option<bool>| {
         nodes[1]
@@ -445,13 +448,7 @@ fn a_node_whose_kubelet_stopped_is_withdrawn_and_keeps_its_certificate() {
     let mut existing = Existing::default();
     let p1 = run(&r, &nodes, &existing, &issuer);
     apply_all(&mut existing, &p1, true);
-    let pin = |p: &Plan| {
-        p.status
-            .nodes
-            .iter()
-            .find(|n| n.name == "n2")
-            .map(|n| n.cert_name.clone())
-    };
+    let pin = |p: &Plan| published_pin(p, "n2");
     let before = pin(&p1).unwrap();
     let mut r = with_status(r, &p1);
     // The node lifecycle controller taints a node whose kubelet stopped reporting: first
