@@ -283,7 +283,8 @@ def write_derpmap(relay, path):
                                        "Nodes": [node]}}}, f)
 
 
-def run_interop_load(args, relay, largs, common, pin):
+def interop_load_cmd(args, relay, largs, common, pin):
+    """The `derpinterop load` command line against a started relay (pinned to CLIENT_CPU)."""
     dm = f"{relay.workdir}/{relay.tag}-derpmap.json"
     write_derpmap(relay, dm)
     cmd = [args.interop, "load", "-derpmap", dm, "-server-pid", str(relay.proc.pid), "-timeout", "300s"] + common + largs
@@ -291,16 +292,25 @@ def run_interop_load(args, relay, largs, common, pin):
         cmd += ["-perf", args.perf]
     if pin:
         cmd = ["taskset", "-c", CLIENT_CPU] + cmd
-    cmd = RT_PREFIX + cmd
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=360)
-    if out.returncode != 0:
-        raise RuntimeError(f"derpinterop load against {relay.name} failed: {out.stdout.strip()[-1500:]} {out.stderr.strip()[-1500:]}")
-    res = json.loads(out.stdout)
+    return RT_PREFIX + cmd
+
+
+def interop_load_result(relay, returncode, stdout, stderr):
+    """Parses what `derpinterop load` printed; raises if it failed."""
+    if returncode != 0:
+        raise RuntimeError(f"derpinterop load against {relay.name} failed: {stdout.strip()[-1500:]} {stderr.strip()[-1500:]}")
+    res = json.loads(stdout)
     if not res.get("ok"):
         raise RuntimeError(f"derpinterop load against {relay.name}: {res}")
     if res.get("delivered_pps") and res.get("server_util"):
         res["pps_per_core"] = res["delivered_pps"] / res["server_util"]
     return res
+
+
+def run_interop_load(args, relay, largs, common, pin):
+    cmd = interop_load_cmd(args, relay, largs, common, pin)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=360)
+    return interop_load_result(relay, out.returncode, out.stdout, out.stderr)
 
 
 def run_rc_phase(args, relays, common, results, counter):

@@ -80,6 +80,17 @@ ensure_node_packages() {
   [ -x /usr/lib/cni/bridge ] && [ -x /usr/lib/cni/host-local ] && [ -x /usr/lib/cni/loopback ] ||
     missing+=(containernetworking-plugins)
   command -v gcc >/dev/null || missing+=(gcc libc6-dev)
+  apt_install ${missing[@]+"${missing[@]}"}
+}
+
+# perf (Debian's linux-perf), for `scripts/bench --profile`, installed when missing.
+ensure_perf() {
+  command -v perf >/dev/null || apt_install linux-perf
+}
+
+# Installs the given Debian packages (none: nothing to do).
+apt_install() {
+  local missing=("$@")
   [ ${#missing[@]} = 0 ] && return 0
   step "installing Debian packages: ${missing[*]}"
   command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get to install them"
