@@ -17,7 +17,7 @@
 //! and metrics (the `derpprobe` binary), or any retry policy across runs.
 //!
 //! The TLS handshake is done here (tokio-rustls with a verifier that records the presented
-//! chain), then the established stream is handed to [`Client::connect_stream`]: the client's
+//! chain), then the established stream is handed to [`crate::client::Client::connect_stream`]: the client's
 //! own dialer does not expose the presented chain, which is needed to explain a pin mismatch
 //! and to notice a metacert.
 

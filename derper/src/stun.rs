@@ -318,7 +318,7 @@ impl StunMetrics {
 
 /// Answer STUN binding requests on `socket` until `cancel` fires.
 ///
-/// Receives up to [`BATCH`] datagrams per `recvmmsg(2)` and sends the answers with one
+/// Receives up to 32 datagrams (`BATCH`) per `recvmmsg(2)` and sends the answers with one
 /// `sendmmsg(2)` (see [`crate::udp`]); buffers are allocated once; never panics; logs per
 /// datagram only at `trace`.
 pub async fn serve(socket: UdpSocket, metrics: StunMetrics, cancel: CancellationToken) {

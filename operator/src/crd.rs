@@ -105,7 +105,7 @@ pub struct DerpRegionSpec {
     /// Short region code [metadata.name].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region_code: Option<String>,
-    /// Human-readable region name [regionCode].
+    /// Human-readable region name (default: the regionCode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region_name: Option<String>,
     /// Labels a Node must carry to become a relay node of this region.
@@ -210,15 +210,15 @@ impl Default for AddressPolicy {
 #[x_kube(validation = Rule::new("self.http == 0 || self.http != self.derp").message("spec.ports.http must differ from spec.ports.derp"))]
 #[x_kube(validation = Rule::new("self.admin == 0 || (self.admin != self.derp && self.admin != self.http)").message("spec.ports.admin must differ from spec.ports.derp and spec.ports.http"))]
 pub struct Ports {
-    /// DERP over TLS [443].
+    /// DERP over TLS (default 443).
     #[serde(default = "default_derp_port")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 65535").message("spec.ports.derp must be between 1 and 65535"))]
     pub derp: i32,
-    /// Plain HTTP [80]; 0 disables it (and then `CanPort80` is false).
+    /// Plain HTTP (default 80); 0 disables it (and then `CanPort80` is false).
     #[serde(default = "default_http_port")]
     #[x_kube(validation = Rule::new("self >= 0 && self <= 65535").message("spec.ports.http must be between 0 (disabled) and 65535"))]
     pub http: i32,
-    /// STUN over UDP [3478]; -1 disables it.
+    /// STUN over UDP (default 3478); -1 disables it.
     #[serde(default = "default_stun_port")]
     #[x_kube(validation = Rule::new("self == -1 || (self >= 1 && self <= 65535)").message("spec.ports.stun must be -1 (disabled) or between 1 and 65535"))]
     pub stun: i32,
@@ -378,7 +378,7 @@ pub enum VerificationMode {
 #[x_kube(validation = Rule::new("self.mode == 'url' || !has(self.verifyClientURL)").message("spec.clientVerification.verifyClientURL is only valid when mode is url"))]
 #[x_kube(validation = Rule::new("self.mode != 'tailscaled' || has(self.tailscaled)").message("spec.clientVerification.tailscaled is required when mode is tailscaled"))]
 pub struct ClientVerification {
-    /// `none` [default], `url` or `tailscaled`.
+    /// `none` (the default), `url` or `tailscaled`.
     #[serde(default)]
     pub mode: VerificationMode,
     /// URL asked to admit each client (mode `url`).
@@ -418,7 +418,7 @@ pub struct TailscaledVerification {
 pub struct SecretKeyRef {
     /// Secret name.
     pub name: String,
-    /// Key in the Secret [authkey].
+    /// Key in the Secret (default `authkey`).
     #[serde(default = "default_auth_key")]
     pub key: String,
 }
@@ -431,7 +431,7 @@ fn default_auth_key() -> String {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DerpMapSpec {
-    /// ConfigMap name [`<name>-derpmap`].
+    /// ConfigMap name (default `<name>-derpmap`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 253))]
     #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$') && size(self) <= 253").message("spec.derpMap.configMapName must be a DNS subdomain name"))]
@@ -447,7 +447,7 @@ pub struct DerpMapSpec {
     #[serde(default = "default_true")]
     pub publish_unhealthy: bool,
     /// How long a node must fail the operator's probes without a pass before it is left out
-    /// of the derpMap (only with `publishUnhealthy: false`) [60s]. Go duration syntax with
+    /// of the derpMap (only with `publishUnhealthy: false`; default 60s). Go duration syntax with
     /// h/m/s units.
     #[serde(default = "default_unhealthy_after")]
     #[schemars(length(max = 32))]

@@ -8,7 +8,7 @@
 //!   ([`ProbeView`]), when a node is withheld from the derpMap and when it comes back
 //!   (hysteresis), and which transitions deserve an Event;
 //! - [`Tracker`], those states for every region, shared with the reconciler;
-//! - [`run`], the probe loop: probe, update the tracker and the metrics, publish transition
+//! - [`Prober::run`], the probe loop: probe, update the tracker and the metrics, publish transition
 //!   Events, and ask the controller to reconcile a region whose view changed.
 //!
 //! Does not own: the status, the conditions and the derpMap filtering (computed purely in

@@ -15,26 +15,17 @@
 //!   client code and upstream `derper`), [`tailnet`] (a loopback tailnet of real tailscaled),
 //!   [`headscale`] (a real headscale control server).
 
-/// Plain HTTP GETs to the admin ports (`/metrics`, `/readyz`, …) of the processes under test.
 pub mod admin_http;
 pub mod agent;
 pub mod bins;
-/// Running `helm`, `kubectl` and other tools to completion, expecting success or failure.
 pub mod command;
 pub mod headscale;
-/// The Helm chart through the real `helm`: private helm home, `helm template` as JSON documents.
 pub mod helm;
 pub mod interop;
 pub mod k8s;
-/// Test Nodes on a bare control plane (create, address, label) and a fake kubelet for their Pods.
 pub mod nodes;
-/// The operator under test: in-process controller or `derp-operator` process; test set-up.
 pub mod operator;
-/// Least-privilege checks: a recording apiserver proxy, the RBAC access each request needed, and
-/// the access rendered Roles grant.
 pub mod rbac;
-/// DerpRegions and the operator's output read back: create, wait on status, pins, children,
-/// derpMap, resource versions, Events.
 pub mod regions;
 pub mod stack;
 pub mod tailnet;

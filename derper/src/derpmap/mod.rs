@@ -1,6 +1,6 @@
 //! The derpMap model: `tailcfg.DERPMap` / `DERPRegion` / `DERPNode` with tailcfg's exact
-//! JSON names (spec §9), its parser for the three published formats ([`parse`]) and its
-//! byte-deterministic renderings ([`render`]).
+//! JSON names (spec §9), its parser for the three published formats ([`parse_map`]) and its
+//! byte-deterministic renderings ([`render_json`], [`render_policy`], [`render_headscale`]).
 //!
 //! One model for both sides: the operator builds and renders it (the derpMap ConfigMap),
 //! the probe parses and dials it (`derper::probe`, the `derpprobe` binary). Ports are `i32`
