@@ -21,7 +21,6 @@ import collections
 import datetime
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -217,13 +216,8 @@ def main():
     os.makedirs(f"{work}/certs")
     relays = [R.Relay("ours", args.ours, work, not args.no_pin),
               R.Relay("upstream", args.upstream, work, not args.no_pin)]
-    meta = dict(started=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
-                command=args.command, runs=args.runs, fifo=args.fifo, freq=args.freq, record_s=window[2],
-                upstream_version=args.upstream_version, kernel=platform.release(), cores=os.cpu_count(),
-                ours_commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                           cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip(),
-                cpu=next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"),
-                loadavg_before=open("/proc/loadavg").read().split()[:3])
+    meta = dict(R.run_meta(args.command, args.upstream_version), runs=args.runs, fifo=args.fifo,
+                freq=args.freq, record_s=window[2])
     # The load commands count no system calls (`perf stat` on every call would cost the relay
     # with more calls a little more, bench/README.md); perf here only records samples.
     perf, args.perf = args.perf, ""

@@ -157,6 +157,17 @@ def run_bench(bench, relay, workload, wargs, common, pin, src_net):
     return res
 
 
+def run_meta(command, upstream_version):
+    """What a result file records about its run: start time, command, commit, machine, load."""
+    return dict(started=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+                command=command, upstream_version=upstream_version,
+                ours_commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                           text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip(),
+                kernel=platform.release(), cores=os.cpu_count(),
+                cpu=next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"),
+                loadavg_before=open("/proc/loadavg").read().split()[:3])
+
+
 def get(d, path):
     for k in path.split("."):
         if not isinstance(d, dict) or d.get(k) is None:
@@ -547,14 +558,8 @@ def main():
     os.makedirs(f"{work}/certs")
     relays = [Relay("ours", args.ours, work, not args.no_pin),
               Relay("upstream", args.upstream, work, not args.no_pin)]
-    meta = dict(started=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
-                command=args.command, runs=args.runs, smoke=args.smoke, pinned=not args.no_pin, fifo=args.fifo,
-                upstream_version=args.upstream_version,
-                ours_commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                           text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip(),
-                kernel=platform.release(), cores=os.cpu_count(),
-                cpu=next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"),
-                loadavg_before=open("/proc/loadavg").read().split()[:3])
+    meta = dict(run_meta(args.command, args.upstream_version), runs=args.runs, smoke=args.smoke,
+                pinned=not args.no_pin, fifo=args.fifo)
     results, counter = {}, [0]
     only = set(args.only.split(",")) if args.only else None
     args.only_set = only
